@@ -1,0 +1,1 @@
+"""Checkpoints: HF <-> canonical mappings, readers/writers, megatron torch_dist checkpoints."""

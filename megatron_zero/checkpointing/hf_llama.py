@@ -1,0 +1,127 @@
+"""HuggingFace Llama <-> canonical (megatron-core) tensor names and layouts, one tensor at a time.
+
+Layouts handled here:
+
+* GQA QKV: megatron fuses q/k/v into ``linear_qkv`` grouped per query group —
+  ``[q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...]`` (each ``head_dim`` rows);
+* SwiGLU: ``linear_fc1 = cat([gate_proj, up_proj])``;
+* RoPE: both HF and megatron rotate halves (no interleaving), so q/k need no permutation;
+* tied embeddings: HF has no ``lm_head.weight``; the canonical dict has no ``output_layer.weight``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterator
+
+import torch
+
+from megatron_zero.models.llama_config import LlamaConfig
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# canonical per-layer suffix -> HF per-layer suffix, for the one-to-one tensors
+_SIMPLE = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_GLOBAL = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+
+
+def canonical_keys(cfg: LlamaConfig, layers: range | None = None) -> list[str]:
+    """Every canonical key of a Llama model (optionally only some decoder layers), in a stable order."""
+    keys = ["embedding.word_embeddings.weight"]
+    for i in layers if layers is not None else range(cfg.num_layers):
+        p = f"decoder.layers.{i}."
+        keys += [p + "input_layernorm.weight", p + "self_attention.linear_qkv.weight",
+                 p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight",
+                 p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+    keys.append("decoder.final_layernorm.weight")
+    if not cfg.tie_word_embeddings:
+        keys.append("output_layer.weight")
+    return keys
+
+
+def hf_sources(ckey: str) -> list[str]:
+    """The HF tensor names that canonical ``ckey`` is built from."""
+    if ckey in _GLOBAL:
+        return [_GLOBAL[ckey]]
+    m = _LAYER.match(ckey)
+    if m is None:
+        raise KeyError(f"not a Llama canonical key: {ckey!r}")
+    i, suffix = m.groups()
+    p = f"model.layers.{i}."
+    if suffix in _SIMPLE:
+        return [p + _SIMPLE[suffix]]
+    if suffix == "self_attention.linear_qkv.weight":
+        return [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"]
+    if suffix == "mlp.linear_fc1.weight":
+        return [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+    raise KeyError(f"not a Llama canonical key: {ckey!r}")
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: LlamaConfig) -> torch.Tensor:
+    g, hd = cfg.num_query_groups, cfg.head_dim
+    per = cfg.num_attention_heads // g
+    d = q.shape[-1]
+    q = q.reshape(g, per * hd, d)
+    k = k.reshape(g, hd, d)
+    v = v.reshape(g, hd, d)
+    return torch.cat([q, k, v], dim=1).reshape(-1, d)
+
+
+def split_qkv(qkv: torch.Tensor, cfg: LlamaConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, hd = cfg.num_query_groups, cfg.head_dim
+    per = cfg.num_attention_heads // g
+    d = qkv.shape[-1]
+    grouped = qkv.reshape(g, (per + 2) * hd, d)
+    q, k, v = torch.split(grouped, [per * hd, hd, hd], dim=1)
+    return q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d)
+
+
+def to_canonical(ckey: str, tensors: list[torch.Tensor], cfg: LlamaConfig) -> torch.Tensor:
+    """Canonical tensor ``ckey`` from its HF sources (as listed by :func:`hf_sources`)."""
+    if ckey.endswith("self_attention.linear_qkv.weight"):
+        return fuse_qkv(*tensors, cfg)
+    if ckey.endswith("mlp.linear_fc1.weight"):
+        return torch.cat(tensors, dim=0)
+    (t,) = tensors
+    return t
+
+
+def from_canonical(ckey: str, tensor: torch.Tensor, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+    """HF tensors for canonical tensor ``ckey`` (inverse of :func:`to_canonical`)."""
+    names = hf_sources(ckey)
+    if ckey.endswith("self_attention.linear_qkv.weight"):
+        parts = split_qkv(tensor, cfg)
+    elif ckey.endswith("mlp.linear_fc1.weight"):
+        parts = tensor.chunk(2, dim=0)
+    else:
+        parts = (tensor,)
+    return {n: p.contiguous() for n, p in zip(names, parts)}
+
+
+def canonical_getter(get_hf: Callable[[str], torch.Tensor], cfg: LlamaConfig) -> Callable[[str], torch.Tensor]:
+    """Wrap an HF tensor reader into a canonical-key reader (for ``sharding.load_canonical``)."""
+
+    def get(ckey: str) -> torch.Tensor:
+        return to_canonical(ckey, [get_hf(n) for n in hf_sources(ckey)], cfg)
+
+    return get
+
+
+def iter_hf(canonical: Iterator[tuple[str, torch.Tensor]], cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs from a stream of canonical ones."""
+    for ckey, t in canonical:
+        yield from from_canonical(ckey, t, cfg).items()
+
+
+def hf_layer_index(name: str) -> int | None:
+    m = _HF_LAYER.match(name)
+    return int(m.group(1)) if m else None

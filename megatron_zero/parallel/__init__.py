@@ -1,0 +1,1 @@
+"""Parallel layout: process groups (TP/PP/DP), pipeline partitioning and tensor-parallel (re)sharding."""

@@ -1,0 +1,192 @@
+"""What this machine can do, and the CPU compatibility layer for megatron-core.
+
+One module answers "which accelerator stack is here?" for the whole project:
+
+* ``HAVE_CUDA``, ``HAVE_TE`` (Transformer Engine), ``HAVE_FLASH_ATTN``, ``HAVE_APEX``, ``HAVE_DALI``;
+* :func:`distributed_backend` picks ``nccl`` on GPU and ``gloo`` on CPU;
+* :func:`install_cpu_compat` makes megatron-core (GPU-only as shipped) run on CPU over ``gloo``.
+
+The compatibility layer is active only without CUDA. It maps the handful of ``torch.cuda`` entry points that
+megatron-core calls unconditionally onto their CPU equivalents:
+
+* ``torch.cuda.current_device`` -> ``torch.device("cpu")``, ``synchronize`` / ``nvtx`` push/pop -> no-ops;
+* the CUDA RNG (``get_rng_state``/``set_rng_state``/``manual_seed``, also in ``torch.cuda.random`` and
+  megatron's private ``_set_cuda_rng_state``) -> the CPU default generator, so megatron's RNG tracker forks
+  and restores the generator that CPU kernels (dropout, init) really draw from;
+* ``Tensor.cuda()`` -> identity, factory calls with ``device="cuda"`` -> CPU (a ``TorchFunctionMode``);
+* ``Tensor.type()`` -> ``"torch.cuda.FloatTensor"``-style strings, which optimizer code compares against.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import warnings
+
+import torch
+
+__all__ = [
+    "HAVE_CUDA",
+    "HAVE_TE",
+    "HAVE_FLASH_ATTN",
+    "HAVE_APEX",
+    "HAVE_DALI",
+    "distributed_backend",
+    "device",
+    "install_cpu_compat",
+    "summary",
+]
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAVE_CUDA: bool = torch.cuda.is_available()
+# TE, flash-attn and apex can only be used with a GPU: on CPU they are reported absent even if importable.
+HAVE_TE: bool = HAVE_CUDA and _importable("transformer_engine")
+HAVE_FLASH_ATTN: bool = HAVE_CUDA and _importable("flash_attn")
+HAVE_APEX: bool = HAVE_CUDA and _importable("apex")
+HAVE_DALI: bool = _importable("nvidia.dali")
+
+
+def distributed_backend() -> str:
+    """``nccl`` with CUDA, ``gloo`` without (overridable with ``MEGATRON_ZERO_BACKEND``)."""
+    return os.environ.get("MEGATRON_ZERO_BACKEND", "nccl" if HAVE_CUDA else "gloo")
+
+
+def device() -> torch.device:
+    """The device this process computes on (the local GPU under torchrun, else the CPU)."""
+    if HAVE_CUDA:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def summary() -> str:
+    """One line describing the accelerator stack, printed at start-up by the tools."""
+    parts = [f"torch {torch.__version__}", "cuda" if HAVE_CUDA else "cpu"]
+    for name, ok in (("te", HAVE_TE), ("flash-attn", HAVE_FLASH_ATTN), ("apex", HAVE_APEX), ("dali", HAVE_DALI)):
+        parts.append(f"{name}={'yes' if ok else 'no'}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU compatibility layer for megatron-core
+# ---------------------------------------------------------------------------------------------------------
+_INSTALLED = False
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Rewrites ``device="cuda"`` (``torch.device("cuda", i)`` or a bare index) in any torch call to the CPU."""
+
+    @staticmethod
+    def _is_cuda(dev) -> bool:
+        if isinstance(dev, int) and not isinstance(dev, bool):  # a bare index means a CUDA device
+            return True
+        if isinstance(dev, str):
+            return dev.startswith("cuda")
+        if isinstance(dev, torch.device):
+            return dev.type == "cuda"
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and self._is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func in (torch.Tensor.to,) and args and len(args) > 1 and self._is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_tensor_type(orig_type):
+    @functools.wraps(orig_type)
+    def tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None:
+            name = orig_type(self)
+            # "torch.FloatTensor" -> "torch.cuda.FloatTensor": optimizer code checks for CUDA types.
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        if isinstance(dtype, str):
+            dtype = dtype.replace("torch.cuda.", "torch.")
+        return orig_type(self, dtype, non_blocking, **kwargs)
+
+    return tensor_type
+
+
+class _NoopNvtx:
+    @staticmethod
+    def range_push(*_a, **_k):
+        return 0
+
+    @staticmethod
+    def range_pop(*_a, **_k):
+        return 0
+
+    @staticmethod
+    def mark(*_a, **_k):
+        return None
+
+
+def install_cpu_compat() -> bool:
+    """Patch ``torch.cuda`` entry points used by megatron-core so it runs on CPU. No-op with CUDA.
+
+    Returns True when the layer is (now) active. Idempotent.
+    """
+    global _INSTALLED
+    if HAVE_CUDA:
+        return False
+    if _INSTALLED:
+        return True
+    for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+        warnings.filterwarnings("ignore", message=msg)
+
+    def set_rng_state(state, device="cuda"):
+        torch.set_rng_state(state)
+
+    def get_rng_state(device="cuda"):
+        return torch.get_rng_state()
+
+    def manual_seed(seed):
+        torch.default_generator.manual_seed(int(seed))
+
+    cuda = torch.cuda
+    # A device object, not an index: ``device=torch.cuda.current_device()`` must mean the CPU even where the
+    # function mode below is not active (autograd's backward of megatron's custom Functions).
+    cuda.current_device = lambda: torch.device("cpu")
+    cuda.device_count = lambda: 0
+    cuda.synchronize = lambda *a, **k: None
+    cuda.get_rng_state = get_rng_state
+    cuda.set_rng_state = set_rng_state
+    cuda.manual_seed = manual_seed
+    cuda.manual_seed_all = manual_seed
+    cuda.random.get_rng_state = get_rng_state
+    cuda.random.set_rng_state = set_rng_state
+    cuda.random.manual_seed = manual_seed
+    cuda.nvtx.range_push = _NoopNvtx.range_push
+    cuda.nvtx.range_pop = _NoopNvtx.range_pop
+    cuda.nvtx.mark = _NoopNvtx.mark
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.max_memory_reserved = lambda *a, **k: 0
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.type = _cpu_tensor_type(torch.Tensor.type)
+
+    # Megatron-core's private RNG setter goes through torch.cuda._lazy_call, which never runs on CPU.
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    # On CPU the "CUDA" generator *is* the CPU generator, so this warning is expected and meaningless.
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )
+
+    mode = _CudaToCpuMode()
+    mode.__enter__()  # stays active for the life of the process
+
+    _INSTALLED = True
+    return True

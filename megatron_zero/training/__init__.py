@@ -1,0 +1,1 @@
+"""Training: DDP/optimizer wrapping, the train step, schedules, checkpoints and the driver."""

@@ -1,0 +1,119 @@
+"""Wrapping model chunks in megatron-core DDP and building the (distributed) optimizer.
+
+Frozen parameters (``requires_grad=False``) get neither gradient buffers (megatron DDP only buckets
+trainable parameters) nor optimizer state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class OptimizerOptions:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    bf16: bool = False
+
+    @classmethod
+    def from_args(cls, args) -> "OptimizerOptions":
+        return cls(
+            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+            bf16=args.bf16,
+        )
+
+
+def wrap_ddp(model_chunks: list, opts: OptimizerOptions) -> list:
+    """Wrap each chunk in megatron-core's DDP (gradient buffers, bucketed/overlapped reduction)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=opts.overlap_grad_reduce,
+        overlap_param_gather=opts.overlap_param_gather,
+        use_distributed_optimizer=opts.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+        bucket_size=None if not opts.overlap_grad_reduce else 40_000_000,
+    )
+    wrapped = []
+    for i, chunk in enumerate(model_chunks):
+        config = chunk.config
+        # Loss is summed over tokens and divided by the global token count in finalize_model_grads, so
+        # any TP/PP/DP layout and micro-batch split computes the same token-mean gradient.
+        config.calculate_per_token_loss = True
+        config.finalize_model_grads_func = finalize_model_grads
+        wrapped.append(
+            DistributedDataParallel(
+                config=config, ddp_config=ddp_config, module=chunk,
+                disable_bucketing=(i > 0),  # as Megatron-LM: bucket only the first virtual chunk
+            )
+        )
+    if opts.overlap_grad_reduce:
+        no_sync = [m.no_sync for m in wrapped]
+        wrapped[0].config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        grad_sync = [m.start_grad_sync for m in wrapped]
+        wrapped[0].config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+    return wrapped
+
+
+def build_optimizer(model_chunks: list, opts: OptimizerOptions):
+    """AdamW (Table A.4 defaults) over the trainable parameters, distributed over DP when requested."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    if not any(p.requires_grad for m in model_chunks for p in m.parameters()):
+        raise ValueError("no trainable parameters: every parameter of the model is frozen")
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=opts.lr,
+        min_lr=opts.min_lr,
+        weight_decay=opts.weight_decay,
+        adam_beta1=opts.adam_beta1,
+        adam_beta2=opts.adam_beta2,
+        adam_eps=opts.adam_eps,
+        clip_grad=opts.clip_grad,
+        bf16=opts.bf16,
+        params_dtype=torch.bfloat16 if opts.bf16 else torch.float32,
+        use_distributed_optimizer=opts.use_distributed_optimizer,
+        overlap_param_gather=opts.overlap_param_gather,
+    )
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def count_parameters(model_chunks: list, trainable_only: bool = False) -> int:
+    """Parameters held by this rank's chunks."""
+    return sum(p.numel() for m in model_chunks for p in m.parameters() if p.requires_grad or not trainable_only)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP/Float16 wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def trainable_summary(model_chunks: list) -> Optional[str]:
+    """Per-top-level-module trainable/frozen parameter counts, for the start-up printout."""
+    rows: dict[str, list[int]] = {}
+    for m in model_chunks:
+        for name, p in unwrap(m).named_parameters():
+            top = ".".join(name.split(".")[:2])
+            r = rows.setdefault(top, [0, 0])
+            r[0 if p.requires_grad else 1] += p.numel()
+    lines = [f"{'module':40s} {'trainable':>14s} {'frozen':>14s}"]
+    for k, (t, f) in rows.items():
+        lines.append(f"{k:40s} {t:14,d} {f:14,d}")
+    return "\n".join(lines)

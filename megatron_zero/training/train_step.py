@@ -1,0 +1,89 @@
+"""One optimizer step over a global batch: megatron-core pipeline schedules + optimizer.
+
+The loss convention is Megatron's per-token one: each micro-batch returns (sum of token losses, token
+count); gradients are divided by the global token count, so the step equals the token-mean loss over the
+whole global batch for every TP/PP/DP layout and micro-batch split.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: Optional[float]  # token-mean loss over the global batch (None off the last pipeline stage)
+    num_tokens: int
+    grad_norm: Optional[float]
+    update_successful: bool
+
+
+def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, token_weights: Optional[torch.Tensor] = None):
+    """Per-token losses [b, s] -> (weighted sum, token count, report) as the schedules expect."""
+    losses = output_tensor.float()
+    mask = loss_mask.float()
+    weights = mask if token_weights is None else mask * token_weights.float()
+    loss_sum = (losses * weights).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def lm_forward_step(data_iterator: Iterator[dict], model) -> tuple[torch.Tensor, Callable]:
+    """Forward step for a text LM batch ``{tokens, labels, loss_mask, position_ids}``."""
+    batch = next(data_iterator) if data_iterator is not None else None
+    from megatron.core import parallel_state as ps  # noqa: F401  (keeps import cost out of module import)
+
+    tokens = batch["tokens"]
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, position_ids, None, labels=batch["labels"])
+    return output, partial(lm_loss_func, batch["loss_mask"], token_weights=batch.get("token_weights"))
+
+
+def _reduce_loss(losses: list[dict[str, Any]]) -> tuple[Optional[float], int]:
+    from megatron.core import parallel_state as ps
+
+    if not losses:
+        return None, 0
+    total = torch.stack([d["lm loss"] for d in losses]).sum(0).double()
+    dist.all_reduce(total, group=ps.get_data_parallel_group())
+    return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
+
+
+def train_step(
+    forward_step_func: Callable,
+    data_iterator,
+    model_chunks: list,
+    optimizer,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> StepResult:
+    """Run forward/backward over ``num_microbatches`` micro-batches and (unless forward_only) step."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not forward_only:
+        for m in model_chunks:
+            m.zero_grad_buffer()
+        optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=model_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    loss, ntok = _reduce_loss(losses)
+    if forward_only:
+        return StepResult(loss, ntok, None, True)
+    ok, grad_norm, _ = optimizer.step()
+    return StepResult(loss, ntok, None if grad_norm is None else float(grad_norm), bool(ok))

@@ -1,0 +1,75 @@
+"""megatron_zero: zero-shot vision encoder grafting via LLM surrogates, on megatron-core."""
+import os
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch==2.13.0",
+    "megatron-core==0.16.1",
+    "safetensors>=0.4",
+    "tiktoken>=0.7",
+    "sentencepiece>=0.2",
+    "Pillow>=10",
+    "numpy>=1.26,<3",
+    "psutil>=5.9",
+    "tqdm>=4.66",
+    "einops>=0.7",
+    "matplotlib>=3.8",
+    "pyyaml>=6",
+    "tensorboard>=2.15",
+]
+GPU = [
+    # Present in NVIDIA's PyTorch container; listed for completeness on bare GPU hosts.
+    # NVIDIA apex is built from source in the Dockerfile (no usable wheel on PyPI).
+    "transformer-engine[pytorch]>=2.4",
+    "flash-attn>=2.6",
+    "nvidia-dali-cuda120>=1.40",
+]
+DEV = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "ruff>=0.5",
+    "transformers>=4.45",
+    "llama-models==0.3.0",
+    "scikit-image>=0.22",
+    # DALI's CPU operators run without a GPU; the CUDA 13 wheel is the one verified on our CPU machines.
+    "nvidia-dali-cuda130==2.4.0",
+]
+
+
+def _ext_modules():
+    """The fused loss kernel: CUDA build when CUDA torch is present, CPU build otherwise (optional)."""
+    if os.environ.get("MEGATRON_ZERO_BUILD_EXT", "0") != "1":
+        return [], {}
+    from torch.utils import cpp_extension
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1":
+        ext = cpp_extension.CUDAExtension(
+            "megatron_zero_kernels",
+            ["csrc/weighted_ce_binding.cpp", "csrc/weighted_ce_kernel.cu"],
+            include_dirs=[os.path.abspath("csrc")],
+            define_macros=[("WITH_CUDA", None)],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "megatron_zero_kernels",
+            ["csrc/weighted_ce_binding.cpp"],
+            include_dirs=[os.path.abspath("csrc")],
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _ext_modules()
+
+setup(
+    name="megatron_zero",
+    version="0.1.0",
+    description="Zero-shot vision encoder grafting via LLM surrogates, on megatron-core",
+    packages=find_packages(include=["megatron_zero", "megatron_zero.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={"gpu": GPU, "dev": DEV},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,81 @@
+"""The Llama decoder: published presets, HF config mapping, layout validation, and logits vs transformers."""
+import dataclasses
+
+import pytest
+import torch
+
+from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
+from megatron_zero.models.llama_config import PRESETS, LlamaConfig, get_preset, padded_vocab_size
+from megatron_zero.parallel.initialize import ParallelConfigError, check_world
+from megatron_zero.parallel.pipeline_layout import megatron_layout, split_layers
+
+# Parameter counts of the HF releases (sum of numel over the safetensors shards).
+PUBLISHED_PARAMS = {
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_preset_parameter_counts_match_releases(name):
+    assert get_preset(name).num_parameters() == PUBLISHED_PARAMS[name]
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_preset_parameter_count_matches_transformers(name):
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in PRESETS[name].to_hf_config().items()
+                                         if k not in ("architectures", "torch_dtype")})
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf_cfg)
+    n = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    assert n == PRESETS[name].num_parameters()
+
+
+def test_hf_config_round_trip():
+    for cfg in PRESETS.values():
+        back = LlamaConfig.from_hf_config(cfg.to_hf_config(), name=cfg.name)
+        assert dataclasses.replace(back, surrogate=None) == cfg
+
+
+def test_hf_config_refuses_unsupported():
+    hf = PRESETS["tiny"].to_hf_config()
+    with pytest.raises(ValueError, match="rope_scaling"):
+        LlamaConfig.from_hf_config({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="model_type"):
+        LlamaConfig.from_hf_config({**hf, "model_type": "mistral"})
+
+
+def test_layout_validation_messages():
+    cfg = get_preset("llama-3.1-70b")
+    with pytest.raises(ModelConfigError, match="--tensor-model-parallel-size 16 does not divide the 8 KV heads"):
+        validate(cfg, RuntimeOptions(tensor_model_parallel_size=16))
+    with pytest.raises(ModelConfigError, match="does not divide the 64 attention heads"):
+        validate(cfg, RuntimeOptions(tensor_model_parallel_size=3))
+    with pytest.raises(ModelConfigError, match="sequence-parallel"):
+        validate(cfg, RuntimeOptions(sequence_parallel=True))
+    with pytest.raises(ModelConfigError, match="sum to the model's 80 layers"):
+        validate(cfg, RuntimeOptions(pipeline_model_parallel_size=2, pipeline_stage_layers=[40, 39]))
+    with pytest.raises(ParallelConfigError, match="world size 6 is not divisible"):
+        check_world(6, 2, 2)
+    assert check_world(16, 2, 2) == 4
+
+
+def test_uneven_pipeline_split():
+    # T(40,78) of Llama-3.1-70B keeps 42 layers; over 4 stages the first stages take the remainder.
+    assert split_layers(42, 4) == [11, 11, 10, 10]
+    assert split_layers(42, 2, virtual_size=2) == [11, 11, 10, 10]
+    assert split_layers(5, 2, [1, 4]) == [1, 4]
+    layout = megatron_layout([2, 1])
+    assert layout == [["embedding", "decoder", "decoder"], ["decoder", "loss"]]
+    with pytest.raises(ValueError, match="cannot split 3 decoder layers over 4"):
+        split_layers(3, 4)
+
+
+def test_vocab_padding():
+    assert padded_vocab_size(128256, 1) == 128256
+    assert padded_vocab_size(128256, 8) == 129024
+    assert padded_vocab_size(250, 2) == 256

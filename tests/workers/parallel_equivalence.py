@@ -1,0 +1,159 @@
+"""Worker for tests/test_parallel_equivalence.py.
+
+``--reference OUT``: world of one (TP=PP=DP=1): random weights, logits, one optimizer step -> OUT.
+``--compare REF``: under torchrun with 4 processes, runs several TP/PP/DP layouts in turn on the same
+weights and global batch, and checks logits, loss, grad norm and the updated weights against REF.
+"""
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+from megatron_zero.models.llama import RuntimeOptions, build_llama_model
+from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.parallel import initialize, sharding
+from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+from megatron_zero.training.train_step import train_step
+
+GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 16
+# Five layers: pipeline splits are uneven, as for surrogates.
+CONFIGS = {
+    "untied": LlamaConfig(num_layers=5, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                          num_query_groups=2, vocab_size=250, max_position_embeddings=64,
+                          rope_theta=500000.0, rope_scaling_factor=8.0, name="equiv-untied"),
+}
+CONFIGS["tied"] = dataclasses.replace(CONFIGS["untied"], tie_word_embeddings=True, name="equiv-tied")
+# (config, TP, PP, explicit stage layers, sequence parallel); DP = 4 / (TP * PP)
+LAYOUTS = [
+    ("untied", 2, 2, None, False),
+    ("untied", 1, 2, [1, 4], False),
+    ("untied", 2, 1, None, True),
+    ("tied", 2, 2, None, True),
+]
+
+
+def make_batch():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 250, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    loss_mask = (torch.rand(GLOBAL_BATCH, SEQ, generator=g) > 0.3).float()
+    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": loss_mask}
+
+
+def micro_batches(batch, rows):
+    for i in range(0, len(rows), MICRO_BATCH):
+        idx = rows[i:i + MICRO_BATCH]
+        yield {k: v[idx] for k, v in batch.items()}
+
+
+def logits_forward_step(data_iterator, model):
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    b = next(data_iterator)
+    pos = torch.arange(SEQ).unsqueeze(0).expand(b["tokens"].shape[0], -1)
+    out = model(b["tokens"], pos, None)
+
+    def collect(output):
+        full = gather_from_tensor_model_parallel_region(output)
+        return output.sum() * 0, torch.tensor(1, dtype=torch.int), {"logits": full.detach()}
+
+    return out, collect
+
+
+def lm_step(data_iterator, model):
+    from megatron_zero.training.train_step import lm_forward_step
+
+    return lm_forward_step(data_iterator, model)
+
+
+def run_layout(cfg, tp, pp, stage_layers, canonical=None, sequence_parallel=False):
+    """Returns (logits [B,S,V] on last stage else None, StepResult, canonical weights after the step)."""
+    from megatron.core import parallel_state as ps
+
+    dp = initialize.initialize_parallel(tp, pp, seed=1)
+    opts = RuntimeOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                          pipeline_stage_layers=stage_layers, sequence_parallel=sequence_parallel)
+    model = build_llama_model(cfg, opts)
+    if canonical is not None:
+        sharding.load_canonical(model, canonical, ps.get_tensor_model_parallel_rank(), tp)
+    initial = sharding.gather_canonical([model], vocab_size=cfg.vocab_size)
+    chunks = wrap_ddp([model], OptimizerOptions(lr=1e-2))
+    opt = build_optimizer(chunks, OptimizerOptions(lr=1e-2))
+
+    batch = make_batch()
+    dp_rank = ps.get_data_parallel_rank()
+    rows = list(range(GLOBAL_BATCH))[dp_rank::dp]
+    nmb = len(rows) // MICRO_BATCH
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    logits = get_forward_backward_func()(
+        forward_step_func=logits_forward_step, data_iterator=micro_batches(batch, rows), model=chunks,
+        num_microbatches=nmb, seq_length=SEQ, micro_batch_size=MICRO_BATCH, forward_only=True,
+    )
+    local_logits = torch.cat([d["logits"] for d in logits]) if logits else None
+    result = train_step(lm_step, micro_batches(batch, rows), chunks, opt, nmb, SEQ, MICRO_BATCH)
+    result_after = train_step(lm_step, micro_batches(batch, rows), chunks, opt, nmb, SEQ, MICRO_BATCH,
+                              forward_only=True)
+    after = sharding.gather_canonical([c.module for c in chunks], vocab_size=cfg.vocab_size)
+    return initial, rows, local_logits, result, result_after.loss, after
+
+
+def reference(out):
+    results = {}
+    for name, cfg in CONFIGS.items():
+        initial, _, logits, result, loss_after, after = run_layout(cfg, 1, 1, None)
+        results[name] = dict(initial=initial, logits=logits[..., : cfg.vocab_size], loss=result.loss,
+                             grad_norm=result.grad_norm, loss_after=loss_after, after=after)
+    torch.save(results, out)
+
+
+def compare(ref_path):
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    ref = torch.load(ref_path, weights_only=False)
+    failures = []
+    for name, tp, pp, stage_layers, sp in LAYOUTS:
+        r = ref[name]
+        tag = f"{name} TP={tp} PP={pp} DP={4 // (tp * pp)} SP={sp} stages={stage_layers}"
+        _, rows, logits, result, loss_after, after = run_layout(
+            CONFIGS[name], tp, pp, stage_layers, r["initial"], sequence_parallel=sp)
+        if ps.is_pipeline_last_stage():
+            err = (logits[..., : CONFIGS[name].vocab_size] - r["logits"][rows]).abs().max().item()
+            if err > 1e-5:
+                failures.append(f"{tag}: logits differ by {err:.3g}")
+            if abs(result.loss - r["loss"]) > 1e-5:
+                failures.append(f"{tag}: loss {result.loss} != {r['loss']}")
+            if abs(loss_after - r["loss_after"]) > 1e-5:
+                failures.append(f"{tag}: loss after the step {loss_after} != {r['loss_after']}")
+        if abs(result.grad_norm - r["grad_norm"]) > 1e-5 * max(1.0, r["grad_norm"]):
+            failures.append(f"{tag}: grad norm {result.grad_norm} != {r['grad_norm']}")
+        for k, v in r["after"].items():
+            if k not in after:
+                failures.append(f"{tag}: missing {k} after step")
+            # Adam's first step is lr * g / (|g| + eps): for gradients near eps, fp32 summation-order noise
+            # moves the update by a fraction of lr, so weights are compared at 1% of lr (1e-4).
+            elif (after[k] - v).abs().max().item() > 1e-4:
+                failures.append(f"{tag}: {k} differs after step by {(after[k] - v).abs().max().item():.3g}")
+        if dist.get_rank() == 0:
+            print(f"checked {tag}: grad-norm {result.grad_norm:.6f} (reference {r['grad_norm']:.6f})", flush=True)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, failures)
+    all_failures = [f for fs in gathered for f in fs]
+    if dist.get_rank() == 0:
+        print("\n".join(all_failures) if all_failures else "ALL LAYOUTS MATCH", flush=True)
+    initialize.destroy_parallel()
+    return 1 if all_failures else 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--reference")
+    p.add_argument("--compare")
+    a = p.parse_args()
+    if a.reference:
+        reference(a.reference)
+        initialize.destroy_parallel()
+        sys.exit(0)
+    sys.exit(compare(a.compare))
