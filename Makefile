@@ -15,10 +15,15 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+# Compile the CUDA kernel for Ampere and Hopper (nvcc needs no GPU): a broken kernel cannot land.
+kernels-check:
+	nvcc -c -std=c++17 -arch=sm_80 -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm80.o
+	nvcc -c -std=c++17 -arch=sm_90 -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm90.o
 
 lint: $(STAMP)
 	$(PY) -m ruff check megatron_zero tools tests examples

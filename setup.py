@@ -28,6 +28,7 @@ GPU = [
 DEV = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    "ninja",  # JIT build of the CPU kernel extension in tests
     "ruff>=0.5",
     "transformers>=4.45",
     "llama-models==0.3.0",
@@ -38,25 +39,25 @@ DEV = [
 
 
 def _ext_modules():
-    """The fused loss kernel: CUDA build when CUDA torch is present, CPU build otherwise (optional)."""
+    """The fused weighted cross-entropy kernel (``megatron_zero_kernels``), opt-in: MEGATRON_ZERO_BUILD_EXT=1.
+
+    CUDA build (binding + CPU ops + the .cu kernel) when CUDA torch is present, else the CPU build. Without
+    it, megatron_zero uses the equivalent PyTorch path. Tests JIT-build the CPU ops themselves.
+    """
     if os.environ.get("MEGATRON_ZERO_BUILD_EXT", "0") != "1":
         return [], {}
-    from torch.utils import cpp_extension
     import torch
+    from torch.utils import cpp_extension
 
+    csrc = os.path.abspath("csrc")
+    sources = ["csrc/weighted_ce_binding.cpp", "csrc/weighted_ce_cpu.cpp"]
     if torch.cuda.is_available() or os.environ.get("FORCE_CUDA") == "1":
         ext = cpp_extension.CUDAExtension(
-            "megatron_zero_kernels",
-            ["csrc/weighted_ce_binding.cpp", "csrc/weighted_ce_kernel.cu"],
-            include_dirs=[os.path.abspath("csrc")],
-            define_macros=[("WITH_CUDA", None)],
+            "megatron_zero_kernels", sources + ["csrc/weighted_ce_kernel.cu"],
+            include_dirs=[csrc], define_macros=[("WITH_CUDA", None)],
         )
     else:
-        ext = cpp_extension.CppExtension(
-            "megatron_zero_kernels",
-            ["csrc/weighted_ce_binding.cpp"],
-            include_dirs=[os.path.abspath("csrc")],
-        )
+        ext = cpp_extension.CppExtension("megatron_zero_kernels", sources, include_dirs=[csrc])
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

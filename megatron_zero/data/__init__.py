@@ -1,0 +1,1 @@
+"""Data pipeline: tokenizers, chat templates, datasets, packing, sampling and image loading."""

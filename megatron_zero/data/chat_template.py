@@ -1,0 +1,320 @@
+"""Chat templates per model family, producing token ids and an exact token-level loss mask.
+
+A template lays a conversation out as *segments* -- special tokens (looked up by name in the tokenizer, never
+hard-coded ids), template text (role names, newlines), prompt text and response text -- and tokenises segment by
+segment, so every token's origin, and hence its loss flag, is known exactly.
+
+Which tokens carry loss (``loss_mask[i]`` is True when ``input_ids[i]`` is a prediction target):
+
+* default (VLM practice, the green tokens of Sec. A.9): the assistant's response tokens and the special token that
+  closes an assistant turn (``<|eot_id|>`` for Llama-3, ``</s>`` for Llama-2, ``<end_of_turn>`` for Gemma,
+  ``<eot>`` for the word tokenizer).
+* ``loss_on_special_tokens=True`` (Sec. A.9's rule for encoder-only training, the blue tokens): additionally every
+  special token the template inserts -- for Llama-3 ``<|begin_of_text|>``, ``<|start_header_id|>``,
+  ``<|end_header_id|>`` and the ``<|eot_id|>`` closing user/system turns. A.9's example colours exactly these
+  blue; the role names (``user``, ``assistant``) and the ``\\n\\n`` after each header stay black (no loss), and so
+  does all prompt text. For the other families the same rule applies to their special tokens (Llama-2: ``<s>``,
+  ``</s>``; Gemma: ``<bos>``, ``<start_of_turn>``, ``<end_of_turn>``; word: ``<bos>``, role markers, ``<eot>``).
+* Never: prompt text, template text, image placeholders.
+
+The mask is aligned with ``input_ids`` (not shifted): under next-token prediction the target at position ``i`` is
+predicted from position ``i-1``, so the first token (``<|begin_of_text|>``) can never actually be a target even
+when its flag is set; shifting happens when batches are built (:mod:`megatron_zero.data.packing`).
+
+Images: each ``<image>`` tag in user/system text becomes one placeholder id, which the model later expands into
+the image's embeddings. Defaults: Llama-3 uses ``<|reserved_special_token_0|>`` (id 128002, reserved and unused
+in every Llama-3.x release; ``<|image|>`` is avoided because its id differs between releases), Gemma
+``<image_soft_token>`` or ``<unused0>``, the word tokenizer ``<image>``; Llama-2 has no spare token, so pass
+``image_placeholder`` (a token name or id) for image data there. Text is otherwise encoded with
+``allow_special=False``, so data cannot forge special tokens or placeholders.
+"""
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from megatron_zero.data.tokenizers import Tokenizer, WordTokenizer
+
+__all__ = [
+    "IMAGE_TAG",
+    "ChatTemplate",
+    "EncodedChat",
+    "GemmaChatTemplate",
+    "Llama2ChatTemplate",
+    "Llama3ChatTemplate",
+    "Message",
+    "WordChatTemplate",
+    "chat_template_for",
+]
+
+IMAGE_TAG = "<image>"
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass
+class EncodedChat:
+    input_ids: list[int]
+    loss_mask: list[bool]  # aligned with input_ids: True = this token is a training target
+    num_images: int
+
+    def labels(self, ignore_index: int = -100) -> list[int]:
+        """``input_ids`` with non-target positions set to ``ignore_index`` (unshifted, like ``loss_mask``)."""
+        return [t if m else ignore_index for t, m in zip(self.input_ids, self.loss_mask)]
+
+
+class _Kind(enum.Enum):
+    SPECIAL = "special"  # a template special token: loss only with loss_on_special_tokens
+    TURN_END = "turn_end"  # the special token closing an assistant turn: always loss
+    TEXT = "text"  # template text (role names, newlines): never loss
+    PROMPT = "prompt"  # user/system content, may hold <image> tags: never loss
+    RESPONSE = "response"  # assistant content: loss
+
+
+@dataclass(frozen=True)
+class _Segment:
+    kind: _Kind
+    value: str  # the special token's name, or the text
+
+
+class ChatTemplate(abc.ABC):
+    """Base class: subclasses lay out segments; this class tokenises them and builds the mask."""
+
+    family: str
+    image_token_candidates: tuple[str, ...] = ()
+
+    def __init__(self, tokenizer: Tokenizer, image_placeholder: int | str | None = None):
+        self.tokenizer = tokenizer
+        self.image_placeholder_id = self._resolve_image_placeholder(image_placeholder)
+
+    def _resolve_image_placeholder(self, placeholder: int | str | None) -> int | None:
+        if isinstance(placeholder, int):
+            if not 0 <= placeholder < self.tokenizer.vocab_size:
+                raise ValueError(f"image placeholder id {placeholder} outside the vocabulary "
+                                 f"[0, {self.tokenizer.vocab_size})")
+            return placeholder
+        if isinstance(placeholder, str):
+            return self.tokenizer.special_token_id(placeholder)
+        for name in self.image_token_candidates:
+            if self.tokenizer.has_special_token(name):
+                return self.tokenizer.special_token_id(name)
+        return None
+
+    @property
+    @abc.abstractmethod
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a generated assistant turn."""
+
+    @abc.abstractmethod
+    def _segments(self, messages: Sequence[Message], add_generation_prompt: bool) -> Iterator[_Segment]:
+        """The conversation as segments, in order."""
+
+    def encode(
+        self,
+        messages: Sequence[Message],
+        *,
+        loss_on_special_tokens: bool = False,
+        add_generation_prompt: bool = False,
+    ) -> EncodedChat:
+        """Token ids and loss mask of ``messages``; with ``add_generation_prompt`` it ends with the assistant header."""
+        _validate(messages)
+        ids: list[int] = []
+        mask: list[bool] = []
+        num_images = 0
+        for seg in self._segments(messages, add_generation_prompt):
+            if seg.kind in (_Kind.SPECIAL, _Kind.TURN_END):
+                ids.append(self.tokenizer.special_token_id(seg.value))
+                mask.append(seg.kind is _Kind.TURN_END or loss_on_special_tokens)
+            elif seg.kind is _Kind.PROMPT:
+                pieces = seg.value.split(IMAGE_TAG)
+                for i, piece in enumerate(pieces):
+                    if i:
+                        ids.append(self._image_id())
+                        mask.append(False)
+                        num_images += 1
+                    toks = self.tokenizer.encode(piece) if piece else []
+                    ids.extend(toks)
+                    mask.extend([False] * len(toks))
+            else:
+                toks = self.tokenizer.encode(seg.value) if seg.value else []
+                ids.extend(toks)
+                mask.extend([seg.kind is _Kind.RESPONSE] * len(toks))
+        return EncodedChat(ids, mask, num_images)
+
+    def _image_id(self) -> int:
+        if self.image_placeholder_id is None:
+            raise ValueError(
+                f"the {self.family} chat template has no image placeholder token for {IMAGE_TAG!r}: this tokenizer "
+                f"has none of {list(self.image_token_candidates)}; pass image_placeholder=<token name or id>"
+            )
+        return self.image_placeholder_id
+
+
+def _validate(messages: Sequence[Message]) -> None:
+    if not messages:
+        raise ValueError("empty conversation")
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise ValueError(f"message {i}: unknown role {m.role!r}; expected one of {ROLES}")
+        if not isinstance(m.content, str):
+            raise TypeError(f"message {i}: content must be a string, got {type(m.content).__name__}")
+        if m.role == "system" and i != 0:
+            raise ValueError(f"message {i}: a system message may only come first")
+        if m.role == "assistant" and IMAGE_TAG in m.content:
+            raise ValueError(f"message {i}: {IMAGE_TAG!r} in an assistant turn; images belong to user turns")
+
+
+def _content_kind(role: str) -> _Kind:
+    return _Kind.RESPONSE if role == "assistant" else _Kind.PROMPT
+
+
+class Llama3ChatTemplate(ChatTemplate):
+    """``<|begin_of_text|>`` then per turn ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``.
+
+    Tokenised as ``llama_models.llama3.chat_format.ChatFormat`` does (role, ``\\n\\n`` and content separately).
+    """
+
+    family = "llama3"
+    image_token_candidates = ("<|reserved_special_token_0|>",)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.tokenizer.special_token_id(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")]
+
+    def _header(self, role: str) -> Iterator[_Segment]:
+        yield _Segment(_Kind.SPECIAL, "<|start_header_id|>")
+        yield _Segment(_Kind.TEXT, role)
+        yield _Segment(_Kind.SPECIAL, "<|end_header_id|>")
+        yield _Segment(_Kind.TEXT, "\n\n")
+
+    def _segments(self, messages, add_generation_prompt):
+        yield _Segment(_Kind.SPECIAL, "<|begin_of_text|>")
+        for m in messages:
+            yield from self._header(m.role)
+            yield _Segment(_content_kind(m.role), m.content)
+            yield _Segment(_Kind.TURN_END if m.role == "assistant" else _Kind.SPECIAL, "<|eot_id|>")
+        if add_generation_prompt:
+            yield from self._header("assistant")
+
+
+class Llama2ChatTemplate(ChatTemplate):
+    """Meta's Llama-2 chat layout: ``<s>[INST] {user} [/INST] {answer} </s>`` per exchange.
+
+    A system message is folded into the first user turn as ``<<SYS>>\\n{system}\\n<</SYS>>\\n\\n``. Turns must
+    alternate user/assistant. Text segments are tokenised separately; SentencePiece's dummy prefix supplies the
+    space before each of them.
+    """
+
+    family = "llama2"
+    image_token_candidates = ("<image>",)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.tokenizer.special_token_id("</s>")]
+
+    def _segments(self, messages, add_generation_prompt):
+        turns = _fold_system(messages, lambda s: f"<<SYS>>\n{s}\n<</SYS>>\n\n")
+        if add_generation_prompt and turns[-1].role != "user":
+            raise ValueError("a Llama-2 generation prompt needs the conversation to end with a user turn")
+        for i, m in enumerate(turns):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if m.role != expected:
+                raise ValueError(f"Llama-2 chat turns must alternate user/assistant; turn {i} is {m.role!r}")
+            if m.role == "user":
+                yield _Segment(_Kind.SPECIAL, "<s>")
+                yield _Segment(_Kind.TEXT, "[INST]")
+                yield _Segment(_Kind.PROMPT, m.content.strip())
+                yield _Segment(_Kind.TEXT, "[/INST]")
+            else:
+                yield _Segment(_Kind.RESPONSE, m.content.strip() + " ")  # Meta's trailing space before </s>
+                yield _Segment(_Kind.TURN_END, "</s>")
+
+
+class GemmaChatTemplate(ChatTemplate):
+    """``<bos>`` then per turn ``<start_of_turn>{user|model}\\n{content}<end_of_turn>\\n``.
+
+    Gemma has no system role: a system message is prepended to the first user turn, separated by ``\\n\\n``.
+    """
+
+    family = "gemma"
+    image_token_candidates = ("<image_soft_token>", "<unused0>")
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.tokenizer.special_token_id("<end_of_turn>")]
+
+    def _segments(self, messages, add_generation_prompt):
+        yield _Segment(_Kind.SPECIAL, "<bos>")
+        for m in _fold_system(messages, lambda s: f"{s}\n\n"):
+            yield _Segment(_Kind.SPECIAL, "<start_of_turn>")
+            yield _Segment(_Kind.TEXT, ("model" if m.role == "assistant" else "user") + "\n")
+            yield _Segment(_content_kind(m.role), m.content)
+            yield _Segment(_Kind.TURN_END if m.role == "assistant" else _Kind.SPECIAL, "<end_of_turn>")
+            yield _Segment(_Kind.TEXT, "\n")
+        if add_generation_prompt:
+            yield _Segment(_Kind.SPECIAL, "<start_of_turn>")
+            yield _Segment(_Kind.TEXT, "model\n")
+
+
+class WordChatTemplate(ChatTemplate):
+    """For :class:`WordTokenizer`: ``<bos>`` then per turn ``<{role}> {content} <eot>``."""
+
+    family = "word"
+    image_token_candidates = ("<image>",)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.tokenizer.special_token_id("<eot>")]
+
+    def _segments(self, messages, add_generation_prompt):
+        yield _Segment(_Kind.SPECIAL, "<bos>")
+        for m in messages:
+            yield _Segment(_Kind.SPECIAL, f"<{m.role}>")
+            yield _Segment(_content_kind(m.role), m.content)
+            yield _Segment(_Kind.TURN_END if m.role == "assistant" else _Kind.SPECIAL, "<eot>")
+        if add_generation_prompt:
+            yield _Segment(_Kind.SPECIAL, "<assistant>")
+
+
+def _fold_system(messages: Sequence[Message], render_system) -> list[Message]:
+    """Merge a leading system message into the first user message (families without a system role)."""
+    if messages[0].role != "system":
+        return list(messages)
+    if len(messages) < 2 or messages[1].role != "user":
+        raise ValueError("a system message must be followed by a user message")
+    first = Message("user", render_system(messages[0].content) + messages[1].content)
+    return [first, *messages[2:]]
+
+
+_TEMPLATES = {t.family: t for t in (Llama3ChatTemplate, Llama2ChatTemplate, GemmaChatTemplate, WordChatTemplate)}
+
+
+def chat_template_for(
+    tokenizer: Tokenizer, family: str | None = None, image_placeholder: int | str | None = None
+) -> ChatTemplate:
+    """The chat template of ``family`` (``llama3``, ``llama2``, ``gemma``, ``word``), or detected from the
+    tokenizer's special tokens when ``family`` is None."""
+    if family is None:
+        if tokenizer.has_special_token("<|start_header_id|>"):
+            family = "llama3"
+        elif tokenizer.has_special_token("<start_of_turn>"):
+            family = "gemma"
+        elif isinstance(tokenizer, WordTokenizer):
+            family = "word"
+        elif tokenizer.has_special_token("<s>") and tokenizer.has_special_token("</s>"):
+            family = "llama2"
+        else:
+            raise ValueError(
+                f"cannot tell the chat-template family of {type(tokenizer).__name__} from its special tokens; "
+                f"pass family= one of {sorted(_TEMPLATES)}"
+            )
+    if family not in _TEMPLATES:
+        raise ValueError(f"unknown chat-template family {family!r}; expected one of {sorted(_TEMPLATES)}")
+    return _TEMPLATES[family](tokenizer, image_placeholder)

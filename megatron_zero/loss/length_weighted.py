@@ -1,0 +1,220 @@
+"""Per-token loss weights: token mean, and the dynamic length-weighted loss of the paper's appendix (A.11).
+
+A *response* is the set of loss-carrying tokens of one assistant turn: the tokens with ``loss_mask`` true that
+share a row and a ``segment_ids`` value (the data pipeline numbers the assistant turns of each packed row). Its
+length ``L_i`` is its number of loss-carrying tokens (the response tokens plus the turn-closing ``<|eot_id|>``, and
+the header tokens in encoder-only stages). ``--loss-weighting`` picks the weight ``w_i`` given to every token of
+response ``i``:
+
+``token-mean``
+    ``w_i = 1``.
+
+``length-weighted`` (the paper, A.11), over all ``N`` responses of the *global* batch (all data-parallel ranks,
+all micro-batches)::
+
+    w_i = (max_j L_j / log max(L_i, 2)) ** ord,     w_i <- w_i / (sum_j w_j / sum_j L_j),     ord = 0.5
+
+    Guard: ``log 1 = 0`` would make a one-token response's weight infinite, so lengths enter the logarithm as
+    ``max(L_i, 2)``: a one-token response (an empty answer closed by ``<|eot_id|>``) is weighted like a two-token
+    one (``"Yes<|eot_id|>"``), the largest finite weight of the formula. ``max_j L_j`` and ``sum_j L_j`` use the
+    true lengths. Note that the paper's normalisation makes ``sum_i w_i = sum_i L_i``: with equal lengths ``L``
+    every ``w_i = L``, so this loss is on a scale about ``mean(L)`` times the token mean's.
+
+``length-weighted-released`` (the authors' released code, which differs from the paper)::
+
+    w_i = max(1, (max_{j in micro-batch} log(L_j + 1) / log(L_i + 1)) ** ord)
+
+    The maximum is taken over the responses of the *micro-batch* only, there is no renormalisation, and the
+    weight is clamped below at 1 (the ratio is already >= 1, so the clamp only documents the intent; ``L + 1``
+    needs no guard since ``L >= 1``).
+
+In every scheme the loss is ``sum_t w_t * CE_t / T`` with ``T = sum_j L_j`` the number of loss-carrying tokens of
+the global batch, so that all-ones weights give exactly the token mean. Because ``T`` and the paper's
+``max_j L_j`` and ``sum_j w_j`` are global, each micro-batch's ``sum_t w_t * CE_t / T`` is its exact share: summed
+over micro-batches and data-parallel ranks it equals the whole-batch loss. So the data-parallel gradient reduction
+must *sum* (not average) the ranks' gradients, and the micro-batch losses must not be divided by the number of
+micro-batches.
+
+Usage in the training loop (before the micro-batch loop)::
+
+    local = [response_lengths(mb.loss_mask, mb.segment_ids)[0] for mb in micro_batches]   # this DP rank's
+    stats = global_length_stats(local, scheme, ord=0.5, group=dp_group)                   # all-reduces
+    for mb in micro_batches:
+        w = token_weights(mb.loss_mask, mb.segment_ids, stats)
+        loss = (w * ce_per_token).sum() / stats.num_tokens      # or the fused kernel with normaliser=num_tokens
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DEFAULT_ORD",
+    "LOSS_WEIGHTINGS",
+    "LengthStats",
+    "gather_response_lengths",
+    "global_length_stats",
+    "response_lengths",
+    "response_weights",
+    "token_weights",
+    "weighted_loss",
+]
+
+LOSS_WEIGHTINGS = ("token-mean", "length-weighted", "length-weighted-released")
+DEFAULT_ORD = 0.5
+_MIN_LOG_LENGTH = 2  # the paper formula's guard: log(max(L, 2))
+
+
+def _check_scheme(scheme: str) -> None:
+    if scheme not in LOSS_WEIGHTINGS:
+        raise ValueError(f"--loss-weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {scheme!r}")
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    """What the weights of one global batch depend on, identical on every data-parallel rank.
+
+    Attributes:
+        scheme: one of :data:`LOSS_WEIGHTINGS`.
+        ord: the exponent of the length-weighted schemes.
+        num_tokens: ``T = sum_j L_j``, the loss normaliser (loss-carrying tokens of the global batch).
+        max_length: ``max_j L_j`` over the global batch.
+        weight_scale: the paper's ``sum_j w_j / sum_j L_j`` (1 for the other schemes).
+    """
+
+    scheme: str
+    ord: float
+    num_tokens: float
+    max_length: float
+    weight_scale: float = 1.0
+
+
+def response_lengths(loss_mask: torch.Tensor, segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The responses of a micro-batch: their lengths, and which response each token belongs to.
+
+    Args:
+        loss_mask: ``[batch, seq]`` bool (or 0/1), the tokens that carry loss.
+        segment_ids: ``[batch, seq]`` integer turn ids, ``>= 0`` on loss-carrying tokens; tokens of one row with the
+            same id form one response.
+
+    Returns:
+        ``lengths`` (int64 ``[num_responses]``, ordered by row then segment id) and ``response_index``
+        (int64 ``[batch, seq]``, the response of each token, -1 where the token carries no loss).
+    """
+    if loss_mask.shape != segment_ids.shape or loss_mask.dim() != 2:
+        raise ValueError(
+            f"response_lengths: loss_mask and segment_ids must both be [batch, seq], "
+            f"got {tuple(loss_mask.shape)} and {tuple(segment_ids.shape)}"
+        )
+    mask = loss_mask.bool()
+    seg = segment_ids.long()
+    if bool((seg[mask] < 0).any()):
+        raise ValueError("response_lengths: segment_ids must be >= 0 on every loss-carrying token")
+    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(seg)
+    keys = rows * (int(seg.max()) + 1 if seg.numel() else 1) + seg  # unique per (row, segment id)
+    _, inverse, lengths = torch.unique(keys[mask], return_inverse=True, return_counts=True)
+    response_index = torch.full_like(seg, -1)
+    response_index[mask] = inverse
+    return lengths, response_index
+
+
+def _paper_raw_weights(lengths: torch.Tensor, max_length: float, ord: float) -> torch.Tensor:
+    """``(max_j L_j / log max(L_i, 2)) ** ord`` in float64."""
+    log_len = lengths.double().clamp(min=_MIN_LOG_LENGTH).log()
+    return (max_length / log_len) ** ord
+
+
+def _reduction_device(group: dist.ProcessGroup | None, fallback: torch.device) -> torch.device:
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback
+
+
+def global_length_stats(
+    local_lengths: Sequence[torch.Tensor] | torch.Tensor,
+    scheme: str,
+    ord: float = DEFAULT_ORD,
+    group: dist.ProcessGroup | None = None,
+) -> LengthStats:
+    """The global batch's :class:`LengthStats` from this rank's response lengths (all its micro-batches).
+
+    With a data-parallel ``group`` of several ranks, ``max_j L_j`` is all-reduced with MAX, then ``sum_j L_j`` and
+    the paper's ``sum_j w_j`` with SUM (two small all-reduces, float64). Without one, the lengths are the whole
+    global batch.
+    """
+    _check_scheme(scheme)
+    if not ord > 0:
+        raise ValueError(f"global_length_stats: ord must be > 0, got {ord}")
+    if isinstance(local_lengths, torch.Tensor):
+        local_lengths = [local_lengths]
+    lengths = torch.cat([torch.as_tensor(x).reshape(-1) for x in local_lengths]) if local_lengths else None
+    if lengths is None or lengths.numel() == 0:
+        lengths = torch.zeros(0, dtype=torch.float64)
+    if bool((lengths < 1).any()):
+        raise ValueError("global_length_stats: response lengths must be >= 1")
+    distributed = group is not None and dist.get_world_size(group) > 1
+    device = _reduction_device(group, lengths.device) if distributed else lengths.device
+    lengths = lengths.to(device=device, dtype=torch.float64)
+
+    max_length = lengths.max() if lengths.numel() else torch.zeros((), dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(max_length, op=dist.ReduceOp.MAX, group=group)
+    raw_sum = _paper_raw_weights(lengths, float(max_length), ord).sum() if scheme == "length-weighted" else 0.0
+    sums = torch.stack([lengths.sum(), torch.as_tensor(raw_sum, dtype=torch.float64, device=device)])
+    if distributed:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    num_tokens, raw_sum = float(sums[0]), float(sums[1])
+    if num_tokens == 0:
+        raise ValueError("global_length_stats: the global batch has no loss-carrying tokens")
+    weight_scale = raw_sum / num_tokens if scheme == "length-weighted" else 1.0
+    return LengthStats(scheme, float(ord), num_tokens, float(max_length), weight_scale)
+
+
+def gather_response_lengths(local_lengths: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """All response lengths of the global batch, rank by rank (``all_gather`` over the data-parallel ``group``).
+
+    For logging and for reproducing a run's weights offline; :func:`global_length_stats` needs only all-reduces.
+    """
+    local = local_lengths.reshape(-1).long()
+    if group is None or dist.get_world_size(group) == 1:
+        return local.clone()
+    device = _reduction_device(group, local.device)
+    local = local.to(device)
+    world = dist.get_world_size(group)
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([local.numel()], device=device), group=group)
+    longest = max(int(c) for c in counts)
+    padded = torch.zeros(longest, dtype=torch.long, device=device)
+    padded[: local.numel()] = local
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g[: int(c)] for g, c in zip(gathered, counts)]).to(local_lengths.device)
+
+
+def response_weights(lengths: torch.Tensor, stats: LengthStats) -> torch.Tensor:
+    """``w_i`` (float32) for the responses of one micro-batch, given the global batch's ``stats``."""
+    _check_scheme(stats.scheme)
+    if stats.scheme == "token-mean" or lengths.numel() == 0:
+        return torch.ones(lengths.shape, dtype=torch.float32, device=lengths.device)
+    if stats.scheme == "length-weighted":
+        return (_paper_raw_weights(lengths, stats.max_length, stats.ord) / stats.weight_scale).float()
+    log_len = (lengths.double() + 1).log()
+    return ((log_len.max() / log_len) ** stats.ord).clamp(min=1.0).float()
+
+
+def token_weights(loss_mask: torch.Tensor, segment_ids: torch.Tensor, stats: LengthStats) -> torch.Tensor:
+    """Per-token weights ``[batch, seq]`` (float32) of one micro-batch: its response's ``w_i``, 0 off the mask."""
+    lengths, response_index = response_lengths(loss_mask, segment_ids)
+    weights = response_weights(lengths, stats)
+    out = torch.zeros(response_index.shape, dtype=torch.float32, device=response_index.device)
+    on = response_index >= 0
+    out[on] = weights[response_index[on]]
+    return out
+
+
+def weighted_loss(per_token_ce: torch.Tensor, weights: torch.Tensor, stats: LengthStats) -> torch.Tensor:
+    """This micro-batch's share of the global loss: ``sum_t w_t * CE_t / T``."""
+    return (weights * per_token_ce).sum() / stats.num_tokens

@@ -1,0 +1,228 @@
+"""The training loop shared by every entry point: steps, LR schedule, logging, checkpoints, exit signals.
+
+SLURM sends SIGTERM (or the ``--signal`` of ``sbatch``, commonly SIGUSR1) before the time limit: the loop
+finishes the current step, saves a checkpoint and exits cleanly, so ``--load`` continues the exact loss
+curve (model, optimizer, scheduler, RNG and data position are all restored).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_zero.parallel.initialize import print_rank0
+from megatron_zero.training import checkpoint as ckpt
+from megatron_zero.training.flops import mfu
+from megatron_zero.training.train_step import StepResult, train_step
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    train_iters: int
+    global_batch_size: int
+    micro_batch_size: int
+    seq_length: int
+    data_parallel_size: int
+    log_interval: int = 1
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    keep_last: int = 2
+    tensorboard_dir: Optional[str] = None
+    flops_per_step: Optional[float] = None
+    peak_tflops: Optional[float] = None
+    exit_after_iters: Optional[int] = None  # stop early (tests/debugging), saving first when --save is set
+    metrics_file: Optional[str] = None  # JSON lines {"iteration", "loss", "lr", "grad_norm"} written by rank 0
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+
+def build_scheduler(optimizer, lr: float, min_lr: float, train_iters: int, warmup_fraction: float,
+                    decay_style: str = "cosine", weight_decay: float = 0.0):
+    """megatron-core's LR scheduler: linear warmup then ``decay_style`` to ``min_lr`` (Table A.4: cosine, 3%)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=lr,
+        min_lr=min_lr,
+        lr_warmup_steps=int(round(warmup_fraction * train_iters)),
+        lr_decay_steps=train_iters,
+        lr_decay_style=decay_style,
+        start_wd=weight_decay,
+        end_wd=weight_decay,
+        wd_incr_steps=train_iters,
+        wd_incr_style="constant",
+    )
+
+
+class _ExitSignal:
+    """Remembers that SIGTERM/SIGUSR1 arrived; the loop checks it between steps (agreed over all ranks)."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+        self.received: Optional[int] = None
+        self._previous = {}
+        for s in signals:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.received is not None else 0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+class ProgressLogger:
+    """A console progress line (rate, throughput, MFU, memory, ETA) on rank 0, plus TensorBoard scalars."""
+
+    def __init__(self, cfg: LoopConfig, start_iteration: int):
+        self.cfg = cfg
+        self.start_iteration = start_iteration
+        self.t_start = time.time()
+        self.t_last = self.t_start
+        self.iter_last = start_iteration
+        self.writer = None
+        if cfg.tensorboard_dir and (not dist.is_initialized() or dist.get_rank() == 0):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.tensorboard_dir)
+
+    def log(self, iteration: int, result: StepResult, lr: float, loss: Optional[float]) -> None:
+        now = time.time()
+        steps = iteration - self.iter_last
+        dt = (now - self.t_last) / max(steps, 1)
+        self.t_last, self.iter_last = now, iteration
+        tokens_per_s = self.cfg.global_batch_size * self.cfg.seq_length / dt
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        parts = [f"iter {iteration}/{self.cfg.train_iters}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        parts += [f"lr {lr:.3e}"]
+        if result.grad_norm is not None:
+            parts.append(f"grad-norm {result.grad_norm:.3f}")
+        parts += [f"{dt * 1000:.0f} ms/step", f"{tokens_per_s / world:,.0f} tok/s/dev"]
+        scalars = {"lr": lr, "step_time_s": dt, "tokens_per_s_per_device": tokens_per_s / world}
+        if self.cfg.flops_per_step:
+            tflops, util = mfu(self.cfg.flops_per_step, dt, world, self.cfg.peak_tflops or float("inf"))
+            parts.append(f"{tflops:.3g} TFLOP/s/dev")
+            scalars["tflops_per_device"] = tflops
+            if self.cfg.peak_tflops:
+                parts.append(f"MFU {100 * util:.1f}%")
+                scalars["mfu"] = util
+        if torch.cuda.is_available():
+            gb = torch.cuda.max_memory_allocated() / 2**30
+            parts.append(f"mem {gb:.1f} GB")
+            scalars["max_memory_gb"] = gb
+        remaining = (self.cfg.train_iters - iteration) * (now - self.t_start) / max(iteration - self.start_iteration, 1)
+        parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}")
+        print_rank0(" | ".join(parts))
+        if self.writer is not None:
+            if loss is not None:
+                self.writer.add_scalar("loss", loss, iteration)
+            if result.grad_norm is not None:
+                self.writer.add_scalar("grad_norm", result.grad_norm, iteration)
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, iteration)
+
+    def pause(self) -> None:
+        """Exclude time spent outside training steps (checkpoint saves) from the step-time average."""
+        self.t_last = time.time()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _last_stage_loss(result: StepResult) -> Optional[float]:
+    """The step's loss on every rank (it is only known on the last pipeline stage)."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
+        return result.loss
+    t = torch.tensor([result.loss if result.loss is not None else 0.0], dtype=torch.float64)
+    dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return t.item()
+
+
+def _maybe_test_signal(iteration: int) -> None:
+    """``MEGATRON_ZERO_SIGTERM_AT_ITER=N``: rank 0 sends itself SIGTERM after step N, as SLURM would.
+
+    Lets tests exercise the real signal path deterministically.
+    """
+    at = os.environ.get("MEGATRON_ZERO_SIGTERM_AT_ITER")
+    if at is not None and int(at) == iteration and (not dist.is_initialized() or dist.get_rank() == 0):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def train(
+    cfg: LoopConfig,
+    model_chunks: list,
+    optimizer,
+    scheduler,
+    forward_step_func: Callable,
+    make_data_iterator: Callable[[int], Iterator],
+    start_iteration: int = 0,
+    extra_state: Callable[[int], dict] = lambda it: {},
+) -> list[Optional[float]]:
+    """Train from ``start_iteration`` to ``cfg.train_iters``; returns the per-iteration losses.
+
+    ``make_data_iterator(iteration)`` returns the micro-batch iterator of that iteration's global batch
+    (this rank's share), so resuming at any iteration replays exactly the same data.
+    """
+    losses: list[Optional[float]] = []
+    exit_signal = _ExitSignal()
+    logger = ProgressLogger(cfg, start_iteration)
+    iteration = start_iteration
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    metrics = open(cfg.metrics_file, "a") if cfg.metrics_file and rank0 else None
+    stop_at = cfg.train_iters if cfg.exit_after_iters is None else min(cfg.train_iters, cfg.exit_after_iters)
+    try:
+        while iteration < stop_at:
+            result = train_step(forward_step_func, make_data_iterator(iteration), model_chunks, optimizer,
+                                cfg.num_microbatches, cfg.seq_length, cfg.micro_batch_size)
+            if result.update_successful:
+                scheduler.step(increment=1)
+            iteration += 1
+            loss = _last_stage_loss(result)
+            losses.append(loss)
+            if iteration % cfg.log_interval == 0 or iteration == stop_at:
+                logger.log(iteration, result, optimizer.param_groups[0]["lr"], loss)
+            if metrics is not None:
+                metrics.write(json.dumps({"iteration": iteration, "loss": loss, "grad_norm": result.grad_norm,
+                                          "lr": optimizer.param_groups[0]["lr"]}) + "\n")
+                metrics.flush()
+            _maybe_test_signal(iteration)
+            interrupted = exit_signal.any_rank()
+            periodic = cfg.save_interval and iteration % cfg.save_interval == 0
+            if cfg.save and (periodic or interrupted or iteration == stop_at):
+                ckpt.save_checkpoint(cfg.save, iteration, model_chunks, optimizer, scheduler,
+                                     extra_state(iteration), keep_last=cfg.keep_last)
+                print_rank0(f"saved checkpoint iteration {iteration} to {cfg.save}")
+                logger.pause()
+            if interrupted:
+                print_rank0(f"exit signal received: stopped after iteration {iteration}")
+                break
+    finally:
+        exit_signal.restore()
+        logger.close()
+        if metrics is not None:
+            metrics.close()
+    return losses

@@ -1,0 +1,142 @@
+"""Language-model (pre)training entry point: ``torchrun ... -m megatron_zero.training.pretrain_lm``.
+
+Used by the demo to pretrain its tiny target LLM, by stage-1-style translator tuning on text, and by the
+resume tests. Data: ``--data-path`` (a ``.npy`` token array, or a text/JSONL file tokenised with
+``--tokenizer``) or ``--mock-data`` (seeded random tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megatron_zero import arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments.add_parallel_args(p)
+    arguments.add_model_args(p)
+    arguments.add_training_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None, help=".npy token ids, or text/JSONL ({'text': ...}) with --tokenizer")
+    g.add_argument("--tokenizer", default=None, help="tokenizer file or directory (for text data)")
+    g.add_argument("--mock-data", action="store_true", help="seeded random tokens (benchmarks, tests)")
+    g.add_argument("--exit-after-iters", type=int, default=None, help="stop (and save) after this many iterations")
+    g.add_argument("--metrics-file", default=None, help="append per-iteration JSON lines (loss, lr, grad norm)")
+    return p
+
+
+def load_tokens(args) -> np.ndarray:
+    if args.mock_data:
+        from megatron_zero.models.llama_config import load_model_config
+
+        vocab = load_model_config(args.model).vocab_size
+        return np.random.default_rng(args.seed).integers(0, vocab, size=max(args.seq_length * 4096, 1 << 16))
+    if not args.data_path:
+        raise SystemExit("error: give --data-path or --mock-data")
+    if not os.path.exists(args.data_path):
+        raise SystemExit(f"error: --data-path {args.data_path}: no such file")
+    if args.data_path.endswith(".npy"):
+        return np.load(args.data_path)
+    if not args.tokenizer:
+        raise SystemExit(f"error: --data-path {args.data_path} is text: --tokenizer is required")
+    from megatron_zero.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(args.tokenizer)
+    ids: list[int] = []
+    with open(args.data_path) as f:
+        for line_no, line in enumerate(f, 1):
+            text = line
+            if args.data_path.endswith(".jsonl"):
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError):
+                    raise SystemExit(f"error: {args.data_path}:{line_no}: expected a JSON object with 'text'") from None
+            ids.extend(tok.encode(text))
+            if tok.eos_id is not None:
+                ids.append(tok.eos_id)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list:
+    parser = build_parser()
+    args = arguments.parse(parser, argv)
+    if args.model is None:
+        parser.error("--model is required (a preset name or model_config.json)")
+    if args.train_iters is None:
+        parser.error("--train-iters is required")
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_zero.data.token_windows import TokenWindows
+    from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, build_llama_chunks
+    from megatron_zero.models.llama_config import load_model_config, padded_vocab_size
+    from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
+    from megatron_zero import platform
+    from megatron_zero.training import checkpoint as ckpt
+    from megatron_zero.training.flops import PEAK_TFLOPS, decoder_flops_per_step
+    from megatron_zero.training.loop import LoopConfig, build_scheduler, train
+    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+    from megatron_zero.training.train_step import lm_forward_step
+
+    cfg = load_model_config(args.model)
+    opts = RuntimeOptions.from_args(args)
+    try:
+        from megatron_zero.models.llama import validate
+
+        validate(cfg, opts)
+    except ModelConfigError as e:
+        parser.error(str(e))
+    dp = initialize_from_args(args)
+    print_rank0(f"megatron_zero pretrain_lm: {platform.summary()} | TP={opts.tensor_model_parallel_size} "
+                f"PP={opts.pipeline_model_parallel_size} DP={dp} | model {cfg.name} ({cfg.num_parameters():,} params)")
+    gbs = args.global_batch_size or args.micro_batch_size * dp
+    if gbs % (args.micro_batch_size * dp):
+        parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
+
+    chunks = build_llama_chunks(cfg, opts)
+    oopts = OptimizerOptions.from_args(args)
+    chunks = wrap_ddp(chunks, oopts)
+    optimizer = build_optimizer(chunks, oopts)
+    scheduler = build_scheduler(optimizer, args.lr, args.min_lr, args.train_iters, args.lr_warmup_fraction,
+                                args.lr_decay_style, args.weight_decay)
+    start = 0
+    if args.load and ckpt.latest_iteration(args.load) is not None:
+        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler)
+        print_rank0(f"resumed from {args.load} at iteration {start}")
+
+    data = TokenWindows(load_tokens(args), args.seq_length, seed=args.seed)
+    dp_rank = ps.get_data_parallel_rank()
+    gpu = os.environ.get("MEGATRON_ZERO_GPU_TYPE", "H100")
+    loop_cfg = LoopConfig(
+        train_iters=args.train_iters, global_batch_size=gbs, micro_batch_size=args.micro_batch_size,
+        seq_length=args.seq_length, data_parallel_size=dp, log_interval=args.log_interval, save=args.save,
+        save_interval=args.save_interval, keep_last=args.keep_last_checkpoints,
+        tensorboard_dir=args.tensorboard_dir,
+        flops_per_step=decoder_flops_per_step(cfg, gbs, args.seq_length,
+                                              padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)),
+        peak_tflops=PEAK_TFLOPS.get(gpu) if platform.HAVE_CUDA else None,
+        exit_after_iters=args.exit_after_iters, metrics_file=args.metrics_file,
+    )
+    if args.save and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
+            and ps.get_pipeline_model_parallel_rank() == 0:
+        os.makedirs(args.save, exist_ok=True)
+        cfg.save(os.path.join(args.save, "model_config.json"))
+    losses = train(
+        loop_cfg, chunks, optimizer, scheduler, lm_forward_step,
+        lambda it: data.iteration_microbatches(it, gbs, args.micro_batch_size, dp_rank, dp),
+        start_iteration=start,
+    )
+    return losses
+
+
+if __name__ == "__main__":
+    from megatron_zero.parallel.initialize import destroy_parallel
+
+    main(sys.argv[1:])
+    destroy_parallel()
