@@ -113,6 +113,8 @@ def _reference_loss(loss_mask, segment_ids, ce, scheme, ord_=0.5, micro_batches=
             keys = [k for k in responses if k[0] in rows]
             top = max(math.log(lengths[k] + 1) for k in keys)
             weights.update({k: max(1.0, (top / math.log(lengths[k] + 1)) ** ord_) for k in keys})
+    if scheme == "length-weighted":  # the paper's w_i weighs response i's *mean* token loss
+        return sum(weights[k] * sum(v) / lengths[k] for k, v in responses.items()) / total
     return sum(weights[k] * sum(v) for k, v in responses.items()) / total
 
 
@@ -186,3 +188,22 @@ def test_gloo_data_parallel_stats_gather_and_loss(tmp_path):
         assert stats.weight_scale == pytest.approx(single.weight_scale, rel=1e-12)
         assert gathered == torch.cat(all_lengths).tolist()
         assert loss == pytest.approx(expected, rel=1e-6)  # float32 weights
+
+
+def test_paper_weighting_keeps_token_mean_scale():
+    """Equal response lengths give exactly the token mean; unequal ones keep the token weights' mean at 1
+    while a short response's mean loss counts more than under the token mean."""
+    g = torch.Generator().manual_seed(5)
+    loss_mask = torch.ones(4, 6, dtype=torch.bool)
+    segment_ids = torch.zeros(4, 6, dtype=torch.long)  # four responses of length 6
+    ce = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    stats = global_length_stats(response_lengths(loss_mask, segment_ids)[0], "length-weighted")
+    w = token_weights(loss_mask, segment_ids, stats)
+    assert weighted_loss(ce, w, stats).item() == pytest.approx(ce.mean().item(), rel=1e-6)
+    loss_mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    segment_ids = torch.zeros(2, 6, dtype=torch.long)
+    stats = global_length_stats(response_lengths(loss_mask, segment_ids)[0], "length-weighted")
+    w = token_weights(loss_mask, segment_ids, stats)
+    assert w[loss_mask].double().mean().item() == pytest.approx(1.0, rel=1e-6)
+    short_share, long_share = w[0].sum().item(), w[1].sum().item()  # each response's total weight
+    assert short_share / long_share > 2 / 6  # token mean would give 2:6

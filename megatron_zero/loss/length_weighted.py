@@ -17,8 +17,14 @@ all micro-batches)::
     Guard: ``log 1 = 0`` would make a one-token response's weight infinite, so lengths enter the logarithm as
     ``max(L_i, 2)``: a one-token response (an empty answer closed by ``<|eot_id|>``) is weighted like a two-token
     one (``"Yes<|eot_id|>"``), the largest finite weight of the formula. ``max_j L_j`` and ``sum_j L_j`` use the
-    true lengths. Note that the paper's normalisation makes ``sum_i w_i = sum_i L_i``: with equal lengths ``L``
-    every ``w_i = L``, so this loss is on a scale about ``mean(L)`` times the token mean's.
+    true lengths.
+
+    How ``w_i`` is applied (our reading, since A.11 does not spell it out): ``w_i`` multiplies response ``i``'s
+    *mean* token loss, i.e. each of its tokens gets weight ``w_i / L_i``. The normalisation ``sum_i w_i = sum_i L_i``
+    then makes the token weights average exactly 1 over the global batch, so the loss stays on the token mean's
+    scale (equal lengths give exactly the token mean) and gradient clipping at 1.0 means the same as without
+    weighting. Multiplying every *token* of response ``i`` by ``w_i`` instead would put the loss at about
+    ``mean(L)`` times the token mean's scale.
 
 ``length-weighted-released`` (the authors' released code, which differs from the paper)::
 
@@ -206,9 +212,12 @@ def response_weights(lengths: torch.Tensor, stats: LengthStats) -> torch.Tensor:
 
 
 def token_weights(loss_mask: torch.Tensor, segment_ids: torch.Tensor, stats: LengthStats) -> torch.Tensor:
-    """Per-token weights ``[batch, seq]`` (float32) of one micro-batch: its response's ``w_i``, 0 off the mask."""
+    """Per-token weights ``[batch, seq]`` (float32) of one micro-batch, 0 off the mask: the response's ``w_i``,
+    divided by its length ``L_i`` for the paper's scheme (see the module docstring)."""
     lengths, response_index = response_lengths(loss_mask, segment_ids)
     weights = response_weights(lengths, stats)
+    if stats.scheme == "length-weighted" and lengths.numel():
+        weights = weights / lengths.to(weights.dtype)
     out = torch.zeros(response_index.shape, dtype=torch.float32, device=response_index.device)
     on = response_index >= 0
     out[on] = weights[response_index[on]]
