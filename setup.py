@@ -3,8 +3,11 @@ import os
 
 from setuptools import find_packages, setup
 
+# Development and CI pin torch (2.13.0 is the CPU wheel our machines carry). GPU images (NVIDIA's PyTorch
+# container) bring their own CUDA build: MEGATRON_ZERO_CONTAINER_TORCH=1 keeps it instead of replacing it.
+TORCH = "torch>=2.4" if os.environ.get("MEGATRON_ZERO_CONTAINER_TORCH") == "1" else "torch==2.13.0"
 CORE = [
-    "torch==2.13.0",
+    TORCH,
     "megatron-core==0.16.1",
     "safetensors>=0.4",
     "tiktoken>=0.7",
@@ -33,9 +36,10 @@ DEV = [
     "transformers>=4.45",
     "llama-models==0.3.0",
     "scikit-image>=0.22",
-    # DALI's CPU operators run without a GPU; the CUDA 13 wheel is the one verified on our CPU machines.
-    "nvidia-dali-cuda130==2.4.0",
 ]
+# DALI's CPU operators run without a GPU; the CUDA 13 wheel is the one verified on our CPU machines. (GPU images
+# use the DALI that NVIDIA's container ships.)
+DALI_CPU = ["nvidia-dali-cuda130==2.4.0"]
 
 
 def _ext_modules():
@@ -70,7 +74,7 @@ setup(
     packages=find_packages(include=["megatron_zero", "megatron_zero.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"gpu": GPU, "dev": DEV},
+    extras_require={"gpu": GPU, "dev": DEV, "dali-cpu": DALI_CPU},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

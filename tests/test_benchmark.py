@@ -1,0 +1,27 @@
+"""tools/benchmark.py runs on CPU with a tiny preset and reports consistent numbers."""
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_benchmark_tiny_target_vs_surrogate(tmp_path):
+    out_json = tmp_path / "bench.json"
+    p = subprocess.run(
+        [sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,3", "--iters", "2",
+         "--warmup", "1", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
+         "--output-json", str(out_json)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads(out_json.read_text())
+    assert [(r["model"], r["mode"]) for r in results] == [
+        ("tiny", "full"), ("tiny", "frozen"), ("tiny-T(1,3)", "translator"), ("tiny-T(1,3)", "frozen")]
+    for r in results:
+        assert r["forward_ms"] > 0 and r["step_s"] > 0
+        # throughput is tokens of the global batch over the step time
+        assert abs(r["tokens_per_s_per_device"] - 4 * 64 / r["step_s"]) < 1e-6 * r["tokens_per_s_per_device"]
+    assert results[2]["layers"] == 2  # T(1,3) of a 4-layer model keeps 4 - 2 layers
+    assert "Projected training hours" in p.stdout and "baseline" in p.stdout and "ours" in p.stdout
