@@ -1,10 +1,9 @@
 """tools/benchmark.py runs on CPU with a tiny preset and reports consistent numbers."""
 import json
-import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 
 def test_benchmark_tiny_target_vs_surrogate(tmp_path):
@@ -14,7 +13,7 @@ def test_benchmark_tiny_target_vs_surrogate(tmp_path):
          "--warmup", "1", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--output-json", str(out_json)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1"))
+        env=subprocess_env())
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(out_json.read_text())
     assert [(r["model"], r["mode"]) for r in results] == [

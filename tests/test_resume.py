@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, subprocess_env
 
 COMMON = ["--model", "tiny", "--mock-data", "--tensor-model-parallel-size", "2", "--seq-length", "32",
           "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6", "--lr", "3e-3",
@@ -14,8 +14,7 @@ COMMON = ["--model", "tiny", "--mock-data", "--tensor-model-parallel-size", "2",
 def launch(tmp_path, *extra, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "megatron_zero.training.pretrain_lm", *COMMON, *extra]
-    e = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(env or {}))
-    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300, cwd=REPO)
+    p = subprocess.run(cmd, env=subprocess_env(**(env or {})), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
     return p.stdout
 

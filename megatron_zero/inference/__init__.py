@@ -1,0 +1,1 @@
+"""Generation with the VLM: greedy/sampled decoding with a KV cache, and the binary yes/no mode."""
