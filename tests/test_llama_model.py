@@ -79,3 +79,13 @@ def test_vocab_padding():
     assert padded_vocab_size(128256, 1) == 128256
     assert padded_vocab_size(128256, 8) == 129024
     assert padded_vocab_size(250, 2) == 256
+
+
+def test_hf_config_transformers5_rope_parameters():
+    """transformers >= 5 writes rope_parameters instead of rope_theta/rope_scaling."""
+    cfg = PRESETS["llama-3.1-8b"]
+    hf = cfg.to_hf_config()
+    hf5 = {k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}
+    hf5["rope_parameters"] = {"rope_theta": hf["rope_theta"], **hf["rope_scaling"]}
+    back = LlamaConfig.from_hf_config(hf5, name=cfg.name)
+    assert back.rope_theta == 500000.0 and back.rope_scaling_factor == 8.0

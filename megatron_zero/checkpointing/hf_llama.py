@@ -48,6 +48,24 @@ def canonical_keys(cfg: LlamaConfig, layers: range | None = None) -> list[str]:
     return keys
 
 
+def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every HF tensor of a Llama with config ``cfg`` (to check a checkpoint against its config)."""
+    d, f = cfg.hidden_size, cfg.ffn_hidden_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_query_groups * cfg.head_dim
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
+            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
+        })
+    return shapes
+
+
 def hf_sources(ckey: str) -> list[str]:
     """The HF tensor names that canonical ``ckey`` is built from."""
     if ckey in _GLOBAL:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_zero.models.clip_vit import ClipVisionConfig, ClipVisionTransformer
+from megatron_zero.models.sharded import ShardedStateDictMixin
 
 
 def _linear_default_init(weight: torch.Tensor) -> None:
@@ -27,7 +28,7 @@ def _linear_default_init(weight: torch.Tensor) -> None:
     torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
 
 
-class VisionAdapter(torch.nn.Module):
+class VisionAdapter(ShardedStateDictMixin, torch.nn.Module):
     """``Linear(in -> d) -> GELU -> Linear(d -> d)``; column- then row-parallel under TP (canonical names
     ``linear_fc1.{weight,bias}``, ``linear_fc2.{weight,bias}``)."""
 
@@ -47,7 +48,7 @@ class VisionAdapter(torch.nn.Module):
         return x
 
 
-class ImageEncoder(torch.nn.Module):
+class ImageEncoder(ShardedStateDictMixin, torch.nn.Module):
     """CLIP tower + adapter + start/end-of-image embeddings: ``pixels [n, C, H, W] -> [n, E, d]``.
 
     ``E = num_image_embeddings`` (579 for the paper's default, 576 for "llava"). This is the part that is trained on a

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_zero import platform
+from megatron_zero.models.sharded import ShardedStateDictMixin
 
 FEATURE_CONVENTIONS = ("zero", "llava")
 
@@ -233,7 +234,7 @@ def vision_layer_spec(use_te: bool):
     )
 
 
-class ClipVisionTransformer(torch.nn.Module):
+class ClipVisionTransformer(ShardedStateDictMixin, torch.nn.Module):
     """The CLIP vision tower. ``forward(pixels [n, C, H, W]) -> features [n, num_image_tokens, hidden]``.
 
     State-dict names (TP=1) are the *canonical* encoder names used by checkpoints and :mod:`hf_clip`:

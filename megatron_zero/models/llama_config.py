@@ -112,7 +112,18 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], name: str = "hf") -> "LlamaConfig":
-        """Build from a HF Llama ``config.json`` dict; refuses what this decoder cannot represent."""
+        """Build from a HF Llama ``config.json`` dict; refuses what this decoder cannot represent.
+
+        Reads both spellings of RoPE settings: transformers 4's ``rope_theta`` + ``rope_scaling`` and
+        transformers 5's ``rope_parameters`` (theta and scaling together).
+        """
+        params = hf.get("rope_parameters")
+        if isinstance(params, dict):
+            hf, params = dict(hf), dict(params)
+            if "rope_theta" in params:
+                hf.setdefault("rope_theta", params.pop("rope_theta"))
+            if params.get("rope_type", params.get("type", "default")) != "default":
+                hf.setdefault("rope_scaling", params)
         if hf.get("model_type", "llama") != "llama":
             raise ValueError(f"expected a Llama config (model_type 'llama'), got model_type {hf.get('model_type')!r}")
         if hf.get("attention_bias") or hf.get("mlp_bias"):

@@ -29,6 +29,7 @@ from megatron_zero.models.adapter import ImageEncoder, num_image_embeddings
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama import RuntimeOptions, build_llama_model
 from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.models.sharded import ShardedStateDictMixin
 
 VLM_CONFIG_FILE = "vlm_config.json"
 
@@ -165,7 +166,7 @@ def splice_image_embeddings(text_embeddings: torch.Tensor, image_embeddings: Opt
 # ---------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------
-class VisionLanguageModel(torch.nn.Module):
+class VisionLanguageModel(ShardedStateDictMixin, torch.nn.Module):
     """This rank's part of the VLM: ``vision`` (:class:`ImageEncoder`, first pipeline stage only) and
     ``language_model`` (megatron-core ``GPTModel``). Exposes what megatron's schedules and DDP look for
     (``config``, ``model_type``, ``set_input_tensor``, ``pre_process``/``post_process``, the shared

@@ -3,7 +3,7 @@
 Layout (megatron-core ``torch_dist`` via ``dist_checkpointing``)::
 
     <save>/iter_0000100/           model and optimizer shards, common state (iteration, scheduler, data position)
-    <save>/iter_0000100/rng/rank_00003.pt   per-rank RNG states
+    <save>/iter_0000100/rng/rank_00003.pt   per-rank RNG states (and optimizer_rank_*.pt: plain-optimizer state)
     <save>/iter_0000100/COMPLETE   written last: a directory without it is never loaded
     <save>/latest_checkpointed_iteration.txt
 
@@ -25,8 +25,11 @@ import torch.distributed as dist
 from megatron_zero.training.optimizer import unwrap
 
 COMPLETE = "COMPLETE"
-# The distributed optimizer's state is saved per DP shard (megatron-core 0.16's model-space format relies on
-# ShardedTensor.flattened_range, which its dist_checkpointing no longer accepts): resume with the same DP size.
+# Optimizer state is saved per rank, so resume with the parallel layout the run was saved with (the model weights
+# themselves reshard freely). The distributed optimizer's state goes through dist_checkpointing per DP shard
+# (megatron-core 0.16's model-space format relies on ShardedTensor.flattened_range, which its dist_checkpointing
+# no longer accepts); a plain optimizer's state_dict is saved with torch.save (its model-space sharded form cannot
+# describe frozen layers inside megatron's stacked per-layer tensors).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -109,7 +112,7 @@ def save_checkpoint(
         os.makedirs(os.path.join(tmp, "rng"))
     _barrier()
     state = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
+    if optimizer is not None and _is_distributed(optimizer):
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state["common"] = {
         "iteration": iteration,
@@ -118,6 +121,8 @@ def save_checkpoint(
     }
     dist_checkpointing.save(state, tmp)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    if optimizer is not None and not _is_distributed(optimizer):
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "rng", f"optimizer_rank_{_rank():05d}.pt"))
     _barrier()
     if _rank() == 0:
         with open(os.path.join(tmp, COMPLETE), "w") as f:
@@ -140,6 +145,12 @@ def latest_iteration(root: str) -> Optional[int]:
     """The newest complete iteration under ``root`` (the ``latest`` file is only a hint)."""
     done = complete_iterations(root)
     return done[-1] if done else None
+
+
+def _is_distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _ensure_optimizer_state(optimizer) -> None:
@@ -196,7 +207,7 @@ def load_checkpoint(
     if not os.path.exists(os.path.join(path, COMPLETE)):
         raise CheckpointError(f"--load {path}: checkpoint is incomplete (no {COMPLETE} marker); refusing to load")
     state = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
+    if optimizer is not None and _is_distributed(optimizer):
         _ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
     state["common"] = {"iteration": 0, "scheduler": None, "extra": {}}
@@ -206,10 +217,16 @@ def load_checkpoint(
     else:
         for i, m in enumerate(model_chunks):
             unwrap(m).load_state_dict(loaded[f"model{i}"])
-    if optimizer is not None:
+    if optimizer is not None and _is_distributed(optimizer):
         with torch.no_grad():  # fp32 main params are views of the (leaf) model params
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_step_counters(optimizer)
+    elif optimizer is not None:
+        optim_file = os.path.join(path, "rng", f"optimizer_rank_{_rank():05d}.pt")
+        if not os.path.exists(optim_file):
+            raise CheckpointError(f"--load {path}: no optimizer state for rank {_rank()} ({optim_file}); "
+                                  f"resume with the parallel layout and optimizer the run was saved with")
+        optimizer.load_state_dict(torch.load(optim_file, weights_only=False))
     common = loaded["common"]
     if scheduler is not None and common["scheduler"] is not None:
         scheduler.load_state_dict(common["scheduler"])

@@ -1,0 +1,247 @@
+"""Model-only megatron-core ``torch_dist`` checkpoints: save/load at any TP/PP, and streaming canonical reads.
+
+Layout of a checkpoint directory::
+
+    <dir>/.metadata, __*_*.distcp, common.pt, metadata.json   megatron-core dist_checkpointing (torch_dist)
+    <dir>/model_config.json                                    the model's architecture (LlamaConfig.save)
+    <dir>/checkpoint_meta.json                                 format version, layout it was saved from,
+                                                               vocab sizes; written LAST = completion marker
+    <dir>/tokenizer.json, tokenizer_config.json, ...           HF tokenizer files carried along, if any
+
+The tensors are keyed by ``model.sharded_state_dict()``: layout-independent names (layers stacked along a
+global-layer axis, TP pieces by offset), so :func:`load_model` reshards to any TP/PP. The keys do not depend
+on the layer spec either: megatron-core's local spec maps its separate norms onto Transformer Engine's fused
+names (``...linear_qkv.layer_norm_weight``), so the CPU (local) and GPU (TE) builds read and write the same
+keys. Only weights are stored: ``_extra_state`` entries (TE's FP8 scaling state) are left out on save and
+skipped on load. Vocabulary-sized tensors keep the saving layout's zero padding rows; megatron-core loads them
+into another padding (``allow_shape_mismatch``).
+
+Saves are atomic: everything is written into ``<dir>.tmp-<pid>``, which is renamed to ``<dir>`` only after
+``checkpoint_meta.json``; a directory without it is refused by :func:`read_meta`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_zero.checkpointing.hf_writer import check_save_dir, copy_tokenizer_files, publish, temp_dir_for
+from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.parallel.sharding import TE_NORM_ALIASES, VOCAB_KEYS
+
+FORMAT_VERSION = 1
+META_FILE = "checkpoint_meta.json"
+CONFIG_FILE = "model_config.json"
+_STACKED_LAYERS = "decoder.layers."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete, or of another format/model."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _weights_only(sharded: dict) -> dict:
+    """Drop ``_extra_state`` entries (recursively): checkpoints here hold weights only."""
+    out = {}
+    for k, v in sharded.items():
+        if k.endswith("_extra_state"):
+            continue
+        out[k] = _weights_only(v) if isinstance(v, dict) else v
+    return out
+
+
+def _sharded(model) -> dict:
+    """``model.sharded_state_dict()``; for a plain ``torch.nn.Module`` holding megatron-core blocks (the vision
+    encoder), megatron's default recursion: its own tensors replicated, each child's ``sharded_state_dict``."""
+    from megatron.core.transformer.module import MegatronModule
+
+    model = _unwrap(model)
+    if hasattr(model, "sharded_state_dict"):
+        return _weights_only(model.sharded_state_dict())
+    return _weights_only(MegatronModule.sharded_state_dict(model))
+
+
+def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
+    """``{"model": ...}`` (or ``model0``, ``model1``... for virtual pipeline chunks), as training checkpoints."""
+    if len(chunks) == 1:
+        return {"model": _sharded(chunks[0])}
+    return {f"model{i}": _sharded(m) for i, m in enumerate(chunks)}
+
+
+# ---- metadata -----------------------------------------------------------------------------------------
+def read_meta(path: str, flag: str = "--load-dir") -> dict[str, Any]:
+    """The checkpoint's metadata; refuses directories that are not complete checkpoints of this format."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{flag} {path}: not a directory")
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.exists(meta_path):
+        raise CheckpointError(
+            f"{flag} {path}: not a complete megatron_zero checkpoint (no {META_FILE}; an interrupted save?)"
+        )
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: checkpoint format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def load_model_config(path: str) -> LlamaConfig:
+    """The Llama architecture stored next to a checkpoint."""
+    meta = read_meta(path)
+    if meta.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{path}: holds a {meta['model_type']!r} model, not a Llama decoder")
+    return LlamaConfig.load(os.path.join(path, CONFIG_FILE))
+
+
+# ---- save / load ----------------------------------------------------------------------------------------
+def save_model(
+    chunks: list,
+    save_dir: str,
+    config,
+    *,
+    model_type: str = "llama",
+    overwrite: bool = False,
+    iteration: int = 0,
+    copy_files_from: Optional[str] = None,
+    extra_meta: Optional[dict[str, Any]] = None,
+) -> str:
+    """Save this rank's model chunks (collective over all ranks) as a complete checkpoint in ``save_dir``.
+
+    ``config`` is the model's architecture (anything with ``save(path)``); ``copy_files_from`` a directory whose
+    HF tokenizer files are carried along.
+    """
+    from megatron.core import dist_checkpointing, parallel_state as ps
+
+    check_save_dir(save_dir, overwrite)
+    pid = [os.getpid()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(pid, src=0)
+    tmp = temp_dir_for(save_dir, pid[0])
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    try:
+        dist_checkpointing.save(model_sharded_state_dict(chunks), tmp)
+        _barrier()
+        if _rank() == 0:
+            config.save(os.path.join(tmp, CONFIG_FILE))
+            carried = copy_tokenizer_files(copy_files_from, tmp) if copy_files_from else []
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "model_type": model_type,
+                "iteration": iteration,
+                "tensor_parallel_size": ps.get_tensor_model_parallel_world_size(),
+                "pipeline_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+                "vocab_size": getattr(config, "vocab_size", None),
+                "tokenizer_files": carried,
+                **(extra_meta or {}),
+            }
+            with open(os.path.join(tmp, META_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
+            publish(tmp, save_dir)
+        _barrier()
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return save_dir
+
+
+def load_model(chunks: list, load_dir: str) -> dict[str, Any]:
+    """Load a checkpoint into this rank's chunks (collective), resharding from whatever layout saved it."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_meta(load_dir)
+    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), load_dir)
+    for i, chunk in enumerate(chunks):
+        state = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
+        missing, unexpected = _unwrap(chunk).load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"{load_dir}: checkpoint does not fit the model (missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+    return meta
+
+
+# ---- streaming canonical reads (no model needed) ------------------------------------------------------------
+_STORED_NORM_NAMES = {local: te for te, local in TE_NORM_ALIASES.items()}
+
+
+def _load_pieces(load_dir: str, requests: dict[str, tuple[str, Optional[int], Any]]) -> dict[str, torch.Tensor]:
+    """Load whole stored tensors, or one layer of a layer-stacked one: ``{name: (stored_key, layer|None, meta)}``."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    sharded = {}
+    for name, (key, layer, md) in requests.items():
+        shape = tuple(md.global_shape)
+        if layer is None:
+            sharded[name] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=md.dtype), replica_id=0)
+        else:
+            sharded[name] = ShardedTensor.from_rank_offsets(
+                key, torch.empty((1, *shape[1:]), dtype=md.dtype), (0, layer, shape[0]), replica_id=0)
+    loaded = dist_checkpointing.load(sharded, load_dir, validate_access_integrity=False)
+    return {name: (t if requests[name][1] is None else t[0]) for name, t in loaded.items()}
+
+
+def iter_llama_canonical(load_dir: str, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the canonical tensors of a Llama checkpoint one layer at a time, without building a model.
+
+    Collective: under ``torch.distributed`` every rank must iterate (each receives every tensor). Peak memory is
+    one layer plus the largest vocabulary tensor.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_zero.checkpointing import hf_llama
+
+    read_meta(load_dir)
+    stored = dist_checkpointing.load_tensors_metadata(load_dir)
+
+    def locate(ckey: str) -> tuple[str, Optional[int], Any]:
+        if ckey in stored:
+            return ckey, None, stored[ckey]
+        if ckey.startswith(_STACKED_LAYERS):
+            index, suffix = ckey[len(_STACKED_LAYERS):].split(".", 1)
+            for name in (_STORED_NORM_NAMES.get(suffix), suffix):
+                if name is not None and _STACKED_LAYERS + name in stored:
+                    return _STACKED_LAYERS + name, int(index), stored[_STACKED_LAYERS + name]
+        raise CheckpointError(f"{load_dir}: checkpoint has no tensor for {ckey!r} (does {CONFIG_FILE} match it?)")
+
+    groups: list[list[str]] = [["embedding.word_embeddings.weight"]]
+    groups += [[k for k in hf_llama.canonical_keys(cfg, range(i, i + 1)) if k.startswith(_STACKED_LAYERS)]
+               for i in range(cfg.num_layers)]
+    groups.append(["decoder.final_layernorm.weight"] + ([] if cfg.tie_word_embeddings else ["output_layer.weight"]))
+    for group in groups:
+        tensors = _load_pieces(load_dir, {k: locate(k) for k in group})
+        for ckey in group:
+            t = tensors.pop(ckey)
+            if ckey in VOCAB_KEYS:
+                if t.shape[0] < cfg.vocab_size:
+                    raise CheckpointError(f"{load_dir}: {ckey} has {t.shape[0]} rows, fewer than the vocabulary "
+                                          f"size {cfg.vocab_size} in {CONFIG_FILE}")
+                t = t[: cfg.vocab_size].clone()
+            yield ckey, t

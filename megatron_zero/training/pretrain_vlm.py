@@ -1,0 +1,251 @@
+"""VLM training, stages 1-3 of the paper (Table A.4): ``torchrun ... -m megatron_zero.training.pretrain_vlm``.
+
+``--stage`` presets (every value can be overridden by its flag):
+
+=====  ==========================================================  =======  ============  ==================
+stage  trains                                                      lr       global batch  loss on specials
+=====  ==========================================================  =======  ============  ==================
+1      adapter + start/end-of-image embeddings + CLIP post-LN +    1e-4     256           no
+       the surrogate's translator layer
+2      last ``--encoder-trainable-layers`` (8) CLIP layers +       5e-5     128           yes (A.9)
+       post-LN + adapter (+ start/end), decoder frozen
+3      the stage-2 set + the full decoder                          2e-5 for 70B,  128      no
+                                                                   else 5e-5
+=====  ==========================================================  =======  ============  ==================
+
+All stages: AdamW (0.9, 0.999, 1e-8), weight decay 0, cosine to 0 with 3% warmup, grad clip 1.0 (bf16 and
+activation recompute are flags, as in Megatron). ``--loss-weighting length-weighted`` is A.11's dynamic loss
+(use it for stage 3).
+
+Weights: ``--decoder-load`` (target, surrogate, or a previous stage's run directory) and ``--encoder-load``
+(HF CLIP, an image-encoder or VLM checkpoint, or a previous run); ``--load`` resumes this run exactly. At the end
+the run is exported to ``<save>/export`` (``vlm_config.json``, the image encoder, and the decoder as a sharded
+checkpoint), which the next stage's ``--decoder-load``/``--encoder-load`` and ``tools/graft.py`` read.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from megatron_zero import arguments
+
+STAGE_PRESETS = {
+    1: {"lr": 1e-4, "global_batch_size": 256, "loss_on_special_tokens": False},
+    2: {"lr": 5e-5, "global_batch_size": 128, "loss_on_special_tokens": True},
+    3: {"lr": 5e-5, "global_batch_size": 128, "loss_on_special_tokens": False},
+}
+STAGE3_LR_70B = 2e-5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments.add_parallel_args(p)
+    arguments.add_model_args(p)
+    arguments.add_training_args(p)
+    # stage presets fill these unless given
+    for action in p._actions:
+        if action.dest in ("lr", "global_batch_size"):
+            action.default = None
+    g = p.add_argument_group("VLM")
+    g.add_argument("--stage", type=int, choices=[1, 2, 3], required=True)
+    g.add_argument("--decoder-load", required=True, help="decoder weights (HF Llama dir, VLM or model checkpoint)")
+    g.add_argument("--encoder-load", default=None, help="encoder weights (HF CLIP dir, image-encoder/VLM checkpoint)")
+    g.add_argument("--vision-model", default=None, help="vision preset for a fresh encoder (no --encoder-load)")
+    g.add_argument("--feature-convention", choices=["zero", "llava"], default="zero",
+                   help="zero: last layer with class token + post-LN, start/end embeddings (579); llava: 576")
+    g.add_argument("--image-token-id", type=int, default=None, help="placeholder id (default: the chat template's)")
+    g.add_argument("--tokenizer", required=True, help="tokenizer file or directory")
+    g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
+    g.add_argument("--data-path", required=True, help="LLaVA-1.5 JSON")
+    g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to")
+    g.add_argument("--text-data-path", default=None, help="text-only instruction JSONL mixed in (stage 1: GenQA)")
+    g.add_argument("--text-ratio", type=float, default=None,
+                   help="share of text-only samples in the mix (default: proportional to dataset sizes)")
+    g.add_argument("--loss-weighting", choices=["token-mean", "length-weighted", "length-weighted-released"],
+                   default="token-mean")
+    g.add_argument("--loss-weighting-ord", type=float, default=0.5)
+    g.add_argument("--loss-on-special-tokens", action=argparse.BooleanOptionalAction, default=None,
+                   help="also put loss on the chat template's special tokens (A.9; default: on in stage 2)")
+    g.add_argument("--encoder-trainable-layers", type=int, default=8)
+    g.add_argument("--translator-layer", type=int, default=None, help="override the surrogate's translator index")
+    g.add_argument("--control-unfreeze-early", action="store_true", help="stage 1 T* control (Sec. 1.2)")
+    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of skipping")
+    g.add_argument("--exit-after-iters", type=int, default=None)
+    g.add_argument("--metrics-file", default=None)
+    g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
+    return p
+
+
+def apply_stage_presets(args, decoder_layers: int) -> None:
+    preset = STAGE_PRESETS[args.stage]
+    if args.lr is None:
+        args.lr = STAGE3_LR_70B if args.stage == 3 and decoder_layers >= 80 else preset["lr"]
+    if args.global_batch_size is None:
+        args.global_batch_size = preset["global_batch_size"]
+    if args.loss_on_special_tokens is None:
+        args.loss_on_special_tokens = preset["loss_on_special_tokens"]
+
+
+def build_dataset(args, tokenizer, template, num_image_embeddings: int):
+    from megatron_zero.data.datasets import (ChatDataset, MixtureDataset, TokenizationConfig, read_instruction_jsonl,
+                                             read_llava_json)
+
+    tcfg = TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=num_image_embeddings,
+                              loss_on_special_tokens=args.loss_on_special_tokens)
+    vision = ChatDataset.build(read_llava_json(args.data_path, args.image_root), template, tcfg, source="llava")
+    if not args.text_data_path:
+        return vision
+    text = ChatDataset.build(read_instruction_jsonl(args.text_data_path), template, tcfg, source="text")
+    if args.text_ratio is None:
+        weights = [len(vision), len(text)]
+    else:
+        if not 0 < args.text_ratio < 1:
+            raise SystemExit(f"error: --text-ratio must be in (0, 1), got {args.text_ratio}")
+        weights = [1 - args.text_ratio, args.text_ratio]
+    return MixtureDataset([vision, text], weights, seed=args.seed)
+
+
+def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
+    """``<out_dir>``: vlm_config.json + image encoder + ``decoder/`` (sharded model checkpoint). Collective."""
+    import json
+    import shutil
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_zero.checkpointing import mcore_checkpoint
+    from megatron_zero.models import grafting
+    from megatron_zero.models.vlm import VLM_CONFIG_FILE
+    from megatron_zero.training.optimizer import unwrap
+
+    models = [unwrap(c) for c in chunks]
+    tok_sha = grafting.tokenizer_hash(tokenizer_dir) if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
+    if dist.get_rank() == 0 and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    dist.barrier()
+    if ps.is_pipeline_first_stage(ignore_virtual=True):
+        grafting.save_image_encoder_from_model(out_dir, models[0], tok_sha, overwrite=True)
+    dist.barrier()
+    mcore_checkpoint.save_model([m.language_model for m in models], os.path.join(out_dir, "decoder"), cfg.decoder,
+                                overwrite=True,
+                                copy_files_from=tokenizer_dir if tokenizer_dir and os.path.isdir(tokenizer_dir) else None)
+    if dist.get_rank() == 0:
+        tmp = os.path.join(out_dir, VLM_CONFIG_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        os.replace(tmp, os.path.join(out_dir, VLM_CONFIG_FILE))
+    dist.barrier()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list:
+    parser = build_parser()
+    args = arguments.parse(parser, argv)
+
+    from megatron.core import parallel_state as ps
+
+    from megatron_zero import platform
+    from megatron_zero.checkpointing.sources import WeightSourceError, resolve_decoder, resolve_encoder
+    from megatron_zero.data.chat_template import chat_template_for
+    from megatron_zero.data.images import load_image
+    from megatron_zero.data.tokenizers import load_tokenizer
+    from megatron_zero.models.freezing import FreezingError, apply_freezing, trainable_report
+    from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
+    from megatron_zero.models.vlm import VLMConfig, build_vlm_chunks
+    from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
+    from megatron_zero.training import checkpoint as ckpt
+    from megatron_zero.training.flops import PEAK_TFLOPS, decoder_flops_per_step
+    from megatron_zero.training.loop import LoopConfig, build_scheduler, train
+    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+    from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
+
+    try:
+        dec = resolve_decoder(args.decoder_load)
+        enc = resolve_encoder(args.encoder_load, args.vision_model, args.feature_convention)
+    except WeightSourceError as e:
+        parser.error(str(e))
+    apply_stage_presets(args, dec.cfg.num_layers)
+    if args.train_iters is None:
+        parser.error("--train-iters is required")
+    opts = RuntimeOptions.from_args(args)
+    try:
+        validate(dec.cfg, opts)
+    except ModelConfigError as e:
+        parser.error(str(e))
+    tokenizer = load_tokenizer(args.tokenizer)
+    # an encoder trained before keeps the placeholder id it was trained with
+    placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
+    template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder)
+    image_token_id = template.image_placeholder_id
+    if image_token_id is None:
+        parser.error("the chat template has no image placeholder token: give --image-token-id")
+    vlm_cfg = VLMConfig(dec.cfg, enc.vision, int(image_token_id))
+    if args.seq_length % (16 if args.fp8_format else 1):
+        parser.error(f"--seq-length {args.seq_length} must be a multiple of 16 with --fp8-format")
+
+    dp = initialize_from_args(args)
+    print_rank0(f"megatron_zero pretrain_vlm stage {args.stage}: {platform.summary()} | "
+                f"TP={opts.tensor_model_parallel_size} PP={opts.pipeline_model_parallel_size} DP={dp} | "
+                f"decoder {dec.cfg.name} ({dec.cfg.num_layers} layers) from {dec.path} | encoder "
+                f"{enc.vision.name} ({vlm_cfg.num_image_embeddings} embeddings/image)")
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size x DP "
+                     f"= {args.micro_batch_size * dp}")
+
+    chunks = build_vlm_chunks(vlm_cfg, opts)
+    dec.load_into(chunks)
+    enc.load_into(chunks)
+    try:
+        apply_freezing(chunks, f"stage{args.stage}", args.encoder_trainable_layers, args.translator_layer,
+                       args.control_unfreeze_early)
+    except FreezingError as e:
+        parser.error(str(e))
+    report = trainable_report(chunks, f"stage{args.stage}")
+    print_rank0(report)
+
+    oopts = OptimizerOptions.from_args(args)
+    chunks = wrap_ddp(chunks, oopts)
+    optimizer = build_optimizer(chunks, oopts)
+    scheduler = build_scheduler(optimizer, args.lr, args.min_lr, args.train_iters, args.lr_warmup_fraction,
+                                args.lr_decay_style, args.weight_decay)
+    start = 0
+    if args.load and ckpt.latest_iteration(args.load) is not None:
+        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler)
+        print_rank0(f"resumed from {args.load} at iteration {start}")
+
+    dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
+    image_size = enc.vision.image_size
+    batches = VLMBatches(
+        dataset, image_token_id=vlm_cfg.image_token_id, num_image_embeddings=vlm_cfg.num_image_embeddings,
+        seq_length=args.seq_length, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
+        global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
+        dp_rank=ps.get_data_parallel_rank(), dp_size=dp, seed=args.seed,
+        load_image=lambda path: load_image(path, image_size), loss_weighting=args.loss_weighting,
+        loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
+        strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1)
+    gpu = os.environ.get("MEGATRON_ZERO_GPU_TYPE", "H100")
+    loop_cfg = LoopConfig(
+        train_iters=args.train_iters, global_batch_size=args.global_batch_size,
+        micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, data_parallel_size=dp,
+        log_interval=args.log_interval, save=args.save, save_interval=args.save_interval,
+        keep_last=args.keep_last_checkpoints, tensorboard_dir=args.tensorboard_dir,
+        flops_per_step=decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length),
+        peak_tflops=PEAK_TFLOPS.get(gpu) if platform.HAVE_CUDA else None,
+        exit_after_iters=args.exit_after_iters, metrics_file=args.metrics_file,
+    )
+    losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
+    if batches.skipped_images:
+        print_rank0(f"warning: {batches.skipped_images} images could not be loaded and were replaced by blanks")
+    if args.save and not args.no_export:
+        tok_dir = args.tokenizer if os.path.isdir(args.tokenizer) else os.path.dirname(args.tokenizer)
+        export(chunks, vlm_cfg, os.path.join(args.save, "export"), tok_dir)
+        print_rank0(f"exported the VLM to {os.path.join(args.save, 'export')}")
+    return losses
+
+
+if __name__ == "__main__":
+    from megatron_zero.parallel.initialize import destroy_parallel
+
+    main(sys.argv[1:])
+    destroy_parallel()

@@ -1,0 +1,123 @@
+"""pretrain_vlm end to end on a tiny world: stage 1 under TP=2 (2 processes), then stage 2 from its export.
+
+Checks what each stage may change (Table A.4 freezing, end to end through DDP + optimizer + export), that the
+export is what the next stage loads, and the length-weighted loss path.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO, subprocess_env
+
+
+def _world(tmp_path):
+    """Word tokenizer, a 4-layer HF-format decoder (vocab = tokenizer), LLaVA JSON + PNGs + text JSONL."""
+    from megatron_zero.checkpointing import hf_llama
+    from megatron_zero.data import synthetic_shapes as ss
+    from megatron_zero.data.tokenizers import WordTokenizer
+    from megatron_zero.models.grafting import save_hf_decoder
+    from megatron_zero.models.llama_config import LlamaConfig
+
+    tok = WordTokenizer.build(ss.vocabulary_texts())
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    tok.save(tok_dir / "tokenizer.json")
+    cfg = LlamaConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      vocab_size=tok.vocab_size, max_position_embeddings=128, rope_theta=10000.0,
+                      rope_scaling_factor=None, name="tiny-target")
+    g = torch.Generator().manual_seed(0)
+    canonical = {}
+    for k in hf_llama.canonical_keys(cfg):
+        shape = {"embedding.word_embeddings.weight": (cfg.vocab_size, 32), "output_layer.weight": (cfg.vocab_size, 32),
+                 "decoder.final_layernorm.weight": (32,)}.get(k)
+        if shape is None:
+            suffix = k.split(".", 3)[3]
+            shape = {"input_layernorm.weight": (32,), "pre_mlp_layernorm.weight": (32,),
+                     "self_attention.linear_qkv.weight": (64, 32), "self_attention.linear_proj.weight": (32, 32),
+                     "mlp.linear_fc1.weight": (128, 32), "mlp.linear_fc2.weight": (32, 64)}[suffix]
+        canonical[k] = torch.randn(*shape, generator=g) * (0.02 if len(shape) == 2 else 1.0) + (len(shape) == 1)
+    save_hf_decoder(str(tmp_path / "decoder"), cfg, canonical)
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    records = []
+    for s in ss.vision_samples(16, seed=1, image_size=16):
+        from PIL import Image
+
+        Image.fromarray(s["image"]).save(img_dir / f"{s['id']}.png")
+        records.append({"id": str(s["id"]), "image": f"{s['id']}.png", "conversations": [
+            {"from": "human", "value": s["prompt"]}, {"from": "gpt", "value": s["answer"]}]})
+    (tmp_path / "llava.json").write_text(json.dumps(records))
+    with open(tmp_path / "text.jsonl", "w") as f:
+        for line in list(ss.text_corpus(16, seed=2)):
+            f.write(json.dumps({"prompt": "describe a shape .", "response": line}) + "\n")
+    return canonical
+
+
+def _run(args, nproc=1):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_zero.training.pretrain_vlm", *args]
+    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    return p.stdout
+
+
+def _metrics(path):
+    return [json.loads(x) for x in open(path)]
+
+
+@pytest.mark.timeout(900)
+def test_stage1_tp2_then_stage2_from_export(tmp_path):
+    from megatron_zero.checkpointing import mcore_checkpoint  # noqa: F401  (export format)
+
+    original = _world(tmp_path)
+    common = ["--tokenizer", str(tmp_path / "tok"), "--data-path", str(tmp_path / "llava.json"),
+              "--image-root", str(tmp_path / "images"), "--seq-length", "48", "--micro-batch-size", "2",
+              "--global-batch-size", "8", "--train-iters", "3", "--log-interval", "1"]
+    s1 = tmp_path / "stage1"
+    out = _run(["--stage", "1", "--decoder-load", str(tmp_path / "decoder"), "--vision-model", "tiny-clip",
+                "--translator-layer", "2", "--text-data-path", str(tmp_path / "text.jsonl"), "--text-ratio", "0.25",
+                "--tensor-model-parallel-size", "2", "--lr", "1e-2", "--save", str(s1),
+                "--metrics-file", str(tmp_path / "m1.jsonl"), *common], nproc=2)
+    assert "trainable" in out.lower() and "exported the VLM" in out
+    m1 = _metrics(tmp_path / "m1.jsonl")
+    assert len(m1) == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in m1)
+
+    # stage 1 changed the translator (layer 2) and nothing else of the decoder
+    from megatron_zero.checkpointing.sources import resolve_decoder
+
+    from megatron_zero import platform
+    from megatron_zero.parallel.initialize import init_process_group
+
+    platform.install_cpu_compat()
+    init_process_group()  # the checkpoint reader is collective (a world of one here)
+    src = resolve_decoder(str(s1))
+    assert src.kind == "mcore"
+    from megatron_zero.checkpointing.mcore_checkpoint import iter_llama_canonical
+
+    after = dict(iter_llama_canonical(src.path, src.cfg))
+    for k, v in original.items():
+        changed = not torch.equal(after[k], v)
+        assert changed == k.startswith("decoder.layers.2."), k
+
+    # stage 2 from the export, single process, length-weighted loss, loss on the special tokens
+    out = _run(["--stage", "2", "--decoder-load", str(s1), "--encoder-load", str(s1),
+                "--encoder-trainable-layers", "1", "--loss-weighting", "length-weighted",
+                "--save", str(tmp_path / "stage2"), "--metrics-file", str(tmp_path / "m2.jsonl"), *common])
+    m2 = _metrics(tmp_path / "m2.jsonl")
+    assert len(m2) == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in m2)
+    after2 = dict(iter_llama_canonical(resolve_decoder(str(tmp_path / "stage2")).path, src.cfg))
+    for k in original:
+        assert torch.equal(after2[k], after[k]), f"stage 2 must not change the decoder: {k}"
+    from megatron_zero.models.grafting import load_image_encoder
+
+    _, enc1 = load_image_encoder(str(s1 / "export"))
+    _, enc2 = load_image_encoder(str(tmp_path / "stage2" / "export"))
+    changed = {k for k in enc1 if not torch.equal(enc1[k], enc2[k])}
+    assert "vision_model.transformer.layers.2.mlp.linear_fc1.weight" in changed or any(
+        k.startswith("vision_model.transformer.layers.2") for k in changed)
+    assert not any(k.startswith("vision_model.transformer.layers.0") for k in changed)
+    assert os.path.exists(tmp_path / "stage2" / "export" / "vlm_config.json")
