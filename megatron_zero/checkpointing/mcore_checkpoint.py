@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Iterator, Optional
+from typing import Iterable, Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -208,11 +208,13 @@ def _load_pieces(load_dir: str, requests: dict[str, tuple[str, Optional[int], An
     return {name: (t if requests[name][1] is None else t[0]) for name, t in loaded.items()}
 
 
-def iter_llama_canonical(load_dir: str, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_llama_canonical(load_dir: str, cfg: LlamaConfig,
+                         layers: Optional[Iterable[int]] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the canonical tensors of a Llama checkpoint one layer at a time, without building a model.
 
-    Collective: under ``torch.distributed`` every rank must iterate (each receives every tensor). Peak memory is
-    one layer plus the largest vocabulary tensor.
+    ``layers`` restricts the decoder layers read (default: all; the embedding, final norm and output layer are
+    always read). Collective: under ``torch.distributed`` every rank must iterate with the same ``layers`` (each
+    receives every tensor). Peak memory is one layer plus the largest vocabulary tensor.
     """
     from megatron.core import dist_checkpointing
 
@@ -233,7 +235,7 @@ def iter_llama_canonical(load_dir: str, cfg: LlamaConfig) -> Iterator[tuple[str,
 
     groups: list[list[str]] = [["embedding.word_embeddings.weight"]]
     groups += [[k for k in hf_llama.canonical_keys(cfg, range(i, i + 1)) if k.startswith(_STACKED_LAYERS)]
-               for i in range(cfg.num_layers)]
+               for i in (range(cfg.num_layers) if layers is None else sorted(set(layers)))]
     groups.append(["decoder.final_layernorm.weight"] + ([] if cfg.tie_word_embeddings else ["output_layer.weight"]))
     for group in groups:
         tensors = _load_pieces(load_dir, {k: locate(k) for k in group})

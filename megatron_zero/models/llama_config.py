@@ -13,6 +13,9 @@ import os
 from typing import Any, Optional
 
 
+SURROGATE_HF_KEY = "megatron_zero_surrogate"  # surrogate provenance inside an HF config.json
+
+
 @dataclasses.dataclass
 class LlamaConfig:
     num_layers: int
@@ -100,6 +103,8 @@ class LlamaConfig:
             "mlp_bias": False,
             "torch_dtype": "bfloat16",
         }
+        if self.surrogate is not None:
+            cfg[SURROGATE_HF_KEY] = self.surrogate
         if self.rope_scaling_factor is not None:
             cfg["rope_scaling"] = {
                 "rope_type": "llama3",
@@ -155,6 +160,7 @@ class LlamaConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             name=name,
+            surrogate=hf.get(SURROGATE_HF_KEY),
         )
 
 
