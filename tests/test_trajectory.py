@@ -104,3 +104,14 @@ def test_analyze_trajectory_tool(tmp_path, world_of_one):
     assert result["median"][-1] == pytest.approx(0.0, abs=1e-6)
     assert result["transition_layer"] == 1 and "detected_transition_layer" in result
     assert (out / "trajectory.png").stat().st_size > 1000
+
+
+def test_trajectory_tp2_pp2_matches_single_process(tmp_path):
+    """Vocab-parallel softmax statistics and per-stage layers (final norm/output layer broadcast) under TP=2/PP=2
+    give the single-process trajectory."""
+    from tests.conftest import run_worker
+
+    ref = str(tmp_path / "ref.pt")
+    run_worker("trajectory_parallel.py", "--reference", ref)
+    out = run_worker("trajectory_parallel.py", "--compare", ref, nproc=4)
+    assert "MATCH" in out and "MISMATCH" not in out, out[-3000:]

@@ -12,12 +12,14 @@ implementation, ``q_l`` and ``p`` are first normalised over positions (each sums
 last layer's KL is 0 by construction. ``metric="vocab-kl"`` gives the usual logit-lens view instead: the KL over
 the full vocabulary between layer ``l``'s and the final next-token distributions, averaged over positions.
 
-Vocabulary rows past the true vocabulary (TP padding) are excluded from every softmax. This module computes on one
-rank (TP=1, PP=1) with the whole model; a layer's logits are computed one layer at a time.
+Vocabulary rows past the true vocabulary (TP padding) are excluded from every softmax. :func:`trajectory_kl` computes
+on one rank with the whole model; :func:`parallel_trajectory_kl` runs under TP and PP (a 70B model is analysed on
+8+ GPUs): every stage evaluates its own layers with the final norm and output layer broadcast from the last stage,
+and softmax statistics are reduced over the tensor-parallel group, so full-vocabulary logits are never gathered.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -106,3 +108,98 @@ def greedy_continue(model, ids: Sequence[int], vocab_size: int, max_new_tokens: 
         if nxt in stop_token_ids:
             break
     return new
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tensor + pipeline parallel
+# ---------------------------------------------------------------------------------------------------------
+def _vocab_parallel_target_logprob(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, tp_group,
+                                   tp_rank: int) -> torch.Tensor:
+    """log softmax(logits)[target] for this rank's vocabulary shard ``logits`` ``[..., V/tp]`` (padding excluded),
+    with max / sum-exp / target-logit all-reduced over ``tp_group``."""
+    import torch.distributed as dist
+
+    shard = logits.shape[-1]
+    start = tp_rank * shard
+    valid = torch.arange(start, start + shard, device=logits.device) < vocab_size
+    logits = logits.float().masked_fill(~valid, float("-inf"))
+    m = logits.max(-1).values
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+    sumexp = (logits - m.unsqueeze(-1)).exp().sum(-1)
+    dist.all_reduce(sumexp, group=tp_group)
+    local = (targets >= start) & (targets < start + shard)
+    picked = logits.gather(-1, (targets - start).clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(local, picked, torch.zeros_like(picked))
+    dist.all_reduce(picked, group=tp_group)
+    return picked - m - sumexp.log()
+
+
+@torch.no_grad()
+def parallel_trajectory_kl(model, tokens: torch.Tensor, vocab_size: int) -> Optional[torch.Tensor]:
+    """Eq. 4 (position-KL) under TP/PP: ``[samples, layers]`` on global rank 0 (None elsewhere).
+
+    Every rank passes the same ``tokens``; ``model`` is this rank's megatron-core chunk (no virtual stages).
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_zero.parallel.sharding import layer_index_map
+
+    model.eval()
+    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    last = ps.get_pipeline_model_parallel_last_rank()
+    # the final norm and this TP rank's output-layer shard, on every stage
+    h = model.config.hidden_size
+    if model.post_process:
+        norm_w = model.decoder.final_layernorm.weight.detach().clone()
+        out_w = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                 else model.output_layer.weight).detach().clone()
+    else:
+        norm_w = torch.empty(h)
+        out_w = None
+    dist.broadcast(norm_w, src=last, group=pp_group)
+    rows = torch.tensor([out_w.shape[0] if out_w is not None else 0])
+    dist.broadcast(rows, src=last, group=pp_group)
+    if out_w is None:
+        out_w = torch.empty(int(rows), h)
+    dist.broadcast(out_w, src=last, group=pp_group)
+    eps = model.config.layernorm_epsilon
+
+    outs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.decoder.layers]
+    b, s = tokens.shape
+
+    def step(_it, m):
+        pos = torch.arange(s).unsqueeze(0).expand(b, -1)
+        return m(tokens, pos, None), lambda out: (out.sum() * 0, torch.tensor(1, dtype=torch.int), {})
+
+    try:
+        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
+                                    num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    if model.config.sequence_parallel:
+        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+        outs = [gather_from_sequence_parallel_region(o, tensor_parallel_output_grad=False) for o in outs]
+    targets = tokens[:, 1:]
+    q = []
+    for o in outs:
+        x = torch.nn.functional.rms_norm(o.float(), (h,), norm_w.float(), eps)
+        logits = (x @ out_w.float().t()).transpose(0, 1)[:, :-1]  # [b, s-1, V/tp]
+        q.append(_vocab_parallel_target_logprob(logits, targets, vocab_size, tp_group, tp_rank).exp())
+    p = q[-1] if model.post_process else torch.empty(b, s - 1)
+    dist.broadcast(p, src=last, group=pp_group)
+    mine = {layer_index_map(model)[i]: position_kl(qi, p) for i, qi in enumerate(q)}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() != 0:
+        return None
+    merged: dict[int, torch.Tensor] = {}
+    for part in gathered:
+        merged.update(part)
+    return torch.stack([merged[i] for i in sorted(merged)], dim=1)
