@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from megatron_zero.checkpointing.hf_writer import SaveDirError
+
 from megatron_zero.data.tokenizers import WordTokenizer
 from megatron_zero.inference.generate import SamplingOptions, answer_yes_no, generate
 from megatron_zero.models.clip_vit import get_vision_preset
@@ -94,7 +96,7 @@ def test_graft_refuses_a_foreign_target_unless_forced(setup, capsys):
     assert not out.exists()
     assert graft_main(args + ["--force"]) == 0
     assert json.loads((out / "vlm_config.json").read_text())["graft"]["forced"] is True
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SaveDirError, match="--overwrite"):
         graft(str(setup["encoder_dir"]), str(setup["target"]), str(out))
 
 

@@ -17,6 +17,7 @@ import sys
 
 
 def main(argv=None) -> int:
+    from megatron_zero.checkpointing.hf_writer import SaveDirError
     from megatron_zero.models.grafting import GraftingError, graft
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         record = graft(args.encoder, args.target, args.output, force=args.force, overwrite=args.overwrite)
-    except (GraftingError, FileExistsError, FileNotFoundError) as e:
+    except (GraftingError, SaveDirError, FileNotFoundError) as e:
         print(f"graft.py: error: {e}", file=sys.stderr)
         return 2
     for problem in record["problems"]:

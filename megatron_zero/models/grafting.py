@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from typing import Callable, Mapping, Optional
 
 import torch
@@ -92,24 +91,11 @@ def decoder_identity(cfg: LlamaConfig, embedding: torch.Tensor, tokenizer_sha: O
 # Atomic directory writes
 # ---------------------------------------------------------------------------------------------------------
 def _atomic_dir(path: str, fill: Callable[[str], None], overwrite: bool) -> None:
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp.", dir=parent)
-    try:
+    """Write a directory atomically (temp dir, then rename; see ``hf_writer.atomic_directory``)."""
+    from megatron_zero.checkpointing.hf_writer import atomic_directory
+
+    with atomic_directory(path, overwrite) as tmp:
         fill(tmp)
-        if os.path.exists(path):
-            old = path + ".old"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -195,32 +181,18 @@ class HFDecoder:
     """An HF Llama checkpoint directory read lazily: ``cfg``, ``get(hf_name)``, ``canonical_getter()``."""
 
     def __init__(self, path: str):
-        from megatron_zero.models.llama_config import load_model_config
+        from megatron_zero.checkpointing.hf_reader import CheckpointFormatError, HFCheckpoint
+        from megatron_zero.models.llama_config import LlamaConfig
 
         self.path = os.path.abspath(path)
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise GraftingError(f"{path}: not an HF Llama checkpoint directory (no config.json)")
-        self.files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not self.files:
-            raise GraftingError(f"{path}: no *.safetensors weights")
-        self.cfg = load_model_config(os.path.join(path, "config.json"))
-        if self.cfg.name == "hf":
-            self.cfg.name = os.path.basename(self.path)
-        self._where: dict[str, str] = {}
-        from safetensors import safe_open
-
-        for fname in self.files:
-            with safe_open(os.path.join(path, fname), framework="pt") as f:
-                for k in f.keys():
-                    self._where[k] = fname
+        try:
+            self.checkpoint = HFCheckpoint(path)
+        except CheckpointFormatError as e:
+            raise GraftingError(f"{path}: not a readable HF Llama checkpoint: {e}") from None
+        self.cfg = LlamaConfig.from_hf_config(self.checkpoint.config, name=os.path.basename(self.path))
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        if name not in self._where:
-            raise KeyError(f"{self.path}: no tensor {name!r}")
-        with safe_open(os.path.join(self.path, self._where[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        return self.checkpoint.get(name)
 
     def canonical_getter(self) -> Callable[[str], torch.Tensor]:
         from megatron_zero.checkpointing import hf_llama
