@@ -43,6 +43,25 @@ class LoopConfig:
     def num_microbatches(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
+    @classmethod
+    def from_args(cls, args, data_parallel_size: int, global_batch_size: int,
+                  flops_per_step: Optional[float] = None) -> "LoopConfig":
+        """From the flags of :func:`megatron_zero.arguments.add_training_args` (+ exit/metrics flags)."""
+        from megatron_zero import platform
+        from megatron_zero.training.flops import PEAK_TFLOPS
+
+        gpu = os.environ.get("MEGATRON_ZERO_GPU_TYPE", "H100")
+        return cls(
+            train_iters=args.train_iters, global_batch_size=global_batch_size,
+            micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+            data_parallel_size=data_parallel_size, log_interval=args.log_interval, save=args.save,
+            save_interval=args.save_interval, keep_last=args.keep_last_checkpoints,
+            tensorboard_dir=args.tensorboard_dir, flops_per_step=flops_per_step,
+            peak_tflops=PEAK_TFLOPS.get(gpu) if platform.HAVE_CUDA else None,
+            exit_after_iters=getattr(args, "exit_after_iters", None),
+            metrics_file=getattr(args, "metrics_file", None),
+        )
+
 
 def build_scheduler(optimizer, lr: float, min_lr: float, train_iters: int, warmup_fraction: float,
                     decay_style: str = "cosine", weight_decay: float = 0.0):
@@ -62,6 +81,23 @@ def build_scheduler(optimizer, lr: float, min_lr: float, train_iters: int, warmu
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
     )
+
+
+def setup_optimization(args, chunks: list):
+    """DDP-wrap ``chunks``, build the optimizer and LR schedule from the flags, and resume from ``--load`` if it
+    holds a checkpoint. Returns ``(chunks, optimizer, scheduler, start_iteration)``."""
+    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+
+    oopts = OptimizerOptions.from_args(args)
+    chunks = wrap_ddp(chunks, oopts)
+    optimizer = build_optimizer(chunks, oopts)
+    scheduler = build_scheduler(optimizer, args.lr, args.min_lr, args.train_iters, args.lr_warmup_fraction,
+                                args.lr_decay_style, args.weight_decay)
+    start = 0
+    if args.load and ckpt.latest_iteration(args.load) is not None:
+        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler)
+        print_rank0(f"resumed from {args.load} at iteration {start}")
+    return chunks, optimizer, scheduler, start
 
 
 class _ExitSignal:
@@ -196,7 +232,9 @@ def train(
     stop_at = cfg.train_iters if cfg.exit_after_iters is None else min(cfg.train_iters, cfg.exit_after_iters)
     try:
         while iteration < stop_at:
-            result = train_step(forward_step_func, make_data_iterator(iteration), model_chunks, optimizer,
+            # the interleaved (virtual pipeline) schedule takes one iterator per model chunk
+            data = [make_data_iterator(iteration) for _ in model_chunks]
+            result = train_step(forward_step_func, data if len(data) > 1 else data[0], model_chunks, optimizer,
                                 cfg.num_microbatches, cfg.seq_length, cfg.micro_batch_size)
             if result.update_successful:
                 scheduler.step(increment=1)

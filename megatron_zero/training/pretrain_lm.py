@@ -78,10 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     from megatron_zero.models.llama_config import load_model_config, padded_vocab_size
     from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
     from megatron_zero import platform
-    from megatron_zero.training import checkpoint as ckpt
-    from megatron_zero.training.flops import PEAK_TFLOPS, decoder_flops_per_step
-    from megatron_zero.training.loop import LoopConfig, build_scheduler, train
-    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+    from megatron_zero.training.flops import decoder_flops_per_step
+    from megatron_zero.training.loop import LoopConfig, setup_optimization, train
     from megatron_zero.training.train_step import lm_forward_step
 
     cfg = load_model_config(args.model)
@@ -99,30 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     if gbs % (args.micro_batch_size * dp):
         parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
 
-    chunks = build_llama_chunks(cfg, opts)
-    oopts = OptimizerOptions.from_args(args)
-    chunks = wrap_ddp(chunks, oopts)
-    optimizer = build_optimizer(chunks, oopts)
-    scheduler = build_scheduler(optimizer, args.lr, args.min_lr, args.train_iters, args.lr_warmup_fraction,
-                                args.lr_decay_style, args.weight_decay)
-    start = 0
-    if args.load and ckpt.latest_iteration(args.load) is not None:
-        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler)
-        print_rank0(f"resumed from {args.load} at iteration {start}")
-
+    chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts))
     data = TokenWindows(load_tokens(args), args.seq_length, seed=args.seed)
     dp_rank = ps.get_data_parallel_rank()
-    gpu = os.environ.get("MEGATRON_ZERO_GPU_TYPE", "H100")
-    loop_cfg = LoopConfig(
-        train_iters=args.train_iters, global_batch_size=gbs, micro_batch_size=args.micro_batch_size,
-        seq_length=args.seq_length, data_parallel_size=dp, log_interval=args.log_interval, save=args.save,
-        save_interval=args.save_interval, keep_last=args.keep_last_checkpoints,
-        tensorboard_dir=args.tensorboard_dir,
-        flops_per_step=decoder_flops_per_step(cfg, gbs, args.seq_length,
-                                              padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)),
-        peak_tflops=PEAK_TFLOPS.get(gpu) if platform.HAVE_CUDA else None,
-        exit_after_iters=args.exit_after_iters, metrics_file=args.metrics_file,
-    )
+    padded = padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)
+    loop_cfg = LoopConfig.from_args(args, dp, gbs, decoder_flops_per_step(cfg, gbs, args.seq_length, padded))
     if args.save and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_pipeline_model_parallel_rank() == 0:
         os.makedirs(args.save, exist_ok=True)

@@ -154,10 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
     from megatron_zero.models.vlm import VLMConfig, build_vlm_chunks
     from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
-    from megatron_zero.training import checkpoint as ckpt
-    from megatron_zero.training.flops import PEAK_TFLOPS, decoder_flops_per_step
-    from megatron_zero.training.loop import LoopConfig, build_scheduler, train
-    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+    from megatron_zero.training.flops import decoder_flops_per_step
+    from megatron_zero.training.loop import LoopConfig, setup_optimization, train
     from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
 
     try:
@@ -204,16 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     report = trainable_report(chunks, f"stage{args.stage}")
     print_rank0(report)
 
-    oopts = OptimizerOptions.from_args(args)
-    chunks = wrap_ddp(chunks, oopts)
-    optimizer = build_optimizer(chunks, oopts)
-    scheduler = build_scheduler(optimizer, args.lr, args.min_lr, args.train_iters, args.lr_warmup_fraction,
-                                args.lr_decay_style, args.weight_decay)
-    start = 0
-    if args.load and ckpt.latest_iteration(args.load) is not None:
-        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler)
-        print_rank0(f"resumed from {args.load} at iteration {start}")
-
+    chunks, optimizer, scheduler, start = setup_optimization(args, chunks)
     dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
     image_size = enc.vision.image_size
     batches = VLMBatches(
@@ -224,16 +213,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         load_image=lambda path: load_image(path, image_size), loss_weighting=args.loss_weighting,
         loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
         strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1)
-    gpu = os.environ.get("MEGATRON_ZERO_GPU_TYPE", "H100")
-    loop_cfg = LoopConfig(
-        train_iters=args.train_iters, global_batch_size=args.global_batch_size,
-        micro_batch_size=args.micro_batch_size, seq_length=args.seq_length, data_parallel_size=dp,
-        log_interval=args.log_interval, save=args.save, save_interval=args.save_interval,
-        keep_last=args.keep_last_checkpoints, tensorboard_dir=args.tensorboard_dir,
-        flops_per_step=decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length),
-        peak_tflops=PEAK_TFLOPS.get(gpu) if platform.HAVE_CUDA else None,
-        exit_after_iters=args.exit_after_iters, metrics_file=args.metrics_file,
-    )
+    loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
+                                    decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
     if batches.skipped_images:
         print_rank0(f"warning: {batches.skipped_images} images could not be loaded and were replaced by blanks")

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from megatron_zero.models.llama import RuntimeOptions, build_llama_model
+from megatron_zero.models.llama import RuntimeOptions, build_llama_chunks
 from megatron_zero.models.llama_config import LlamaConfig
 from megatron_zero.parallel import initialize, sharding
 from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
@@ -24,12 +24,13 @@ CONFIGS = {
                           rope_theta=500000.0, rope_scaling_factor=8.0, name="equiv-untied"),
 }
 CONFIGS["tied"] = dataclasses.replace(CONFIGS["untied"], tie_word_embeddings=True, name="equiv-tied")
-# (config, TP, PP, explicit stage layers, sequence parallel); DP = 4 / (TP * PP)
+# (config, TP, PP, explicit stage layers, sequence parallel, virtual stages); DP = 4 / (TP * PP)
 LAYOUTS = [
-    ("untied", 2, 2, None, False),
-    ("untied", 1, 2, [1, 4], False),
-    ("untied", 2, 1, None, True),
-    ("tied", 2, 2, None, True),
+    ("untied", 2, 2, None, False, None),
+    ("untied", 1, 2, [1, 4], False, None),
+    ("untied", 2, 1, None, True, None),
+    ("tied", 2, 2, None, True, None),
+    ("untied", 1, 2, None, False, 2),  # interleaved 1F1B: 4 model chunks of [2, 1, 1, 1] layers
 ]
 
 
@@ -66,18 +67,20 @@ def lm_step(data_iterator, model):
     return lm_forward_step(data_iterator, model)
 
 
-def run_layout(cfg, tp, pp, stage_layers, canonical=None, sequence_parallel=False):
+def run_layout(cfg, tp, pp, stage_layers, canonical=None, sequence_parallel=False, vpp=None):
     """Returns (logits [B,S,V] on last stage else None, StepResult, canonical weights after the step)."""
     from megatron.core import parallel_state as ps
 
-    dp = initialize.initialize_parallel(tp, pp, seed=1)
+    dp = initialize.initialize_parallel(tp, pp, vpp, seed=1)
     opts = RuntimeOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                          pipeline_stage_layers=stage_layers, sequence_parallel=sequence_parallel)
-    model = build_llama_model(cfg, opts)
+                          pipeline_stage_layers=stage_layers, sequence_parallel=sequence_parallel,
+                          virtual_pipeline_model_parallel_size=vpp)
+    models = build_llama_chunks(cfg, opts)
     if canonical is not None:
-        sharding.load_canonical(model, canonical, ps.get_tensor_model_parallel_rank(), tp)
-    initial = sharding.gather_canonical([model], vocab_size=cfg.vocab_size)
-    chunks = wrap_ddp([model], OptimizerOptions(lr=1e-2))
+        for model in models:
+            sharding.load_canonical(model, canonical, ps.get_tensor_model_parallel_rank(), tp)
+    initial = sharding.gather_canonical(models, vocab_size=cfg.vocab_size)
+    chunks = wrap_ddp(models, OptimizerOptions(lr=1e-2))
     opt = build_optimizer(chunks, OptimizerOptions(lr=1e-2))
 
     batch = make_batch()
@@ -87,13 +90,17 @@ def run_layout(cfg, tp, pp, stage_layers, canonical=None, sequence_parallel=Fals
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    def data():  # the interleaved schedule takes one iterator per model chunk
+        its = [micro_batches(batch, rows) for _ in chunks]
+        return its if len(its) > 1 else its[0]
+
     logits = get_forward_backward_func()(
-        forward_step_func=logits_forward_step, data_iterator=micro_batches(batch, rows), model=chunks,
+        forward_step_func=logits_forward_step, data_iterator=data(), model=chunks,
         num_microbatches=nmb, seq_length=SEQ, micro_batch_size=MICRO_BATCH, forward_only=True,
     )
     local_logits = torch.cat([d["logits"] for d in logits]) if logits else None
-    result = train_step(lm_step, micro_batches(batch, rows), chunks, opt, nmb, SEQ, MICRO_BATCH)
-    result_after = train_step(lm_step, micro_batches(batch, rows), chunks, opt, nmb, SEQ, MICRO_BATCH,
+    result = train_step(lm_step, data(), chunks, opt, nmb, SEQ, MICRO_BATCH)
+    result_after = train_step(lm_step, data(), chunks, opt, nmb, SEQ, MICRO_BATCH,
                               forward_only=True)
     after = sharding.gather_canonical([c.module for c in chunks], vocab_size=cfg.vocab_size)
     return initial, rows, local_logits, result, result_after.loss, after
@@ -114,11 +121,11 @@ def compare(ref_path):
 
     ref = torch.load(ref_path, weights_only=False)
     failures = []
-    for name, tp, pp, stage_layers, sp in LAYOUTS:
+    for name, tp, pp, stage_layers, sp, vpp in LAYOUTS:
         r = ref[name]
-        tag = f"{name} TP={tp} PP={pp} DP={4 // (tp * pp)} SP={sp} stages={stage_layers}"
+        tag = f"{name} TP={tp} PP={pp} VPP={vpp} DP={4 // (tp * pp)} SP={sp} stages={stage_layers}"
         _, rows, logits, result, loss_after, after = run_layout(
-            CONFIGS[name], tp, pp, stage_layers, r["initial"], sequence_parallel=sp)
+            CONFIGS[name], tp, pp, stage_layers, r["initial"], sequence_parallel=sp, vpp=vpp)
         if ps.is_pipeline_last_stage():
             err = (logits[..., : CONFIGS[name].vocab_size] - r["logits"][rows]).abs().max().item()
             if err > 1e-5:
