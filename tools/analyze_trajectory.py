@@ -10,10 +10,13 @@ template is applied. ``--mode generated`` (A.7) greedily generates the response 
 analyses prompt + generated response. Writes ``trajectory.json`` (per-layer KL per sample, median, transition
 layer, provenance, metric definition) and ``trajectory.png`` (curves per sample, the median, the transition).
 
+Large models: launch with torchrun and ``--tensor-model-parallel-size``/``--pipeline-model-parallel-size``; each rank
+loads only its shard, every stage evaluates its own layers and the softmax statistics are reduced over the TP group
+(position-KL, teacher-forced).
+
 The transition layer is :func:`megatron_zero.analysis.trajectory.detect_transition` on the median curve (the
 first layer from which the median stays at or below 10% of its maximum; ``--transition-fraction``), unless
-``--transition-layer`` overrides it. This tool runs on one device (TP=1, PP=1): a model that does not fit one
-device must be analysed layer-range by layer-range (not provided yet).
+``--transition-layer`` overrides it.
 """
 from __future__ import annotations
 
@@ -79,35 +82,50 @@ def conversation(rec: dict) -> tuple[Optional[str], list]:
     raise SystemExit(f"{PROG}: error: record without 'text', prompt/response, question/answer or messages: {rec}")
 
 
-def load_model(load_dir: str):
+def load_model(load_dir: str, tp: int = 1, pp: int = 1):
     from megatron_zero.checkpointing.sources import resolve_decoder
-    from megatron_zero.models.llama import build_llama_model
+    from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, build_llama_model, validate
 
     src = resolve_decoder(load_dir, flag="--load-dir")
-    model = build_llama_model(src.cfg)
+    opts = RuntimeOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    try:
+        validate(src.cfg, opts)
+    except ModelConfigError as e:
+        raise SystemExit(f"{PROG}: error: {e}") from None
+    model = build_llama_model(src.cfg, opts)
     src.load_into([model])
     return src.cfg, model.eval()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
-        raise SystemExit(f"{PROG}: error: this version analyses on one device (TP=1, PP=1)")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    parallel = tp * pp > 1
+    if parallel and (args.metric != "position-kl" or args.mode != "teacher-forced"):
+        raise SystemExit(f"{PROG}: error: with TP/PP > 1 the analysis is --metric position-kl, --mode teacher-forced")
     import torch
+    import torch.distributed as dist
     from tqdm import tqdm
 
-    from megatron_zero.analysis.trajectory import detect_transition, greedy_continue, trajectory_kl
+    from megatron_zero.analysis.trajectory import (detect_transition, greedy_continue, parallel_trajectory_kl,
+                                                   trajectory_kl)
     from megatron_zero.data.chat_template import Message, chat_template_for
     from megatron_zero.data.tokenizers import load_tokenizer
     from megatron_zero.parallel.initialize import initialize_parallel
 
-    initialize_parallel(1, 1)
-    cfg, model = load_model(args.load_dir)
+    from megatron_zero.parallel.initialize import ParallelConfigError
+
+    try:
+        initialize_parallel(tp, pp)
+    except ParallelConfigError as e:
+        raise SystemExit(f"{PROG}: error: {e}") from None
+    rank0 = dist.get_rank() == 0
+    cfg, model = load_model(args.load_dir, tp, pp)
     tok = load_tokenizer(args.tokenizer or args.load_dir)
     template = None
     records = read_records(args.data, args.num_samples)
     per_sample = []
-    for rec in tqdm(records, desc="samples", unit="sample", file=sys.stdout):
+    for rec in tqdm(records, desc="samples", unit="sample", file=sys.stdout, disable=not rank0):
         text, msgs = conversation(rec)
         if text is not None:
             ids = tok.encode(text)
@@ -123,7 +141,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ids = ids[: args.max_length]
         if len(ids) < 2:
             continue
-        per_sample.append(trajectory_kl(model, torch.tensor([ids]), cfg.vocab_size, args.metric)[0])
+        if parallel:
+            kl = parallel_trajectory_kl(model, torch.tensor([ids]), cfg.vocab_size)
+            if rank0:
+                per_sample.append(kl[0])
+        else:
+            per_sample.append(trajectory_kl(model, torch.tensor([ids]), cfg.vocab_size, args.metric)[0])
+    if not rank0:
+        return 0
     if not per_sample:
         raise SystemExit(f"{PROG}: error: no sample of --data has 2 or more tokens")
     kl = torch.stack(per_sample)
