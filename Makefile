@@ -10,6 +10,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,dali-cpu]'
+	@# lmms-eval requires torchvision, whose PyPI wheel is a CUDA build that cannot load beside the CPU torch;
+	@# lmms-eval works without it: install with torch pinned, then remove torchvision.
+	echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt lmms-eval==0.7.3
+	$(PY) -m pip uninstall -y -q torchvision
 	touch $(STAMP)
 
 install: $(STAMP)

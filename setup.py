@@ -36,7 +36,11 @@ DEV = [
     "transformers>=4.45",
     "llama-models==0.3.0",
     "scikit-image>=0.22",
+    "lm-eval==0.4.13",
 ]
+# lmms-eval for the VLM suite. On CPU-only machines install it with torch pinned and then remove torchvision (PyPI's
+# wheel is a CUDA build that cannot load beside CPU torch; lmms-eval works without it): `make install` does this.
+EVAL = ["lm-eval==0.4.13", "lmms-eval==0.7.3"]
 # DALI's CPU operators run without a GPU; the CUDA 13 wheel is the one verified on our CPU machines. (GPU images
 # use the DALI that NVIDIA's container ships.)
 DALI_CPU = ["nvidia-dali-cuda130==2.4.0"]
@@ -74,7 +78,11 @@ setup(
     packages=find_packages(include=["megatron_zero", "megatron_zero.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"gpu": GPU, "dev": DEV, "dali-cpu": DALI_CPU},
+    extras_require={"gpu": GPU, "dev": DEV, "dali-cpu": DALI_CPU, "eval": EVAL},
+    entry_points={
+        # a tiny module on purpose: lmms-eval loads entry points while building its own registry
+        "lmms_eval.models": ["megatron_zero_vlm = megatron_zero.evaluation.lmms_registration:model_manifest"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""Run the paper's benchmark suites on megatron_zero checkpoints and tabulate them.
+
+    python tools/evaluate.py --suite text --load ckpt/llama-3b --compare-load ckpt/llama-3b-srgt
+    torchrun --nproc-per-node 8 tools/evaluate.py --suite text --load ckpt/llama-70b --tp 8 --dtype bf16
+    python tools/evaluate.py --suite vlm --load ckpt/enc_on_srgt --compare-load ckpt/enc_grafted_3b
+
+``--suite text``: lm-evaluation-harness with Table A.5's few-shot counts and metrics (MMLU 5-shot acc, HellaSwag
+10-shot acc_norm, ...; see :mod:`megatron_zero.evaluation.suites`), on any decoder checkpoint (HF Llama dir,
+megatron_zero torch_dist checkpoint, VLM checkpoint used text-only). ``--suite vlm``: lmms-eval on a VLM
+checkpoint, with the paper's binary yes/no prompting for its "binary" MME/POPE columns.
+
+``--tasks`` restricts the suite (column or task names) or adds tasks of your own as ``TASK[:SHOTS[:METRIC]]``,
+e.g. a task YAML reading local JSONL files in a directory given with ``--include-path``. Every task's data is
+loaded before any model, and a task whose data cannot be had offline stops the run with a message saying so.
+
+Prints the results table (rows: checkpoints, columns: benchmarks + average; with ``--compare-load`` a third row
+gives the difference, the paper's side-by-side comparison) and writes ``results.json`` (scores, settings and
+the harness's full metrics) and ``results.md`` to ``--output-dir``. Under torchrun every rank runs the models;
+rank 0 prints and writes. Exit status 2 on bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", required=True, choices=["text", "vlm"])
+    p.add_argument("--load", required=True, help="checkpoint directory to evaluate")
+    p.add_argument("--compare-load", default=None, help="a second checkpoint, tabulated side by side")
+    p.add_argument("--label", default=None, help="row label of --load (default: its directory name)")
+    p.add_argument("--compare-label", default=None, help="row label of --compare-load")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="suite columns/tasks to run, or custom TASK[:SHOTS[:METRIC]] (default: the whole suite)")
+    p.add_argument("--include-path", action="append", default=[], help="directory of extra task YAMLs (repeatable)")
+    p.add_argument("--binary-tasks", nargs="+", default=[],
+                   help="VLM: also answer these tasks with the paper's binary yes/no prompting")
+    p.add_argument("--limit", type=float, default=None, help="at most this many examples per task (testing only)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
+    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1,
+                   help="pipeline stages (text suite only)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--tokenizer", default=None, help="tokenizer file/directory (default: the checkpoint's)")
+    p.add_argument("--chat-family", default=None, help="VLM chat template family (default: from the tokenizer)")
+    p.add_argument("--output-dir", default="eval_results", help="where results.json and results.md go")
+    p.add_argument("--seed", type=int, default=1234)
+    return p
+
+
+def _label(path: str, given: Optional[str]) -> str:
+    return given or os.path.basename(os.path.normpath(path))
+
+
+def _evaluate_text(args, benchmarks, path: str, tasks) -> Optional[dict]:
+    from megatron_zero.evaluation.lm_eval_adapter import MegatronZeroLM
+    from megatron_zero.evaluation.runner import run_text
+
+    lm = MegatronZeroLM(load=path, tp=args.tp, pp=args.pp, dtype=args.dtype, tokenizer=args.tokenizer,
+                        batch_size=args.batch_size, seed=args.seed)
+    results = run_text(lm, tasks, args.limit)
+    del lm
+    gc.collect()
+    return None if results is None else {"results": results["results"]}
+
+
+def _evaluate_vlm(args, benchmarks, path: str, manager) -> Optional[dict]:
+    from megatron_zero.evaluation.runner import run_vlm
+    from megatron_zero.evaluation.vlm_adapter import MegatronZeroVLM
+
+    if args.pp != 1:
+        raise ValueError("--pp: the VLM suite runs the decoder on one pipeline stage (generation needs it)")
+    lm = MegatronZeroVLM(load=path, tp=args.tp, dtype=args.dtype, tokenizer=args.tokenizer,
+                         chat_family=args.chat_family, batch_size=args.batch_size, seed=args.seed)
+    per_benchmark = run_vlm(lm, benchmarks, manager, args.limit)
+    del lm
+    gc.collect()
+    if any(r is None for r in per_benchmark.values()):
+        return None
+    return {name: {"results": r["results"]} for name, r in per_benchmark.items()}
+
+
+def _scores(suite: str, benchmarks, harness: dict) -> dict:
+    from megatron_zero.evaluation.suites import score
+
+    if suite == "text":
+        return {b.name: score(harness, b) for b in benchmarks}
+    return {b.name: score(harness[b.name], b) for b in benchmarks}
+
+
+def write_outputs(out_dir: str, suite: str, benchmarks, rows: dict, harness: dict, paths: dict) -> str:
+    """``results.json`` + ``results.md``; returns the Markdown."""
+    from megatron_zero.evaluation.suites import markdown_table, settings_table
+
+    os.makedirs(out_dir, exist_ok=True)
+    table = markdown_table(benchmarks, rows)
+    markdown = f"# {suite} suite\n\n{table}\n\n## Settings\n\n{settings_table(benchmarks)}\n"
+    record = {"suite": suite, "benchmarks": [dataclasses.asdict(b) for b in benchmarks],
+              "checkpoints": {label: {"load": paths[label], "scores": rows[label], "harness": harness[label]}
+                              for label in rows}}
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(record, f, indent=2, default=str)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown)
+    return table
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_zero.evaluation.runner import DataUnavailableError
+    from megatron_zero.evaluation.suites import SuiteError, select
+    from megatron_zero.evaluation.text_model import EvaluationError
+    from megatron_zero.parallel.initialize import is_rank0
+
+    harness = "lm_eval" if args.suite == "text" else "lmms_eval"
+    try:
+        __import__(harness)
+    except ImportError:
+        print(f"evaluate.py: error: the {args.suite} suite needs {harness}: pip install 'megatron_zero[eval]'",
+              file=sys.stderr)
+        return 2
+    checkpoints = {_label(args.load, args.label): args.load}
+    if args.compare_load:
+        compare = _label(args.compare_load, args.compare_label)
+        if compare in checkpoints:
+            compare += " (compare)"
+        checkpoints[compare] = args.compare_load
+    try:
+        for path in checkpoints.values():
+            if not os.path.isdir(path):
+                raise EvaluationError(f"--load {path}: no such checkpoint directory")
+        benchmarks = [dataclasses.replace(b, binary=True) if b.task in args.binary_tasks else b
+                      for b in select(args.suite, args.tasks)]
+        if args.suite == "text":
+            from megatron_zero.evaluation.runner import load_text_tasks
+
+            tasks = load_text_tasks(benchmarks, args.include_path)
+            raw = {label: _evaluate_text(args, benchmarks, path, tasks) for label, path in checkpoints.items()}
+        else:
+            from megatron_zero.evaluation.runner import load_vlm_task_manager
+
+            manager = load_vlm_task_manager(benchmarks, args.include_path)
+            raw = {label: _evaluate_vlm(args, benchmarks, path, manager) for label, path in checkpoints.items()}
+    except (EvaluationError, SuiteError, DataUnavailableError, ValueError, FileNotFoundError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    if not is_rank0() or any(r is None for r in raw.values()):
+        return 0
+    rows = {label: _scores(args.suite, benchmarks, r) for label, r in raw.items()}
+    table = write_outputs(args.output_dir, args.suite, benchmarks, rows, raw, checkpoints)
+    print(table)
+    print(f"\nwrote {os.path.join(args.output_dir, 'results.json')} and results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
