@@ -4,9 +4,7 @@
 ``--compare REF``: under torchrun with 4 processes, runs several TP/PP/DP layouts in turn on the same
 weights and global batch, and checks logits, loss, grad norm and the updated weights against REF.
 """
-import argparse
 import dataclasses
-import sys
 
 import torch
 
@@ -15,6 +13,7 @@ from megatron_zero.models.llama_config import LlamaConfig
 from megatron_zero.parallel import initialize, sharding
 from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
 from megatron_zero.training.train_step import train_step
+from tests.workers.common import main, report_failures
 
 GLOBAL_BATCH, MICRO_BATCH, SEQ = 8, 2, 16
 # Five layers: pipeline splits are uneven, as for surrogates.
@@ -145,22 +144,8 @@ def compare(ref_path):
                 failures.append(f"{tag}: {k} differs after step by {(after[k] - v).abs().max().item():.3g}")
         if dist.get_rank() == 0:
             print(f"checked {tag}: grad-norm {result.grad_norm:.6f} (reference {r['grad_norm']:.6f})", flush=True)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, failures)
-    all_failures = [f for fs in gathered for f in fs]
-    if dist.get_rank() == 0:
-        print("\n".join(all_failures) if all_failures else "ALL LAYOUTS MATCH", flush=True)
-    initialize.destroy_parallel()
-    return 1 if all_failures else 0
+    return report_failures(failures, "ALL LAYOUTS MATCH")
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--reference")
-    p.add_argument("--compare")
-    a = p.parse_args()
-    if a.reference:
-        reference(a.reference)
-        initialize.destroy_parallel()
-        sys.exit(0)
-    sys.exit(compare(a.compare))
+    main(reference, compare)

@@ -1,7 +1,5 @@
 """Worker for tests/test_trajectory.py: the TP=2/PP=2 trajectory equals the single-process one."""
-import argparse
 import dataclasses
-import sys
 
 import torch
 
@@ -9,6 +7,7 @@ from megatron_zero.analysis.trajectory import parallel_trajectory_kl, trajectory
 from megatron_zero.models.llama import RuntimeOptions, build_llama_model
 from megatron_zero.models.llama_config import get_preset
 from megatron_zero.parallel import initialize, sharding
+from tests.workers.common import main
 
 CFG = dataclasses.replace(get_preset("tiny"), vocab_size=250)  # padded differently at TP=1 and TP=2
 
@@ -43,12 +42,4 @@ def compare(ref_path):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--reference")
-    p.add_argument("--compare")
-    a = p.parse_args()
-    if a.reference:
-        reference(a.reference)
-        initialize.destroy_parallel()
-        sys.exit(0)
-    sys.exit(compare(a.compare))
+    main(reference, compare)

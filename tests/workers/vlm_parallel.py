@@ -6,9 +6,7 @@ partly frozen encoder (loss, grad norm, updated weights) -> OUT.
 ``--compare REF``: under torchrun with 4 processes, runs TP=2/PP=2 and TP=2/DP=2 with sequence parallelism on the
 same weights and batch and checks everything against REF.
 """
-import argparse
 import dataclasses
-import sys
 from functools import partial
 
 import torch
@@ -22,6 +20,7 @@ from megatron_zero.models.vlm import VLMConfig, build_vlm, encoder_canonical_sta
 from megatron_zero.parallel import initialize, sharding
 from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
 from megatron_zero.training.train_step import lm_loss_func, train_step
+from tests.workers.common import main, report_failures
 
 CFG = VLMConfig(dataclasses.replace(get_preset("tiny"), vocab_size=250), get_vision_preset("tiny-clip"), image_token_id=5)
 SEQ, MICRO_BATCH = 64, 2
@@ -128,22 +127,8 @@ def compare(ref_path):
                 failures.append(f"{tag}: frozen encoder pre_layernorm changed")
         if dist.get_rank() == 0:
             print(f"checked {tag}: grad-norm {result.grad_norm:.6f} (reference {ref['grad_norm']:.6f})", flush=True)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, failures)
-    all_failures = [f for fs in gathered for f in fs]
-    if dist.get_rank() == 0:
-        print("\n".join(all_failures) if all_failures else "ALL VLM LAYOUTS MATCH", flush=True)
-    initialize.destroy_parallel()
-    return 1 if all_failures else 0
+    return report_failures(failures, "ALL VLM LAYOUTS MATCH")
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--reference")
-    p.add_argument("--compare")
-    a = p.parse_args()
-    if a.reference:
-        reference(a.reference)
-        initialize.destroy_parallel()
-        sys.exit(0)
-    sys.exit(compare(a.compare))
+    main(reference, compare)
