@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--lm-steps", type=int, default=300, help="target LLM pretraining steps")
     p.add_argument("--translator-steps", type=int, default=60, help="stage 1 steps per small decoder")
-    p.add_argument("--encoder-steps", type=int, default=800, help="stage 2 steps per encoder")
+    p.add_argument("--encoder-steps", type=int, default=2000, help="stage 2 steps per encoder")
     p.add_argument("--eval-images", type=int, default=300)
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; numbers meaningless)")
     return p.parse_args(argv)
