@@ -54,12 +54,15 @@ def test_overlapped_grad_reduce_and_param_gather_match(tmp_path):
     base = ["--model", "tiny", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2",
             "--global-batch-size", "8", "--train-iters", "3", "--use-distributed-optimizer"]
     runs = {}
-    for name, extra in (("plain", []), ("overlap", ["--overlap-grad-reduce", "--overlap-param-gather"])):
+    tb = tmp_path / "tb"
+    for name, extra in (("plain", ["--tensorboard-dir", str(tb)]),
+                        ("overlap", ["--overlap-grad-reduce", "--overlap-param-gather"])):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                "-m", "megatron_zero.training.pretrain_lm", *base, *extra, "--metrics-file", str(tmp_path / name)]
         p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
         runs[name] = read_metrics(tmp_path / name)
     assert len(runs["plain"]) == 3
+    assert any(f.name.startswith("events.out.tfevents") for f in tb.iterdir())  # TensorBoard scalars written
     for a, b in zip(runs["plain"], runs["overlap"]):
         assert a["loss"] == b["loss"] and abs(a["grad_norm"] - b["grad_norm"]) < 1e-9
