@@ -42,14 +42,17 @@ from megatron_zero.checkpointing.hf_writer import (  # noqa: E402
     SaveDirError, ShardedSafetensorsWriter, atomic_directory, check_save_dir, copy_tokenizer_files, parse_size,
     write_config,
 )
+from megatron_zero.checkpointing.hf_llava import LlavaExportError  # noqa: E402
 from megatron_zero.checkpointing.mcore_checkpoint import CheckpointError  # noqa: E402
+from megatron_zero.models.grafting import GraftingError  # noqa: E402
 from megatron_zero.models.llama import ModelConfigError, RuntimeOptions  # noqa: E402
 from megatron_zero.models.llama_config import LlamaConfig  # noqa: E402
 from megatron_zero.parallel.initialize import ParallelConfigError  # noqa: E402
 
 PROG = "convert_checkpoint.py"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-USER_ERRORS = (CheckpointFormatError, CheckpointError, SaveDirError, ModelConfigError, ParallelConfigError)
+USER_ERRORS = (CheckpointFormatError, CheckpointError, SaveDirError, ModelConfigError, ParallelConfigError,
+               LlavaExportError, GraftingError)
 # validate()/split_layers() speak in training flags; this tool's flags say "target".
 _FLAG_NAMES = {
     "--tensor-model-parallel-size": "--target-tensor-parallel-size",
@@ -69,9 +72,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-dir", required=True, help="source checkpoint directory")
     p.add_argument("--save-dir", required=True, help="target checkpoint directory (written atomically)")
-    p.add_argument("--source-format", choices=("hf", "mcore"), required=True)
+    p.add_argument("--source-format", choices=("hf", "mcore", "vlm"), required=True,
+                   help="vlm: a VLM checkpoint (tools/graft.py output), exported with --model-type vlm")
     p.add_argument("--target-format", choices=("hf", "mcore"), required=True)
-    p.add_argument("--model-type", choices=("llama", "clip"), default="llama")
+    p.add_argument("--model-type", choices=("llama", "clip", "vlm"), default="llama",
+                   help="vlm: VLM checkpoint -> HF LlavaForConditionalGeneration (LLaVA feature convention only)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--target-pipeline-stage-layers", type=int, nargs="+", default=None,
@@ -83,6 +88,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.source_format == args.target_format == "hf":
         p.error("--source-format hf --target-format hf: nothing to convert")
+    if (args.model_type == "vlm") != (args.source_format == "vlm") or (args.model_type == "vlm"
+                                                                      and args.target_format != "hf"):
+        p.error("a VLM checkpoint converts only as --model-type vlm --source-format vlm --target-format hf")
     return args
 
 
@@ -417,7 +425,11 @@ def convert(args: argparse.Namespace) -> None:
     if args.target_format == "hf" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ParallelConfigError("--target-format hf runs in one process (it streams from the checkpoint); "
                                   "launch it without torchrun")
-    if args.model_type == "clip":
+    if args.model_type == "vlm":
+        from megatron_zero.checkpointing.hf_llava import export_hf_llava
+
+        export_hf_llava(args.load_dir, args.save_dir, args.overwrite, args.max_shard_size)
+    elif args.model_type == "clip":
         if pp != 1 or layers is not None:
             raise ModelConfigError("--model-type clip: the vision encoder is not pipelined; "
                                    "--target-pipeline-parallel-size must be 1")

@@ -1,0 +1,87 @@
+"""Export a VLM checkpoint as a HuggingFace ``LlavaForConditionalGeneration`` (transformers loads it unchanged).
+
+Only the LLaVA feature convention maps onto transformers' LLaVA: penultimate CLIP layer, class token dropped, no
+post-layernorm, a Linear-GELU-Linear projector (our adapter), one image token per image feature in ``input_ids``.
+The export keeps just the CLIP layers that compute the features (``num_hidden_layers`` = built layers,
+``vision_feature_layer=-1``: the same features), and HF's unused ``post_layernorm`` is written as the identity.
+
+The paper's default convention cannot be represented and is refused with the reasons: its features are the last
+layer's *after* ``post_layernorm`` with the class token, and every image is wrapped in two learned start/end-of-image
+embeddings (579 positions per image) that have no place in ``LlavaForConditionalGeneration``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron_zero.models.vlm import VLMConfig
+
+
+class LlavaExportError(ValueError):
+    """The VLM cannot be written as a transformers LLaVA model."""
+
+
+def export_problems(cfg: VLMConfig) -> list[str]:
+    if cfg.vision.feature_convention == "llava":
+        return []
+    return [
+        "its image features are the last CLIP layer after post_layernorm, class token included; transformers' LLaVA "
+        "feeds hidden_states[vision_feature_layer] (before post_layernorm)",
+        "each image is wrapped in learned start/end-of-image embeddings (579 positions per image), which "
+        "LlavaForConditionalGeneration cannot represent",
+    ]
+
+
+def llava_config(cfg: VLMConfig, dtype: torch.dtype) -> dict:
+    vision = {**cfg.vision.to_hf_config(), "num_hidden_layers": cfg.vision.num_built_layers,
+              "model_type": "clip_vision_model"}
+    text = {k: v for k, v in cfg.decoder.to_hf_config().items() if k not in ("architectures", "torch_dtype")}
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+        "vision_config": vision, "text_config": text, "image_token_index": cfg.image_token_id,
+        "image_seq_length": cfg.vision.num_image_tokens, "projector_hidden_act": "gelu",
+        "vision_feature_select_strategy": "default", "vision_feature_layer": -1, "multimodal_projector_bias": True,
+        "tie_word_embeddings": cfg.decoder.tie_word_embeddings, "torch_dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def iter_llava_tensors(cfg: VLMConfig, encoder: dict, decoder_get):
+    """(HF LLaVA name, tensor) pairs, one at a time."""
+    from megatron_zero.checkpointing import hf_clip, hf_llama
+
+    v = cfg.vision
+    for ckey in hf_clip.canonical_keys(v):
+        for name, t in hf_clip.from_canonical(ckey, encoder[f"vision_model.{ckey}"], v, prefix="").items():
+            yield f"model.vision_tower.{name}", t
+    h = v.hidden_size
+    dtype = encoder["vision_model.class_embedding"].dtype
+    yield "model.vision_tower.post_layernorm.weight", torch.ones(h, dtype=dtype)  # unused by LLaVA's features
+    yield "model.vision_tower.post_layernorm.bias", torch.zeros(h, dtype=dtype)
+    for ours, theirs in (("linear_fc1", "linear_1"), ("linear_fc2", "linear_2")):
+        for p in ("weight", "bias"):
+            yield f"model.multi_modal_projector.{theirs}.{p}", encoder[f"adapter.{ours}.{p}"]
+    for ckey in hf_llama.canonical_keys(cfg.decoder):
+        for name, t in hf_llama.from_canonical(ckey, decoder_get(ckey), cfg.decoder).items():
+            yield (name if name == "lm_head.weight" else "model.language_model." + name[len("model."):]), t
+
+
+def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write the VLM checkpoint ``vlm_dir`` (``tools/graft.py`` output) as an HF LLaVA directory."""
+    from megatron_zero.checkpointing.hf_writer import (ShardedSafetensorsWriter, atomic_directory, check_save_dir,
+                                                       copy_tokenizer_files, write_config)
+    from megatron_zero.models.grafting import DECODER_DIR, load_vlm_checkpoint
+
+    cfg, encoder, decoder_get = load_vlm_checkpoint(vlm_dir)
+    problems = export_problems(cfg)
+    if problems:
+        raise LlavaExportError(f"{vlm_dir}: cannot export as HF LLaVA: " + "; ".join(problems)
+                               + " (train with --feature-convention llava for a transformers-compatible VLM)")
+    check_save_dir(save_dir, overwrite)
+    with atomic_directory(save_dir, overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, log=lambda m: None)
+        for name, t in iter_llava_tensors(cfg, encoder, decoder_get):
+            writer.add(name, t)
+        writer.close()
+        copy_tokenizer_files(os.path.join(vlm_dir, DECODER_DIR), tmp)
+        write_config(tmp, llava_config(cfg, encoder["vision_model.class_embedding"].dtype))
