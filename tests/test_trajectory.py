@@ -1,7 +1,10 @@
-"""Prediction trajectory (Eq. 1-4) against an independent transformers computation; transition detection."""
+"""Prediction trajectory (Eq. 1-4) against an independent transformers computation (TP=1 and TP=2/PP=2), the
+transition rule on synthetic curves, and the analysis tool end to end."""
 import dataclasses
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,27 +12,79 @@ from megatron_zero.analysis.trajectory import detect_transition, position_kl
 
 
 def test_position_kl_hand_computed():
-    q = torch.tensor([0.2, 0.6, 0.2])
-    p = torch.tensor([0.5, 0.25, 0.25])
-    # normalised over positions: q -> [0.2, 0.6, 0.2], p -> [0.5, 0.25, 0.25]
-    expected = 0.2 * torch.log(torch.tensor(0.2 / 0.5)) + 0.6 * torch.log(torch.tensor(0.6 / 0.25)) \
-        + 0.2 * torch.log(torch.tensor(0.2 / 0.25))
-    assert position_kl(q, p).item() == pytest.approx(expected.item(), rel=1e-6)
-    # scaling either vector does not matter (normalised over positions); identical -> 0
-    assert position_kl(3 * q, p).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert position_kl(p, p).item() == pytest.approx(0.0, abs=1e-7)
-    # clamping at 1e-6 keeps zeros finite
-    assert torch.isfinite(position_kl(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])))
+    q = torch.tensor([0.1, 0.3, 0.1])  # normalised over positions: [0.2, 0.6, 0.2]
+    p = torch.tensor([0.4, 0.2, 0.2])  # -> [0.5, 0.25, 0.25]
+    expected = 0.2 * math.log(0.2 / 0.5) + 0.6 * math.log(0.6 / 0.25) + 0.2 * math.log(0.2 / 0.25)
+    assert position_kl(q.log(), p.log()).item() == pytest.approx(expected, rel=1e-6)
+    assert position_kl(p.log(), p.log()).item() == pytest.approx(0.0, abs=1e-7)
+    # a masked position is left out of the normalisation and the sum
+    mask = torch.tensor([True, True, True, False])
+    padded = position_kl(torch.tensor([0.1, 0.3, 0.1, 0.9]).log(), torch.tensor([0.4, 0.2, 0.2, 0.01]).log(), mask)
+    assert padded.item() == pytest.approx(expected, rel=1e-6)
+    # clamping at 1e-6 keeps a vanishing probability finite: q = [1 - 1e-6, 1e-6] (clamped), p = [1e-6, 1]
+    zero = position_kl(torch.tensor([0.0, -1e4]), torch.tensor([-1e4, 0.0])).item()
+    assert zero == pytest.approx((1 - 1e-6) * math.log((1 - 1e-6) / 1e-6) + 1e-6 * math.log(1e-6), rel=1e-5)
 
 
-def test_detect_transition_rule():
-    toy = [0.99, 0.52, 0.27, 0.14, 0.056, 0.013, 0.003, 0.0]  # the toy target of shared/notes
-    assert detect_transition(toy) == 4
+def test_detect_transition_on_synthetic_curves():
+    assert detect_transition([0.99, 0.52, 0.27, 0.14, 0.056, 0.013, 0.003, 0.0]) == 4
+    # the paper's shape: a noisy plateau, an abrupt coalescence at layer 5, then monotone convergence
+    curve = [2.0, 2.3, 1.9, 2.2, 2.1, 0.15, 0.1, 0.05, 0.02, 0.0]
+    assert detect_transition(curve) == 5
+    assert detect_transition(curve, fraction=0.03) == 7
     # a bump after the first dip below the threshold moves the transition past the bump
     assert detect_transition([1.0, 0.05, 0.3, 0.02, 0.0]) == 3
-    assert detect_transition([1.0, 0.5, 0.2], fraction=0.1) == 2  # never below: the last layer
+    assert detect_transition([1.0, 0.5, 0.2]) == 2  # never below 10%: the last layer
     with pytest.raises(ValueError):
         detect_transition([1.0])
+    with pytest.raises(ValueError):
+        detect_transition([1.0, 0.0], fraction=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The independent reference: transformers' LlamaForCausalLM(output_hidden_states=True), one sample at a time
+# ---------------------------------------------------------------------------------------------------------
+def hf_trajectory(ref, sequences, metric: str) -> torch.Tensor:
+    """``[samples, layers]`` from HF hidden states. hidden_states = (embeddings, outputs of layers 0..L-2,
+    norm(output of layer L-1)): the last one is already normalised, the others get the final norm here."""
+    rows = []
+    with torch.no_grad():
+        for ids in sequences:
+            t = torch.tensor([ids])
+            hs = ref(t, output_hidden_states=True).hidden_states
+            num_layers = len(hs) - 1
+            normed = [ref.model.norm(hs[i + 1]) for i in range(num_layers - 1)] + [hs[num_layers]]
+            probs = [torch.softmax(ref.lm_head(x).double(), -1)[0, :-1] for x in normed]  # [N-1, V] each
+            final = probs[-1]
+            tgt = t[0, 1:].unsqueeze(-1)
+            row = []
+            for q_full in probs:
+                if metric == "position-kl":
+                    q, p = q_full.gather(-1, tgt).squeeze(-1), final.gather(-1, tgt).squeeze(-1)
+                    q, p = (q / q.sum()).clamp(min=1e-6), (p / p.sum()).clamp(min=1e-6)
+                    row.append(float((q * torch.log(q / p)).sum()))
+                else:
+                    row.append(float((q_full * (q_full.log() - final.log())).sum(-1).mean()))
+            rows.append(row)
+    return torch.tensor(rows)
+
+
+def tiny_hf_reference(vocab_size: int = 250):
+    import transformers
+
+    from megatron_zero.models.llama_config import get_preset
+
+    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=vocab_size)  # 250: padded at every TP size
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
+                                         if k not in ("architectures", "torch_dtype", "dtype")})
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # larger logits than the default init: sharper, more distinct per-layer predictions
+        ref.lm_head.weight.mul_(20)
+    sequences = [torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+                 for n in (20, 7, 13)]
+    return cfg, ref, sequences
 
 
 @pytest.fixture(scope="module")
@@ -39,79 +94,91 @@ def world_of_one():
     initialize_parallel(1, 1, seed=3)
 
 
-@pytest.mark.parametrize("metric", ["position-kl", "vocab-kl"])
-def test_trajectory_matches_transformers_hidden_states(world_of_one, metric):
-    import transformers
-
-    from megatron_zero.analysis.trajectory import trajectory_kl
+def test_trajectory_matches_transformers_hidden_states(world_of_one):
+    """Padded batch (lengths 20, 7, 13) at TP=PP=1: both metrics equal the HF computation; last layer is 0."""
+    from megatron_zero.analysis.trajectory import TrajectoryAnalyzer, pad_batch
     from megatron_zero.checkpointing import hf_llama
     from megatron_zero.models.llama import build_llama_model
-    from megatron_zero.models.llama_config import get_preset
     from megatron_zero.parallel import sharding
 
-    cfg = dataclasses.replace(get_preset("tiny"), vocab_size=250)
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype")})
-    hf_cfg._attn_implementation = "eager"
-    ref = transformers.LlamaForCausalLM(hf_cfg).eval()
-    model = build_llama_model(cfg).eval()
+    cfg, ref, sequences = tiny_hf_reference()
+    model = build_llama_model(cfg)
     sharding.load_canonical(model, hf_llama.canonical_getter(ref.state_dict().__getitem__, cfg))
-    tokens = torch.randint(0, 250, (3, 20), generator=torch.Generator().manual_seed(1))
-    ours = trajectory_kl(model, tokens, cfg.vocab_size, metric)
-    assert ours.shape == (3, cfg.num_layers)
-    assert torch.allclose(ours[:, -1], torch.zeros(3), atol=1e-6)  # the last layer is the final prediction
-
-    with torch.no_grad():
-        out = ref(tokens, output_hidden_states=True)
-    final_lp = torch.log_softmax(out.logits.float(), -1)[:, :-1]
-    hs = out.hidden_states  # embeddings, layer 0 .. L-2 outputs, then norm(layer L-1 output)
-    tgt = tokens[:, 1:].unsqueeze(-1)
-    for layer in range(cfg.num_layers - 1):
-        lp = torch.log_softmax(ref.lm_head(ref.model.norm(hs[layer + 1])).float(), -1)[:, :-1]
-        if metric == "position-kl":
-            q = lp.gather(-1, tgt).squeeze(-1).exp()
-            p = final_lp.gather(-1, tgt).squeeze(-1).exp()
-            q, p = (q / q.sum(-1, keepdim=True)).clamp(min=1e-6), (p / p.sum(-1, keepdim=True)).clamp(min=1e-6)
-            expected = (q * (q / p).log()).sum(-1)
-        else:
-            expected = (lp.exp() * (lp - final_lp)).sum(-1).mean(-1)
-        torch.testing.assert_close(ours[:, layer], expected, rtol=1e-4, atol=1e-5)
+    analyzer = TrajectoryAnalyzer(model, cfg.vocab_size)
+    tokens, lengths = pad_batch(sequences)
+    for metric in ("position-kl", "vocab-kl"):
+        ours = analyzer(tokens, lengths, metric)
+        expected = hf_trajectory(ref, sequences, metric)
+        assert ours.shape == (3, cfg.num_layers)
+        assert torch.all(ours[:, -1].abs() < 1e-6), ours  # the last layer is the final prediction
+        assert expected[:, :-1].min() > 1e-3  # a real signal, not a comparison of zeros
+        torch.testing.assert_close(ours, expected.float(), rtol=2e-4, atol=1e-5)
+        # a sample's trajectory does not depend on the batch it is in
+        alone = analyzer(torch.tensor([sequences[1]]), None, metric)
+        torch.testing.assert_close(alone[0], ours[1], rtol=1e-5, atol=1e-6)
 
 
-def test_analyze_trajectory_tool(tmp_path, world_of_one):
-    """The CLI on an HF checkpoint and chat-formatted JSONL: JSON + PNG written, last layer 0, override works."""
+def test_trajectory_tp2_pp2_matches_transformers(tmp_path):
+    """TP=2/PP=2 (4 processes): vocab-parallel softmax statistics, per-stage layers with the broadcast final norm
+    and output layer, for both metrics, against the HF reference computed here."""
+    from megatron_zero.checkpointing import hf_llama
+    from tests.conftest import run_worker
+
+    cfg, ref, sequences = tiny_hf_reference()
+    getter = hf_llama.canonical_getter(ref.state_dict().__getitem__, cfg)
+    torch.save({"cfg": cfg.to_dict(), "canonical": {k: getter(k) for k in hf_llama.canonical_keys(cfg)},
+                "sequences": sequences,
+                "expected": {m: hf_trajectory(ref, sequences, m) for m in ("position-kl", "vocab-kl")}},
+               tmp_path / "ref.pt")
+    out = run_worker("trajectory_parallel.py", str(tmp_path / "ref.pt"), nproc=4)
+    assert "TRAJECTORY TP=2 PP=2 MATCH" in out, out[-3000:]
+
+
+def _tiny_hf_checkpoint(path):
     import transformers
 
-    from tools import analyze_trajectory
+    from megatron_zero.data.tokenizers import WordTokenizer
 
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
-    from megatron_zero.data.tokenizers import WordTokenizer
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    WordTokenizer([f"w{i}" for i in range(200)]).save(path / "tokenizer.json")
 
-    words = [f"w{i}" for i in range(200)]
-    WordTokenizer(words).save(tmp_path / "ckpt" / "tokenizer.json")
+
+def test_analyze_trajectory_tool(tmp_path, world_of_one, capsys):
+    """The CLI on an HF checkpoint: chat records + raw text, teacher-forced and generated (A.7), both metrics;
+    JSON + PNG, last layer 0, override, progress bar."""
+    from tools import analyze_trajectory
+
+    _tiny_hf_checkpoint(tmp_path / "ckpt")
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}", "response": f"w{i + 3} w{i + 4}"})
                               for i in range(5)) + "\n" + json.dumps({"text": "w1 w2 w3 w4 w5 w6"}) + "\n")
-    out = tmp_path / "out"
+    out = tmp_path / "tf"
     assert analyze_trajectory.main(["--load-dir", str(tmp_path / "ckpt"), "--data", str(data), "--output-dir",
-                                    str(out), "--transition-layer", "1"]) == 0
+                                    str(out), "--batch-size", "4"]) == 0
+    assert "trajectory: 100%" in capsys.readouterr().out
     result = json.loads((out / "trajectory.json").read_text())
     assert len(result["per_sample"]) == 6 and len(result["median"]) == 3
     assert result["median"][-1] == pytest.approx(0.0, abs=1e-6)
-    assert result["transition_layer"] == 1 and "detected_transition_layer" in result
+    assert result["median"] == pytest.approx(np.median(result["per_sample"], axis=0).tolist(), rel=1e-6)
+    assert result["transition_layer"] == result["detected_transition_layer"] == detect_transition(result["median"])
+    assert result["sample_record_index"] == list(range(6)) and min(result["sample_num_tokens"]) >= 2
+    assert result["data"]["sha256"] and result["model"]["config"]["num_layers"] == 3
     assert (out / "trajectory.png").stat().st_size > 1000
 
+    gen = tmp_path / "gen"
+    assert analyze_trajectory.main(["--load-dir", str(tmp_path / "ckpt"), "--data", str(data), "--output-dir",
+                                    str(gen), "--mode", "generated", "--max-new-tokens", "4", "--metric",
+                                    "vocab-kl", "--transition-layer", "1", "--num-samples", "3"]) == 0
+    result = json.loads((gen / "trajectory.json").read_text())
+    assert result["transition_layer"] == 1 and result["transition_override"]
+    assert len(result["per_sample"]) == 3 and all(1 <= n <= 4 for n in result["data"]["generated_tokens"])
+    assert all(row[-1] == pytest.approx(0.0, abs=1e-6) for row in result["per_sample"])
 
-def test_trajectory_tp2_pp2_matches_single_process(tmp_path):
-    """Vocab-parallel softmax statistics and per-stage layers (final norm/output layer broadcast) under TP=2/PP=2
-    give the single-process trajectory."""
-    from tests.conftest import run_worker
-
-    ref = str(tmp_path / "ref.pt")
-    run_worker("trajectory_parallel.py", "--reference", ref)
-    out = run_worker("trajectory_parallel.py", "--compare", ref, nproc=4)
-    assert "MATCH" in out and "MISMATCH" not in out, out[-3000:]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"title": "x"}) + "\n")
+    with pytest.raises(SystemExit, match="record 1: a record needs 'text'"):
+        analyze_trajectory.main(["--load-dir", str(tmp_path / "ckpt"), "--data", str(bad), "--output-dir",
+                                 str(tmp_path / "x")])

@@ -4,202 +4,251 @@ For tokens ``t`` (N of them) and the hidden state ``X_l`` after decoder layer ``
 
     P   = softmax(norm(X_{L-1}) W^T)            (Eq. 1; norm = the model's final RMSNorm, W = output layer)
     p   = P[:-1, t[1:]]                          (Eq. 2; probability of the true next token, N-1 positions)
-    q_l = softmax(norm(X_l) W^T)[:-1, t[1:]]     (Eq. 3)
+    q_l = softmax(norm(X_l) W^T)[:-1, t[1:]]     (Eq. 3; the final norm is applied to every layer's output)
     D_KL(q_l || p) = 1^T (q_l log(q_l / p))      (Eq. 4)
 
 Eq. 4 compares *vectors over positions*, not distributions over the vocabulary. As in the authors' reference
-implementation, ``q_l`` and ``p`` are first normalised over positions (each sums to 1) and clamped at 1e-6. The
-last layer's KL is 0 by construction. ``metric="vocab-kl"`` gives the usual logit-lens view instead: the KL over
-the full vocabulary between layer ``l``'s and the final next-token distributions, averaged over positions.
+implementation, ``q_l`` and ``p`` are first normalised over the positions (each sums to 1) and then clamped at
+``1e-6``; the normalisation is done in log space (``softmax`` over positions of ``log q``), which is the same
+``q / sum(q)`` without underflow. The last layer's KL is 0 by construction. ``metric="vocab-kl"`` gives the usual
+logit-lens view instead: ``KL(softmax(norm(X_l) W^T) || P)`` over the full vocabulary, averaged over positions.
 
-Vocabulary rows past the true vocabulary (TP padding) are excluded from every softmax. :func:`trajectory_kl` computes
-on one rank with the whole model; :func:`parallel_trajectory_kl` runs under TP and PP (a 70B model is analysed on
-8+ GPUs): every stage evaluates its own layers with the final norm and output layer broadcast from the last stage,
-and softmax statistics are reduced over the tensor-parallel group, so full-vocabulary logits are never gathered.
+Parallelism (:class:`TrajectoryAnalyzer`): the same code runs in a world of one and under TP x PP (a 70B model is
+analysed on 8+ GPUs). Forward hooks on this rank's decoder layers capture their outputs (``[s, b, h]``, sequence
+first; gathered first under sequence parallelism). Every pipeline stage evaluates its own layers: the final norm
+weight and this TP rank's output-layer shard (``V/tp`` rows) are broadcast *once* from the last stage along the
+pipeline group, and the last layer's output ``X_{L-1}`` is broadcast per batch, so each stage also has ``P``.
+Softmax statistics (max, sum of exponentials), the target token's logit (from the TP rank owning it) and the
+vocab-KL sums are all-reduced over the TP group -- full-vocabulary logits are never gathered. Vocabulary rows past
+the true vocabulary (TP padding) are excluded from every softmax. The per-layer results of all stages are summed
+over the pipeline group, so every rank returns the whole ``[samples, layers]`` table.
+
+Batches are right-padded; ``lengths`` says how many tokens of each row are real. Causal attention means a row
+never sees the padding after it, and padded positions are left out of the normalisation and the sums, so a
+sample's trajectory does not depend on the batch it is in.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 EPS = 1e-6
 METRICS = ("position-kl", "vocab-kl")
+METRIC_DEFINITIONS = {
+    "position-kl": "Eq. 4: sum over the N-1 positions of q_l log(q_l / p), where q_l / p are the probabilities of "
+                   "the true next tokens under softmax(norm(X_l) W^T) / softmax(norm(X_{L-1}) W^T), each "
+                   "normalised over positions (sums to 1) and clamped at 1e-6",
+    "vocab-kl": "logit lens: KL(softmax(norm(X_l) W^T) || softmax(norm(X_{L-1}) W^T)) over the vocabulary, "
+                "averaged over the N-1 positions",
+}
+TRANSITION_RULE = ("the first layer from which the median curve stays at or below {fraction} x its maximum for the "
+                   "rest of the network")
 
 
-def position_kl(q: torch.Tensor, p: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """Eq. 4 over the last dimension (positions): ``q``/``p`` normalised over positions, clamped at ``eps``."""
-    q = (q / q.sum(-1, keepdim=True)).clamp(min=eps)
-    p = (p / p.sum(-1, keepdim=True)).clamp(min=eps)
-    return (q * (q / p).log()).sum(-1)
+def position_kl(log_q: torch.Tensor, log_p: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                eps: float = EPS) -> torch.Tensor:
+    """Eq. 4 over the last dimension (positions), from log-probabilities ``log q_l`` and ``log p``.
 
-
-def _layer_outputs(model, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden state after every decoder layer, ``[s, b, h]`` each (forward hooks on this rank's layers)."""
-    outs: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.decoder.layers]
-    try:
-        pos = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-        model(tokens, pos, None)
-    finally:
-        for h in hooks:
-            h.remove()
-    return outs
-
-
-def _log_probs(model, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``log softmax(norm(X) W^T)`` ``[b, s, V]`` over the true vocabulary (padding rows excluded)."""
-    x = model.decoder.final_layernorm(hidden)
-    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-    logits, _ = model.output_layer(x, weight=weight)
-    return torch.log_softmax(logits.float()[..., :vocab_size], dim=-1).transpose(0, 1)
-
-
-@torch.no_grad()
-def trajectory_kl(model, tokens: torch.Tensor, vocab_size: int, metric: str = "position-kl") -> torch.Tensor:
-    """``[samples, layers]``: each layer's divergence from the final prediction, for each row of ``tokens``."""
-    if metric not in METRICS:
-        raise ValueError(f"--metric must be one of {METRICS}, got {metric!r}")
-    model.eval()
-    hidden = _layer_outputs(model, tokens)
-    targets = tokens[:, 1:]
-    final = _log_probs(model, hidden[-1], vocab_size)[:, :-1]  # [b, s-1, V]
-    p = final.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp()
-    out = []
-    for h in hidden:
-        lp = _log_probs(model, h, vocab_size)[:, :-1]
-        if metric == "position-kl":
-            q = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).exp()
-            out.append(position_kl(q, p))
-        else:
-            out.append((lp.exp() * (lp - final)).sum(-1).mean(-1))
-    return torch.stack(out, dim=1)
+    ``q`` and ``p`` are normalised over the positions where ``mask`` is True (all when None), clamped at ``eps``;
+    masked positions contribute nothing.
+    """
+    if mask is not None:
+        log_q = log_q.masked_fill(~mask, float("-inf"))
+        log_p = log_p.masked_fill(~mask, float("-inf"))
+    q = torch.softmax(log_q.double(), dim=-1).clamp(min=eps)
+    p = torch.softmax(log_p.double(), dim=-1).clamp(min=eps)
+    terms = q * (q / p).log()
+    if mask is not None:
+        terms = terms.masked_fill(~mask, 0.0)
+    return terms.sum(-1).float()
 
 
 def detect_transition(median: Sequence[float] | torch.Tensor, fraction: float = 0.1) -> int:
     """The transition layer of a (median) trajectory: the first layer from which the curve stays at or below
-    ``fraction`` of its maximum for the rest of the network — where the curves have coalesced and only converge.
+    ``fraction`` of its maximum for the rest of the network -- where the curves have coalesced and from then on
+    only converge to the final prediction (the arrows of the paper's Fig. 3).
 
-    Example: the toy target's median 0.99, 0.52, 0.27, 0.14, 0.056, 0.013, 0.003, 0 gives layer 4.
+    Example: the median 0.99, 0.52, 0.27, 0.14, 0.056, 0.013, 0.003, 0 gives layer 4.
     """
     m = torch.as_tensor(median, dtype=torch.float64)
     if m.dim() != 1 or len(m) < 2:
         raise ValueError("detect_transition needs a 1-D curve over at least 2 layers")
+    if not 0 < fraction < 1:
+        raise ValueError(f"the transition fraction must lie in (0, 1), got {fraction}")
     threshold = fraction * float(m.max())
     tail_max = torch.flip(torch.cummax(torch.flip(m, [0]), 0).values, [0])  # max of m[l:]
     below = torch.nonzero(tail_max <= threshold).flatten()
     return int(below[0]) if len(below) else len(m) - 1
 
 
-@torch.no_grad()
-def greedy_continue(model, ids: Sequence[int], vocab_size: int, max_new_tokens: int,
-                    stop_token_ids: Sequence[int] = ()) -> list[int]:
-    """Greedy continuation of ``ids`` by a text-only decoder (A.7's generated mode; full re-forward per token,
-    which is fine for analysis-sized batches)."""
-    out = list(ids)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        x = torch.tensor([out])
-        pos = torch.arange(len(out)).unsqueeze(0)
-        nxt = int(model(x, pos, None)[0, -1, :vocab_size].argmax())
-        out.append(nxt)
-        new.append(nxt)
-        if nxt in stop_token_ids:
-            break
-    return new
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Tensor + pipeline parallel
+# Vocabulary-parallel pieces (this TP rank holds logits of ids [first, first + V/tp))
 # ---------------------------------------------------------------------------------------------------------
-def _vocab_parallel_target_logprob(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, tp_group,
-                                   tp_rank: int) -> torch.Tensor:
-    """log softmax(logits)[target] for this rank's vocabulary shard ``logits`` ``[..., V/tp]`` (padding excluded),
-    with max / sum-exp / target-logit all-reduced over ``tp_group``."""
-    import torch.distributed as dist
+def _valid_ids(shard: int, first: int, vocab_size: int, device) -> torch.Tensor:
+    return torch.arange(first, first + shard, device=device) < vocab_size
 
-    shard = logits.shape[-1]
-    start = tp_rank * shard
-    valid = torch.arange(start, start + shard, device=logits.device) < vocab_size
+
+def vocab_parallel_log_softmax(logits: torch.Tensor, valid: torch.Tensor, tp_group) -> torch.Tensor:
+    """``log softmax`` over the whole (unpadded) vocabulary of this rank's shard ``[..., V/tp]``: padding ids get
+    ``-inf``; the max and the sum of exponentials are all-reduced over ``tp_group``."""
     logits = logits.float().masked_fill(~valid, float("-inf"))
-    m = logits.max(-1).values
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
-    sumexp = (logits - m.unsqueeze(-1)).exp().sum(-1)
-    dist.all_reduce(sumexp, group=tp_group)
-    local = (targets >= start) & (targets < start + shard)
-    picked = logits.gather(-1, (targets - start).clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
+    top = logits.max(-1, keepdim=True).values
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+    sum_exp = (logits - top).exp().sum(-1, keepdim=True)
+    dist.all_reduce(sum_exp, group=tp_group)
+    return logits - top - sum_exp.log()
+
+
+def vocab_parallel_pick(log_probs: torch.Tensor, targets: torch.Tensor, first: int, tp_group) -> torch.Tensor:
+    """``log_probs[..., targets]`` for global ids ``targets``: taken on the TP rank whose shard owns each id."""
+    shard = log_probs.shape[-1]
+    local = (targets >= first) & (targets < first + shard)
+    picked = log_probs.gather(-1, (targets - first).clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
     picked = torch.where(local, picked, torch.zeros_like(picked))
     dist.all_reduce(picked, group=tp_group)
-    return picked - m - sumexp.log()
+    return picked
 
 
-@torch.no_grad()
-def parallel_trajectory_kl(model, tokens: torch.Tensor, vocab_size: int) -> Optional[torch.Tensor]:
-    """Eq. 4 (position-KL) under TP/PP: ``[samples, layers]`` on global rank 0 (None elsewhere).
+def vocab_parallel_kl(log_q: torch.Tensor, log_p: torch.Tensor, valid: torch.Tensor, tp_group) -> torch.Tensor:
+    """``sum_v q_v (log q_v - log p_v)`` over the whole vocabulary from both distributions' shards."""
+    terms = torch.where(valid, log_q.exp() * (log_q - log_p), torch.zeros_like(log_q))
+    kl = terms.sum(-1)
+    dist.all_reduce(kl, group=tp_group)
+    return kl
 
-    Every rank passes the same ``tokens``; ``model`` is this rank's megatron-core chunk (no virtual stages).
-    """
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_zero.parallel.sharding import layer_index_map
+# ---------------------------------------------------------------------------------------------------------
+# The analyser
+# ---------------------------------------------------------------------------------------------------------
+class TrajectoryAnalyzer:
+    """Per-layer divergence from the final prediction for batches of token sequences, on this rank's model chunk
+    (a megatron-core ``GPTModel``; any TP x PP, no virtual stages). Every rank of the model-parallel group calls
+    it with the same tokens; every rank gets the whole result."""
 
-    model.eval()
-    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    last = ps.get_pipeline_model_parallel_last_rank()
-    # the final norm and this TP rank's output-layer shard, on every stage
-    h = model.config.hidden_size
-    if model.post_process:
-        norm_w = model.decoder.final_layernorm.weight.detach().clone()
-        out_w = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
-                 else model.output_layer.weight).detach().clone()
-    else:
-        norm_w = torch.empty(h)
-        out_w = None
-    dist.broadcast(norm_w, src=last, group=pp_group)
-    rows = torch.tensor([out_w.shape[0] if out_w is not None else 0])
-    dist.broadcast(rows, src=last, group=pp_group)
-    if out_w is None:
-        out_w = torch.empty(int(rows), h)
-    dist.broadcast(out_w, src=last, group=pp_group)
-    eps = model.config.layernorm_epsilon
+    def __init__(self, model, vocab_size: int):
+        from megatron.core import parallel_state as ps
 
-    outs: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.decoder.layers]
-    b, s = tokens.shape
+        from megatron_zero.parallel.sharding import layer_index_map
 
-    def step(_it, m):
-        pos = torch.arange(s).unsqueeze(0).expand(b, -1)
-        return m(tokens, pos, None), lambda out: (out.sum() * 0, torch.tensor(1, dtype=torch.int), {})
+        config = model.config
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"the trajectory analysis expects a Llama decoder (RMSNorm), got {config.normalization}")
+        self.model = model.eval()
+        self.vocab_size = vocab_size
+        self.num_layers = config.num_layers
+        self.layers = [layer_index_map(model)[i] for i in range(len(model.decoder.layers))]
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.last_stage = ps.get_pipeline_model_parallel_last_rank()
+        self.is_last = ps.is_pipeline_last_stage()
+        self.sequence_parallel = config.sequence_parallel
+        self.hidden = config.hidden_size
+        self.eps = config.layernorm_epsilon
+        self.device = next(model.parameters()).device
+        self.dtype = config.params_dtype
+        self.shard = model.vocab_size // ps.get_tensor_model_parallel_world_size()  # padded vocabulary / tp
+        self.first = ps.get_tensor_model_parallel_rank() * self.shard
+        self.valid = _valid_ids(self.shard, self.first, vocab_size, self.device)
+        self.norm_weight, self.output_weight = self._head(model)
 
-    try:
-        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=[model],
-                                    num_microbatches=1, seq_length=s, micro_batch_size=b, forward_only=True)
-    finally:
-        for hk in hooks:
-            hk.remove()
-    if model.config.sequence_parallel:
-        from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+    def _head(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final norm weight and this TP rank's output-layer rows, on every stage (from the last one)."""
+        if self.is_last:
+            norm = model.decoder.final_layernorm.weight.detach()
+            out = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                   else model.output_layer.weight).detach()
+        else:
+            norm = torch.empty(self.hidden, dtype=self.dtype, device=self.device)
+            out = torch.empty(self.shard, self.hidden, dtype=self.dtype, device=self.device)
+        if self.pp > 1:
+            norm, out = norm.contiguous(), out.contiguous()
+            dist.broadcast(norm, src=self.last_stage, group=self.pp_group)
+            dist.broadcast(out, src=self.last_stage, group=self.pp_group)
+        return norm.float(), out.float()
 
-        outs = [gather_from_sequence_parallel_region(o, tensor_parallel_output_grad=False) for o in outs]
-    targets = tokens[:, 1:]
-    q = []
-    for o in outs:
-        x = torch.nn.functional.rms_norm(o.float(), (h,), norm_w.float(), eps)
-        logits = (x @ out_w.float().t()).transpose(0, 1)[:, :-1]  # [b, s-1, V/tp]
-        q.append(_vocab_parallel_target_logprob(logits, targets, vocab_size, tp_group, tp_rank).exp())
-    p = q[-1] if model.post_process else torch.empty(b, s - 1)
-    dist.broadcast(p, src=last, group=pp_group)
-    mine = {layer_index_map(model)[i]: position_kl(qi, p) for i, qi in enumerate(q)}
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
-    if dist.get_rank() != 0:
-        return None
-    merged: dict[int, torch.Tensor] = {}
-    for part in gathered:
-        merged.update(part)
-    return torch.stack([merged[i] for i in sorted(merged)], dim=1)
+    def _layer_outputs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """``[s, b, h]`` output of each of this rank's decoder layers (pipeline forward, forward hooks)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        outs: list[torch.Tensor] = []
+        hooks = [layer.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+                 for layer in self.model.decoder.layers]
+        b, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device).expand(b, -1)
+
+        def forward_step(_data_iterator, model):
+            return model(tokens, positions, None), lambda _out, non_loss_data=True: None
+
+        try:
+            get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]),
+                                        model=[self.model], num_microbatches=1, seq_length=s, micro_batch_size=b,
+                                        forward_only=True, collect_non_loss_data=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            outs = [gather_from_sequence_parallel_region(o, tensor_parallel_output_grad=False) for o in outs]
+        return [o.detach() for o in outs]
+
+    def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``log softmax(norm(X) W^T)`` shard ``[b, s-1, V/tp]`` (positions that predict a next token)."""
+        x = torch.nn.functional.rms_norm(hidden[:-1].float(), (self.hidden,), self.norm_weight, self.eps)
+        return vocab_parallel_log_softmax(x @ self.output_weight.t(), self.valid, self.tp_group).transpose(0, 1)
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, lengths: Optional[Sequence[int]] = None,
+                 metric: str = "position-kl") -> torch.Tensor:
+        """``[samples, layers]`` (float32, on every rank): each layer's divergence from the final prediction.
+
+        ``tokens`` ``[b, s]`` right-padded, ``lengths`` the real tokens per row (default: all ``s``; >= 2).
+        """
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        b, s = tokens.shape
+        tokens = tokens.to(self.device)
+        lengths = torch.as_tensor(lengths if lengths is not None else [s] * b, device=self.device)
+        if int(lengths.min()) < 2 or int(lengths.max()) > s:
+            raise ValueError(f"every sample needs 2 <= length <= {s} tokens, got lengths {lengths.tolist()}")
+        mask = torch.arange(s - 1, device=self.device).unsqueeze(0) < (lengths - 1).unsqueeze(1)  # [b, s-1]
+        targets = tokens[:, 1:]
+        hidden = self._layer_outputs(tokens)
+        final = hidden[-1].float().contiguous() if self.is_last else torch.empty(s, b, self.hidden,
+                                                                                  device=self.device)
+        if self.pp > 1:
+            dist.broadcast(final, src=self.last_stage, group=self.pp_group)
+        final_lp = self._log_probs(final)
+        log_p = vocab_parallel_pick(final_lp, targets, self.first, self.tp_group)
+        if metric == "position-kl":
+            del final_lp
+        result = torch.zeros(b, self.num_layers, device=self.device)
+        for layer, h in zip(self.layers, hidden):
+            lp = self._log_probs(h)
+            if metric == "position-kl":
+                result[:, layer] = position_kl(vocab_parallel_pick(lp, targets, self.first, self.tp_group), log_p,
+                                               mask)
+            else:
+                kl = vocab_parallel_kl(lp, final_lp, self.valid, self.tp_group).masked_fill(~mask, 0.0)
+                result[:, layer] = kl.sum(-1) / mask.sum(-1)
+        if self.pp > 1:
+            dist.all_reduce(result, group=self.pp_group)  # each stage filled only its own layers
+        return result.cpu()
+
+
+def trajectory_kl(model, tokens: torch.Tensor, vocab_size: int, metric: str = "position-kl",
+                  lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """One-off :class:`TrajectoryAnalyzer` call: ``[samples, layers]`` for ``tokens`` ``[b, s]``."""
+    return TrajectoryAnalyzer(model, vocab_size)(tokens, lengths, metric)
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """Right-padded ``[b, max_len]`` tokens and the row lengths."""
+    lengths = [len(r) for r in rows]
+    out = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return out, lengths
