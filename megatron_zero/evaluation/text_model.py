@@ -33,7 +33,7 @@ class EvaluationError(ValueError):
 def default_tokenizer_path(load: str) -> str:
     """Where a checkpoint keeps its tokenizer: a VLM checkpoint's ``decoder/``, else the directory itself."""
     from megatron_zero.checkpointing.sources import vlm_checkpoint_dir
-    from megatron_zero.models.grafting import DECODER_DIR
+    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR
 
     vlm = vlm_checkpoint_dir(load)
     return os.path.join(vlm, DECODER_DIR) if vlm is not None else load
