@@ -31,11 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_tokens(args) -> np.ndarray:
+def load_tokens(args, vocab_size: Optional[int] = None) -> np.ndarray:
     if args.mock_data:
         from megatron_zero.models.llama_config import load_model_config
 
-        vocab = load_model_config(args.model).vocab_size
+        vocab = vocab_size or load_model_config(args.model).vocab_size
         return np.random.default_rng(args.seed).integers(0, vocab, size=max(args.seq_length * 4096, 1 << 16))
     if not args.data_path:
         raise SystemExit("error: give --data-path or --mock-data")
@@ -82,7 +82,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     from megatron_zero.training.loop import LoopConfig, setup_optimization, train
     from megatron_zero.training.train_step import lm_forward_step
 
-    cfg = load_model_config(args.model)
+    if os.path.isdir(args.model):  # the architecture of any checkpoint the resolver reads
+        from megatron_zero.checkpointing.resolve import DECODER_KINDS, resolve_checkpoint
+
+        try:
+            cfg = resolve_checkpoint(args.model, "--model", DECODER_KINDS).decoder.cfg
+        except ValueError as e:
+            parser.error(str(e))
+    else:
+        cfg = load_model_config(args.model)
     opts = RuntimeOptions.from_args(args)
     try:
         from megatron_zero.models.llama import validate
@@ -98,7 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
 
     chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts))
-    data = TokenWindows(load_tokens(args), args.seq_length, seed=args.seed)
+    data = TokenWindows(load_tokens(args, cfg.vocab_size), args.seq_length, seed=args.seed)
     dp_rank = ps.get_data_parallel_rank()
     padded = padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)
     loop_cfg = LoopConfig.from_args(args, dp, gbs, decoder_flops_per_step(cfg, gbs, args.seq_length, padded))
