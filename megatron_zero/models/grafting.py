@@ -39,6 +39,7 @@ import torch
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
 from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig
+from megatron_zero.errors import UserError
 
 ENCODER_FORMAT = "megatron_zero.image_encoder/1"
 ENCODER_TENSORS = "image_encoder.safetensors"
@@ -50,7 +51,7 @@ _DECODER_FILES = ("config.json", "generation_config.json", "tokenizer_config.jso
                   *TOKENIZER_FILES)
 
 
-class GraftingError(ValueError):
+class GraftingError(UserError, ValueError):
     """The encoder and target decoder do not belong together (or a checkpoint is malformed)."""
 
 
