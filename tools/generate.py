@@ -18,9 +18,10 @@ import argparse
 import json
 import os
 import sys
+from megatron_zero.errors import UserError
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     pass
 
 
@@ -128,4 +129,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

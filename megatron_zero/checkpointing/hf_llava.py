@@ -16,9 +16,10 @@ import os
 import torch
 
 from megatron_zero.models.vlm import VLMConfig
+from megatron_zero.errors import UserError
 
 
-class LlavaExportError(ValueError):
+class LlavaExportError(UserError, ValueError):
     """The VLM cannot be written as a transformers LLaVA model."""
 
 

@@ -18,9 +18,10 @@ import torch
 
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.errors import UserError
 
 
-class WeightSourceError(ValueError):
+class WeightSourceError(UserError, ValueError):
     """A ``--decoder-load``/``--encoder-load`` path that is not a checkpoint we can read."""
 
 

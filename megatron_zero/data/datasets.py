@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_zero.data.chat_template import IMAGE_TAG, ChatTemplate, Message
+from megatron_zero.errors import DataError
 
 __all__ = [
     "ChatDataset",
@@ -100,7 +101,7 @@ class TokenizationConfig:
 # ----------------------------------------------------------------------------------------------------- reading
 
 
-class _RecordError(ValueError):
+class _RecordError(DataError):
     pass
 
 

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.errors import UserError
 
 STAGES = ("stage1", "stage2", "stage3")
 DEFAULT_ENCODER_TRAINABLE_LAYERS = 8
@@ -32,7 +33,7 @@ _ALWAYS = ("vision.adapter.", "vision.image_start_embedding", "vision.image_end_
            "vision.vision_model.post_layernorm.")
 
 
-class FreezingError(ValueError):
+class FreezingError(UserError, ValueError):
     """A freezing preset that cannot be applied to this model."""
 
 
