@@ -195,7 +195,8 @@ def build_mcore(args) -> None:
     stored = dist_checkpointing.load_tensors_metadata(args.load_dir)
     dtype = stored["embedding.word_embeddings.weight"].dtype
     opts = RuntimeOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                          pipeline_stage_layers=args.target_pipeline_stage_layers, params_dtype=dtype)
+                          pipeline_stage_layers=args.target_pipeline_stage_layers, params_dtype=dtype,
+                          initialize_weights=False)
     try:
         stage_layers = validate(scfg, opts)
         initialize_parallel(tp, pp)

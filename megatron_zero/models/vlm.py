@@ -188,7 +188,7 @@ class VisionLanguageModel(ShardedStateDictMixin, torch.nn.Module):
             from megatron_zero import platform
 
             self.vision = ImageEncoder(cfg.vision, cfg.decoder.hidden_size, opts.tensor_model_parallel_size,
-                                       opts.params_dtype, opts.bf16, opts.use_te)
+                                       opts.params_dtype, opts.bf16, opts.use_te, opts.initialize_weights)
             if platform.HAVE_CUDA:
                 self.vision.cuda(torch.cuda.current_device())
 
