@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-convention", choices=["zero", "llava"], default="zero",
                    help="zero: last layer with class token + post-LN, start/end embeddings (579); llava: 576")
     g.add_argument("--image-token-id", type=int, default=None, help="placeholder id (default: the chat template's)")
-    g.add_argument("--tokenizer", required=True, help="tokenizer file or directory")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer file or directory (default: the one --decoder-load holds)")
     g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
     g.add_argument("--data-path", required=True, help="LLaVA-1.5 JSON")
     g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to")
@@ -76,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
     return p
+
+
+def tokenizer_path(given: Optional[str], decoder_path: str, parser) -> str:
+    """``--tokenizer``, else the tokenizer the decoder checkpoint holds (an HF or torch_dist directory, or the
+    ``decoder/`` of a VLM checkpoint / training export)."""
+    from megatron_zero.data.tokenizers import TOKENIZER_DIR_CANDIDATES
+
+    if given:
+        return given
+    for d in (decoder_path, os.path.join(decoder_path, "decoder"), os.path.join(decoder_path, "export", "decoder")):
+        if any(os.path.isfile(os.path.join(d, c)) for c in TOKENIZER_DIR_CANDIDATES):
+            return d
+    parser.error(f"--tokenizer: not given, and --decoder-load {decoder_path} holds no tokenizer "
+                 f"(tokenizer.json or tokenizer.model); give --tokenizer")
 
 
 def apply_stage_presets(args, decoder_layers: int) -> None:
@@ -171,6 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         validate(dec.cfg, opts)
     except ModelConfigError as e:
         parser.error(str(e))
+    args.tokenizer = tokenizer_path(args.tokenizer, dec.path, parser)
     tokenizer = load_tokenizer(args.tokenizer)
     # an encoder trained before keeps the placeholder id it was trained with
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
