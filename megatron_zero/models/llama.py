@@ -92,15 +92,19 @@ def validate(cfg: LlamaConfig, opts: RuntimeOptions) -> list[int]:
 
 def decoder_spec(use_te: bool, config, vp_stage: Optional[int] = None):
     """Decoder spec: TE fused modules on GPU; on CPU megatron-core's local modules with our :class:`Norm`
-    (megatron's torch-norm fallback refuses sequence parallelism)."""
+    (megatron's torch-norm fallback refuses sequence parallelism) and our :class:`SDPACoreAttention` (fused
+    SDPA kernel; packed THD sequences as TE's attention handles them)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+    from megatron_zero.models.attention import SDPACoreAttention
     from megatron_zero.models.norms import Norm
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    # SDPA kernel instead of megatron's unfused softmax attention, and packed (THD) sequences on CPU
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
     n = get_num_layers_to_build(config, vp_stage=vp_stage)

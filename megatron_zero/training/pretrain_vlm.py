@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder-trainable-layers", type=int, default=8)
     g.add_argument("--translator-layer", type=int, default=None, help="override the surrogate's translator index")
     g.add_argument("--control-unfreeze-early", action="store_true", help="stage 1 T* control (Sec. 1.2)")
+    g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack several samples per --seq-length row, attention and RoPE positions per sample "
+                        "(default; --no-pack-sequences: one padded sample per row)")
     g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of skipping")
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
@@ -228,7 +231,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         dp_rank=ps.get_data_parallel_rank(), dp_size=dp, seed=args.seed,
         load_image=lambda path: load_image(path, image_size), loss_weighting=args.loss_weighting,
         loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
-        strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1)
+        strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1,
+        pack_sequences=args.pack_sequences,
+        microbatch_multiple=args.pipeline_model_parallel_size if args.virtual_pipeline_model_parallel_size else 1)
     loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
