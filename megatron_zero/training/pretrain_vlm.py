@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-token-id", type=int, default=None, help="placeholder id (default: the chat template's)")
     g.add_argument("--tokenizer", required=True, help="tokenizer file or directory")
     g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
+    g.add_argument("--prompt-format", choices=["meta", "zero"], default="meta",
+                   help="meta: the family's chat format; zero: the authors' Llama-3 format, random caption-template "
+                        "image prompt and loss masks (special-token loss on by default in stages 1 and 2)")
     g.add_argument("--data-path", required=True, help="LLaVA-1.5 JSON")
     g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to")
     g.add_argument("--text-data-path", default=None, help="text-only instruction JSONL mixed in (stage 1: GenQA)")
@@ -67,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default="token-mean")
     g.add_argument("--loss-weighting-ord", type=float, default=0.5)
     g.add_argument("--loss-on-special-tokens", action=argparse.BooleanOptionalAction, default=None,
-                   help="also put loss on the chat template's special tokens (A.9; default: on in stage 2)")
+                   help="also put loss on the chat template's special tokens (A.9; default: on in stage 2, and in "
+                        "stages 1 and 2 with --prompt-format zero, as the authors' configs)")
     g.add_argument("--encoder-trainable-layers", type=int, default=8)
     g.add_argument("--translator-layer", type=int, default=None, help="override the surrogate's translator index")
     g.add_argument("--control-unfreeze-early", action="store_true", help="stage 1 T* control (Sec. 1.2)")
@@ -85,7 +89,9 @@ def apply_stage_presets(args, decoder_layers: int) -> None:
     if args.global_batch_size is None:
         args.global_batch_size = preset["global_batch_size"]
     if args.loss_on_special_tokens is None:
-        args.loss_on_special_tokens = preset["loss_on_special_tokens"]
+        # the authors' train_llama.py: include_special_tokens_in_masking_instruction_tokens = stage != finetune-decoder
+        zero = getattr(args, "prompt_format", "meta") == "zero"
+        args.loss_on_special_tokens = args.stage in (1, 2) if zero else preset["loss_on_special_tokens"]
 
 
 def build_dataset(args, tokenizer, template, num_image_embeddings: int):
@@ -93,7 +99,7 @@ def build_dataset(args, tokenizer, template, num_image_embeddings: int):
                                              read_llava_json)
 
     tcfg = TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=num_image_embeddings,
-                              loss_on_special_tokens=args.loss_on_special_tokens)
+                              loss_on_special_tokens=args.loss_on_special_tokens, prompt_seed=args.seed)
     vision = ChatDataset.build(read_llava_json(args.data_path, args.image_root), template, tcfg, source="llava")
     if not args.text_data_path:
         return vision
@@ -174,7 +180,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     tokenizer = load_tokenizer(args.tokenizer)
     # an encoder trained before keeps the placeholder id it was trained with
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
-    template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder)
+    try:
+        template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder,
+                                     prompt_format=args.prompt_format)
+    except ValueError as e:
+        parser.error(str(e))
     image_token_id = template.image_placeholder_id
     if image_token_id is None:
         parser.error("the chat template has no image placeholder token: give --image-token-id")
