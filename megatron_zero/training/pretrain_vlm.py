@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of text-only samples in the mix (default: proportional to dataset sizes)")
     g.add_argument("--loss-weighting", choices=["token-mean", "length-weighted", "length-weighted-released"],
                    default="token-mean")
-    g.add_argument("--loss-weighting-ord", type=float, default=0.5)
+    g.add_argument("--loss-weighting-ord", type=float, default=None,
+                   help="exponent (default: 0.5 for length-weighted, the paper; 1.0 for length-weighted-released, "
+                        "their balance_loss_exp_ord)")
+    g.add_argument("--loss-weighting-avg-norm", action="store_true",
+                   help="length-weighted-released: divide by the mean weight (their balance_loss_exp_avg_norm)")
     g.add_argument("--loss-on-special-tokens", action=argparse.BooleanOptionalAction, default=None,
                    help="also put loss on the chat template's special tokens (A.9; default: on in stage 2, and in "
                         "stages 1 and 2 with --prompt-format zero, as the authors' configs)")
@@ -88,6 +92,11 @@ def apply_stage_presets(args, decoder_layers: int) -> None:
         args.lr = STAGE3_LR_70B if args.stage == 3 and decoder_layers >= 80 else preset["lr"]
     if args.global_batch_size is None:
         args.global_batch_size = preset["global_batch_size"]
+    if getattr(args, "loss_weighting_ord", None) is None:
+        from megatron_zero.loss.length_weighted import DEFAULT_ORD, DEFAULT_RELEASED_ORD
+
+        released = getattr(args, "loss_weighting", None) == "length-weighted-released"
+        args.loss_weighting_ord = DEFAULT_RELEASED_ORD if released else DEFAULT_ORD
     if args.loss_on_special_tokens is None:
         # the authors' train_llama.py: include_special_tokens_in_masking_instruction_tokens = stage != finetune-decoder
         zero = getattr(args, "prompt_format", "meta") == "zero"
@@ -222,7 +231,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         dp_rank=ps.get_data_parallel_rank(), dp_size=dp, seed=args.seed,
         load_image=lambda path: load_image(path, image_size), loss_weighting=args.loss_weighting,
         loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
-        strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1)
+        strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1,
+        eot_id=template.stop_token_ids[0], loss_weighting_avg_norm=args.loss_weighting_avg_norm)
     loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)

@@ -20,7 +20,8 @@ from megatron_zero import platform
 from megatron_zero.data.datasets import Sample
 from megatron_zero.data.images import ImageLoadError
 from megatron_zero.data.sampler import ResumableDistributedSampler
-from megatron_zero.loss.length_weighted import DEFAULT_ORD, global_length_stats, response_lengths, token_weights
+from megatron_zero.loss.length_weighted import (DEFAULT_ORD, global_length_stats, released_segments,
+                                                released_token_weights, response_lengths, token_weights)
 from megatron_zero.models.vlm import expand_image_placeholders
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class VLMBatches:
                  global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  load_image: Callable[[str], torch.Tensor], loss_weighting: str = "token-mean",
                  loss_weighting_ord: float = DEFAULT_ORD, dp_group=None, strict_images: bool = False,
-                 pad_to_multiple_of: int = 1):
+                 pad_to_multiple_of: int = 1, eot_id: Optional[int] = None, loss_weighting_avg_norm: bool = False):
         self.dataset = dataset
         self.image_token_id = image_token_id
         self.num_image_embeddings = num_image_embeddings
@@ -51,6 +52,10 @@ class VLMBatches:
         self.load_image = load_image
         self.loss_weighting = loss_weighting
         self.ord = loss_weighting_ord
+        self.eot_id = eot_id
+        self.avg_norm = loss_weighting_avg_norm
+        if loss_weighting == "length-weighted-released" and eot_id is None:
+            raise ValueError("--loss-weighting length-weighted-released needs the turn-end token id (eot_id)")
         self.dp_group = dp_group
         self.strict_images = strict_images
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -102,15 +107,22 @@ class VLMBatches:
         groups = [[self.dataset[i] for i in idx] for idx in self._indices(iteration)]
         expanded = [self._tokens(g) for g in groups]
         stats = None
-        if self.loss_weighting != "token-mean":
+        released = None
+        if self.loss_weighting == "length-weighted-released":  # their segments, per-micro-step statistics
+            segs = [released_segments(e.labels, e.loss_mask, e.segment_ids, e.image_mask, self.eot_id)
+                    for e in expanded]
+            released = released_token_weights(segs, self.ord, self.avg_norm, group=self.dp_group)
+        elif self.loss_weighting != "token-mean":
             local = [response_lengths(e.loss_mask, response_segments(e.loss_mask))[0] for e in expanded]
             stats = global_length_stats(local, self.loss_weighting, self.ord, group=self.dp_group)
-        for samples, e in zip(groups, expanded):
+        for k, (samples, e) in enumerate(zip(groups, expanded)):
             batch = {
                 "tokens": e.input_ids, "labels": e.labels.clamp(min=0), "loss_mask": e.loss_mask.float(),
                 "image_mask": e.image_mask, "images": self._images(samples),
                 "position_ids": torch.arange(e.input_ids.shape[1]).unsqueeze(0).expand_as(e.input_ids),
             }
+            if released is not None:
+                batch["token_weights"] = released[k]
             if stats is not None:
                 batch["token_weights"] = token_weights(e.loss_mask, response_segments(e.loss_mask), stats)
             dev = platform.device()
