@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
-from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.models.llama_config import LlamaConfig, translator_indices  # noqa: F401  (re-exported)
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
@@ -117,16 +117,6 @@ def surrogate_config(cfg: LlamaConfig, a: Optional[int] = None, b: Optional[int]
     }
     suffix = "+".join(f"T({s},{e})" for s, e in ranges) + (f"x{num_translators}" if num_translators > 1 else "")
     return dataclasses.replace(cfg, num_layers=len(mapping), name=f"{cfg.name}-{suffix}", surrogate=provenance)
-
-
-def translator_indices(prov: Optional[dict]) -> list[int]:
-    """The translator layers of a surrogate provenance (older single-translator records: ``translator_index``
-    or ``a``); empty when there is none."""
-    prov = prov or {}
-    if prov.get("translator_indices") is not None:
-        return [int(i) for i in prov["translator_indices"]]
-    index = prov.get("translator_index", prov.get("a"))
-    return [] if index is None else [int(index)]
 
 
 def surrogate_key(ckey: str, mapping: list[int]) -> str:

@@ -69,7 +69,7 @@ def test_build_surrogate_hf(tmp_path):
     assert prov["target"] == str(tmp_path / "target") and prov["target_num_layers"] == 6
     assert prov["stage1_trainable_layers"] == [2] and not prov["control_unfreeze_early"]
     # identities grafting can check: the target's architecture and tokenizer (carried along, byte-identical)
-    from megatron_zero.models.grafting import tokenizer_hash
+    from megatron_zero.grafting import tokenizer_hash
     from megatron_zero.models.llama_config import LlamaConfig
     from megatron_zero.surrogate import architecture_sha256
 

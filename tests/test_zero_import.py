@@ -98,7 +98,7 @@ def test_encoder_import_lands_where_their_loader_puts_it_and_grafts(setup, tmp_p
     import transformers
 
     from megatron_zero.checkpointing import hf_clip
-    from megatron_zero.models.grafting import load_image_encoder, load_vlm_checkpoint
+    from megatron_zero.checkpointing.vlm_checkpoint import load_image_encoder, load_vlm_checkpoint
     from megatron_zero.models.vlm import build_vlm, expand_image_placeholders, load_vlm_canonical
     from tools import graft, import_zero_checkpoint
 

@@ -113,7 +113,7 @@ def compact(layers: list[int]) -> str:
 
 
 def provenance_extra(load_dir: str) -> dict:
-    from megatron_zero.models.grafting import tokenizer_hash
+    from megatron_zero.checkpointing.vlm_checkpoint import tokenizer_hash
 
     return {"tokenizer_sha256": tokenizer_hash(load_dir)}
 
@@ -237,4 +237,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

@@ -44,7 +44,7 @@ from megatron_zero.checkpointing.hf_writer import (  # noqa: E402
 )
 from megatron_zero.checkpointing.hf_llava import LlavaExportError  # noqa: E402
 from megatron_zero.checkpointing.mcore_checkpoint import CheckpointError  # noqa: E402
-from megatron_zero.models.grafting import GraftingError  # noqa: E402
+from megatron_zero.checkpointing.vlm_checkpoint import VLMCheckpointError  # noqa: E402
 from megatron_zero.models.llama import ModelConfigError, RuntimeOptions  # noqa: E402
 from megatron_zero.models.llama_config import LlamaConfig  # noqa: E402
 from megatron_zero.parallel.initialize import ParallelConfigError  # noqa: E402
@@ -52,7 +52,7 @@ from megatron_zero.parallel.initialize import ParallelConfigError  # noqa: E402
 PROG = "convert_checkpoint.py"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 USER_ERRORS = (CheckpointFormatError, CheckpointError, SaveDirError, ModelConfigError, ParallelConfigError,
-               LlavaExportError, GraftingError)
+               LlavaExportError, VLMCheckpointError)
 # validate()/split_layers() speak in training flags; this tool's flags say "target".
 _FLAG_NAMES = {
     "--tensor-model-parallel-size": "--target-tensor-parallel-size",
@@ -463,8 +463,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    from megatron_zero.parallel.initialize import destroy_parallel
+    from megatron_zero.errors import run_main
 
-    destroy_parallel()
-    sys.exit(code)
+    run_main(main)

@@ -18,9 +18,10 @@ import argparse
 import json
 import os
 import sys
+from megatron_zero.errors import UserError
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     pass
 
 
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     from megatron_zero.data.images import load_image
     from megatron_zero.data.tokenizers import load_tokenizer
     from megatron_zero.inference.generate import SamplingOptions, answer_yes_no, generate
-    from megatron_zero.models.grafting import DECODER_DIR, GraftingError, load_vlm_checkpoint
+    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR, VLMCheckpointError, load_vlm_checkpoint
     from megatron_zero.models.llama import RuntimeOptions
     from megatron_zero.models.vlm import build_vlm, load_vlm_canonical
     from megatron_zero.parallel.initialize import destroy_parallel, initialize_parallel, is_rank0
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.checkpoint, DECODER_DIR))
         template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id,
                                      prompt_format=args.prompt_format)
-    except (RequestError, GraftingError, ValueError, FileNotFoundError) as e:
+    except (RequestError, VLMCheckpointError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
@@ -131,4 +132,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

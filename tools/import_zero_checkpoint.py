@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from megatron_zero.checkpointing import zero_import
     from megatron_zero.checkpointing.hf_reader import CheckpointFormatError
     from megatron_zero.checkpointing.hf_writer import SaveDirError
-    from megatron_zero.models.grafting import GraftingError
+    from megatron_zero.checkpointing.vlm_checkpoint import VLMCheckpointError
 
     if not (args.output_encoder or args.output_surrogate):
         p.error("give --output-encoder and/or --output-surrogate")
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
                                                    args.overwrite, args.max_shard_size,
                                                    log=lambda m: print(f"[{PROG}] {m}", file=sys.stderr))
             result["surrogate"] = {"output": args.output_surrogate, "layers": record["layers"]}
-    except (zero_import.ZeroImportError, GraftingError, SaveDirError, CheckpointFormatError) as e:
+    except (zero_import.ZeroImportError, VLMCheckpointError, SaveDirError, CheckpointFormatError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result))
@@ -88,4 +88,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

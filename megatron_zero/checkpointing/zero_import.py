@@ -29,7 +29,7 @@ Two outputs, either or both:
 * :func:`import_encoder` -- an HF CLIP directory + the encoder file (and/or the translator file: the stage-1
   adapter) -> our image-encoder checkpoint, recording as ``trained_with`` the surrogate it was trained on (from a
   surrogate directory, or from the target + the translator ranges given as flags), so that
-  :func:`megatron_zero.models.grafting.graft` accepts it for that target without ``--force``.
+  :func:`megatron_zero.grafting.graft` accepts it for that target without ``--force``.
 * :func:`import_translator` -- the translator file -> a copy of a surrogate built by ``tools/build_surrogate.py``
   with the translator layer(s) replaced (cast to the surrogate's dtype, as ``load_state_dict`` copies).
 
@@ -46,6 +46,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from megatron_zero.errors import UserError
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
 
@@ -60,7 +61,7 @@ _POST_LN = ("encoder.vision_model.post_layernorm.weight", "encoder.vision_model.
 _ADAPTER_PARTS = (*_ADAPTER, *_MARKERS)
 
 
-class ZeroImportError(ValueError):
+class ZeroImportError(UserError, ValueError):
     """A released checkpoint that does not fit the given configs (or is not one of their files)."""
 
 
@@ -199,25 +200,25 @@ def surrogate_identity(target: Optional[str] = None, ranges: Optional[Sequence[t
     From a surrogate directory built by ``tools/build_surrogate.py`` (its own config, embeddings and tokenizer), or
     without building one -- the released 70B surrogate has 42 layers -- from the HF ``target`` and the translator
     ``ranges`` (a surrogate inherits its target's embeddings and tokenizer, so the identity is the same)."""
-    from megatron_zero.models import grafting
+    from megatron_zero.checkpointing import vlm_checkpoint as vc
     from megatron_zero.surrogate import surrogate_config
 
     if surrogate is not None:
-        dec = grafting.HFDecoder(surrogate)
+        dec = vc.HFDecoder(surrogate)
         if not dec.cfg.surrogate:
             raise ZeroImportError(f"--surrogate {surrogate}: its config records no surrogate provenance (build it "
                                   f"with tools/build_surrogate.py)")
         return dec.cfg, dec.identity()
     if target is None or not ranges:
         raise ZeroImportError("give --surrogate DIR, or --target DIR with --translator-range a:b")
-    dec = grafting.HFDecoder(target)
+    dec = vc.HFDecoder(target)
     try:
         scfg = surrogate_config(dec.cfg, ranges=list(ranges), num_translators=num_translators,
                                 target_name=os.path.abspath(target),
-                                extra={"tokenizer_sha256": grafting.tokenizer_hash(target)})
+                                extra={"tokenizer_sha256": vc.tokenizer_hash(target)})
     except ValueError as e:
         raise ZeroImportError(f"--translator-range: {e}") from None
-    identity = grafting.decoder_identity(scfg, dec.get("model.embed_tokens.weight"), grafting.tokenizer_hash(target),
+    identity = vc.decoder_identity(scfg, dec.get("model.embed_tokens.weight"), vc.tokenizer_hash(target),
                                          source=None)
     return scfg, identity
 
@@ -230,7 +231,7 @@ def import_encoder(clip_dir: str, output: str, *, encoder_file: Optional[str] = 
 
     With both files the translator file's (stage-1) tensors come first and the encoder file's (stage-2) override
     them, as their stage 2 starts from stage 1. Returns the image-encoder metadata written."""
-    from megatron_zero.models import grafting
+    from megatron_zero.checkpointing import vlm_checkpoint as vc
 
     files = []
     if translator_file:
@@ -245,8 +246,8 @@ def import_encoder(clip_dir: str, output: str, *, encoder_file: Optional[str] = 
     vision, tensors = encoder_canonical(clip_dir, files, scfg.hidden_size)
     identity = {**identity, "imported_from": {"format": "facebookresearch/zero .pth", "clip": os.path.abspath(clip_dir),
                                               "files": [f.record() for f in files]}}
-    grafting.save_image_encoder(output, tensors, vision, image_token_id, identity, overwrite=overwrite)
-    return grafting.read_image_encoder_meta(output)
+    vc.save_image_encoder(output, tensors, vision, image_token_id, identity, overwrite=overwrite)
+    return vc.read_image_encoder_meta(output)
 
 
 # ---------------------------------------------------------------------------------------------------------

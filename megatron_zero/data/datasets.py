@@ -35,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_zero.data.chat_template import IMAGE_TAG, ChatTemplate, Message
+from megatron_zero.errors import DataError
 
 __all__ = [
     "ChatDataset",
@@ -105,7 +106,7 @@ class TokenizationConfig:
 # ----------------------------------------------------------------------------------------------------- reading
 
 
-class _RecordError(ValueError):
+class _RecordError(DataError):
     pass
 
 

@@ -22,18 +22,19 @@ import torch
 import torch.distributed as dist
 
 from megatron_zero.evaluation.vocab_parallel import gather_vocab, token_logprobs
+from megatron_zero.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """Bad evaluation input: a checkpoint, tokenizer, model argument or request that cannot be used."""
 
 
 def default_tokenizer_path(load: str) -> str:
     """Where a checkpoint keeps its tokenizer: a VLM checkpoint's ``decoder/``, else the directory itself."""
     from megatron_zero.checkpointing.sources import vlm_checkpoint_dir
-    from megatron_zero.models.grafting import DECODER_DIR
+    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR
 
     vlm = vlm_checkpoint_dir(load)
     return os.path.join(vlm, DECODER_DIR) if vlm is not None else load

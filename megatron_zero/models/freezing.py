@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.models.llama_config import LlamaConfig, translator_indices
+from megatron_zero.errors import UserError
 
 STAGES = ("stage1", "stage2", "stage3")
 DEFAULT_ENCODER_TRAINABLE_LAYERS = 8
@@ -33,7 +34,7 @@ _ALWAYS = ("vision.adapter.", "vision.image_start_embedding", "vision.image_end_
            "vision.vision_model.post_layernorm.")
 
 
-class FreezingError(ValueError):
+class FreezingError(UserError, ValueError):
     """A freezing preset that cannot be applied to this model."""
 
 
@@ -45,8 +46,6 @@ def translator_index(decoder_cfg: LlamaConfig, explicit: Optional[int] = None) -
 def translator_layers(decoder_cfg: LlamaConfig, explicit: Optional[int] = None) -> list[int]:
     """Every translator layer of the surrogate (several with multi-range / multi-translator surrogates, see
     :mod:`megatron_zero.surrogate`): ``[explicit]`` if given, else from the surrogate provenance."""
-    from megatron_zero.surrogate import translator_indices
-
     if explicit is not None:
         indices = [int(explicit)]
     else:

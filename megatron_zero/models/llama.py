@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from megatron_zero import platform
 from megatron_zero.models.llama_config import LlamaConfig, padded_vocab_size
 from megatron_zero.parallel.pipeline_layout import megatron_layout, split_layers
+from megatron_zero.errors import UserError
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """The model cannot be laid out with the requested parallelism/precision."""
 
 

@@ -131,17 +131,17 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_zero.checkpointing import mcore_checkpoint
-    from megatron_zero.models import grafting
+    from megatron_zero.checkpointing import vlm_checkpoint
     from megatron_zero.models.vlm import VLM_CONFIG_FILE
     from megatron_zero.training.optimizer import unwrap
 
     models = [unwrap(c) for c in chunks]
-    tok_sha = grafting.tokenizer_hash(tokenizer_dir) if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
+    tok_sha = vlm_checkpoint.tokenizer_hash(tokenizer_dir) if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
     if dist.get_rank() == 0 and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     dist.barrier()
     if ps.is_pipeline_first_stage(ignore_virtual=True):
-        grafting.save_image_encoder_from_model(out_dir, models[0], tok_sha, overwrite=True)
+        vlm_checkpoint.save_image_encoder_from_model(out_dir, models[0], tok_sha, overwrite=True)
     dist.barrier()
     mcore_checkpoint.save_model([m.language_model for m in models], os.path.join(out_dir, "decoder"), cfg.decoder,
                                 overwrite=True,
@@ -246,7 +246,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
 
 if __name__ == "__main__":
-    from megatron_zero.parallel.initialize import destroy_parallel
+    from megatron_zero.errors import run_main
 
-    main(sys.argv[1:])
-    destroy_parallel()
+    run_main(main)
