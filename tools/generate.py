@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="VLM checkpoint directory (vlm_config.json, encoder, decoder/)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the checkpoint's decoder/)")
     p.add_argument("--chat-family", default=None, help="chat template family (default: detected from the tokenizer)")
+    p.add_argument("--prompt-format", default="meta", choices=["meta", "zero"],
+                   help="meta: the family's chat format; zero: the authors' Llama-3 format and image prompt")
     p.add_argument("--prompts", required=True, help="JSONL requests")
     p.add_argument("--output", default="-", help="JSONL answers ('-' = stdout)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
         options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         cfg, encoder, decoder = load_vlm_checkpoint(args.checkpoint)
         tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.checkpoint, DECODER_DIR))
-        template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id)
+        template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id,
+                                     prompt_format=args.prompt_format)
     except (RequestError, VLMCheckpointError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2

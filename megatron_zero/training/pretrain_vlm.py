@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer file or directory (default: the one --decoder-load holds)")
     g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
+    g.add_argument("--prompt-format", choices=["meta", "zero"], default="meta",
+                   help="meta: the family's chat format; zero: the authors' Llama-3 format, random caption-template "
+                        "image prompt and loss masks (special-token loss on by default in stages 1 and 2)")
     g.add_argument("--data-path", required=True, help="LLaVA-1.5 JSON")
     g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to")
     g.add_argument("--text-data-path", default=None, help="text-only instruction JSONL mixed in (stage 1: GenQA)")
@@ -66,9 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of text-only samples in the mix (default: proportional to dataset sizes)")
     g.add_argument("--loss-weighting", choices=["token-mean", "length-weighted", "length-weighted-released"],
                    default="token-mean")
-    g.add_argument("--loss-weighting-ord", type=float, default=0.5)
+    g.add_argument("--loss-weighting-ord", type=float, default=None,
+                   help="exponent (default: 0.5 for length-weighted, the paper; 1.0 for length-weighted-released, "
+                        "their balance_loss_exp_ord)")
+    g.add_argument("--loss-weighting-avg-norm", action="store_true",
+                   help="length-weighted-released: divide by the mean weight (their balance_loss_exp_avg_norm)")
     g.add_argument("--loss-on-special-tokens", action=argparse.BooleanOptionalAction, default=None,
-                   help="also put loss on the chat template's special tokens (A.9; default: on in stage 2)")
+                   help="also put loss on the chat template's special tokens (A.9; default: on in stage 2, and in "
+                        "stages 1 and 2 with --prompt-format zero, as the authors' configs)")
     g.add_argument("--encoder-trainable-layers", type=int, default=8)
     g.add_argument("--translator-layer", type=int, default=None, help="override the surrogate's translator index")
     g.add_argument("--control-unfreeze-early", action="store_true", help="stage 1 T* control (Sec. 1.2)")
@@ -102,8 +110,15 @@ def apply_stage_presets(args, decoder_layers: int) -> None:
         args.lr = STAGE3_LR_70B if args.stage == 3 and decoder_layers >= 80 else preset["lr"]
     if args.global_batch_size is None:
         args.global_batch_size = preset["global_batch_size"]
+    if getattr(args, "loss_weighting_ord", None) is None:
+        from megatron_zero.loss.length_weighted import DEFAULT_ORD, DEFAULT_RELEASED_ORD
+
+        released = getattr(args, "loss_weighting", None) == "length-weighted-released"
+        args.loss_weighting_ord = DEFAULT_RELEASED_ORD if released else DEFAULT_ORD
     if args.loss_on_special_tokens is None:
-        args.loss_on_special_tokens = preset["loss_on_special_tokens"]
+        # the authors' train_llama.py: include_special_tokens_in_masking_instruction_tokens = stage != finetune-decoder
+        zero = getattr(args, "prompt_format", "meta") == "zero"
+        args.loss_on_special_tokens = args.stage in (1, 2) if zero else preset["loss_on_special_tokens"]
 
 
 def build_dataset(args, tokenizer, template, num_image_embeddings: int):
@@ -111,7 +126,7 @@ def build_dataset(args, tokenizer, template, num_image_embeddings: int):
                                              read_llava_json)
 
     tcfg = TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=num_image_embeddings,
-                              loss_on_special_tokens=args.loss_on_special_tokens)
+                              loss_on_special_tokens=args.loss_on_special_tokens, prompt_seed=args.seed)
     vision = ChatDataset.build(read_llava_json(args.data_path, args.image_root), template, tcfg, source="llava")
     if not args.text_data_path:
         return vision
@@ -193,7 +208,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     tokenizer = load_tokenizer(args.tokenizer)
     # an encoder trained before keeps the placeholder id it was trained with
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
-    template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder)
+    try:
+        template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder,
+                                     prompt_format=args.prompt_format)
+    except ValueError as e:
+        parser.error(str(e))
     image_token_id = template.image_placeholder_id
     if image_token_id is None:
         parser.error("the chat template has no image placeholder token: give --image-token-id")
@@ -233,7 +252,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
         strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1,
         pack_sequences=args.pack_sequences,
-        microbatch_multiple=args.pipeline_model_parallel_size if args.virtual_pipeline_model_parallel_size else 1)
+        microbatch_multiple=args.pipeline_model_parallel_size if args.virtual_pipeline_model_parallel_size else 1,
+        eot_id=template.stop_token_ids[0], loss_weighting_avg_norm=args.loss_weighting_avg_norm)
+
     loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)

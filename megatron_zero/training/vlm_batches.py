@@ -35,7 +35,8 @@ from megatron_zero.data.datasets import Sample
 from megatron_zero.data.images import ImageLoadError
 from megatron_zero.data.sampler import ResumableDistributedSampler
 from megatron_zero.data.packing import collate_packed, expand_image_placeholders as expand_packed, pack_greedy
-from megatron_zero.loss.length_weighted import DEFAULT_ORD, global_length_stats, response_lengths, token_weights
+from megatron_zero.loss.length_weighted import (DEFAULT_ORD, global_length_stats, released_segments,
+                                                released_token_weights, response_lengths, token_weights)
 from megatron_zero.models.vlm import expand_image_placeholders
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class VLMBatches:
                  pad_id: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  load_image: Optional[Callable[[str], torch.Tensor]] = None, loss_weighting: str = "token-mean",
                  loss_weighting_ord: float = DEFAULT_ORD, dp_group=None, strict_images: bool = False,
-                 pad_to_multiple_of: int = 1, pack_sequences: bool = False, microbatch_multiple: int = 1):
+                 pad_to_multiple_of: int = 1, pack_sequences: bool = False, microbatch_multiple: int = 1,
+                 eot_id: Optional[int] = None, loss_weighting_avg_norm: bool = False):
         self.dataset = dataset
         self.image_token_id = image_token_id
         self.num_image_embeddings = num_image_embeddings
@@ -86,6 +88,10 @@ class VLMBatches:
         self.load_image = load_image
         self.loss_weighting = loss_weighting
         self.ord = loss_weighting_ord
+        self.eot_id = eot_id
+        self.avg_norm = loss_weighting_avg_norm
+        if loss_weighting == "length-weighted-released" and eot_id is None:
+            raise ValueError("--loss-weighting length-weighted-released needs the turn-end token id (eot_id)")
         self.dp_group = dp_group
         self.dp_size = dp_size
         self.micro_batch_size = micro_batch_size
@@ -193,18 +199,23 @@ class VLMBatches:
         (real,) = self._dp_reduce([float(real_local)], "sum")
         computed = n_mb * mbs * seq * self.dp_size
         stats = None
-        if self.loss_weighting != "token-mean":
+        released = None
+        if self.loss_weighting == "length-weighted-released":  # their segments, per-micro-step statistics
+            segs = [released_segments(e.labels, e.loss_mask, e.segment_ids, e.image_mask, self.eot_id)
+                    for e in expanded]
+            released = released_token_weights(segs, self.ord, self.avg_norm, group=self.dp_group)
+        elif self.loss_weighting != "token-mean":
             local = [response_lengths(e.loss_mask, response_segments(e.loss_mask))[0] for e in expanded]
             stats = global_length_stats(local, self.loss_weighting, self.ord, group=self.dp_group)
 
         def build():
-            for e, idx, image_paths in zip(expanded, sample_index, paths):
+            for k, (e, idx, image_paths) in enumerate(zip(expanded, sample_index, paths)):
                 # the dataset index of the sample at every position (-1: padding)
                 table = torch.tensor([-1] + [i for row in idx for i in row])
                 offsets = torch.tensor([0] + [len(row) for row in idx]).cumsum(0)[:-1]
                 seg = e.segment_ids
                 position_sample = table[torch.where(seg >= 0, seg + offsets[:, None] + 1, 0)]
-                weights = None
+                weights = released[k] if released is not None else None
                 if stats is not None:
                     weights = token_weights(e.loss_mask, response_segments(e.loss_mask), stats)
                 batch = {
