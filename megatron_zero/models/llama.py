@@ -1,4 +1,5 @@
-"""The Llama decoder on megatron-core ``GPTModel``: GQA, Llama-3 RoPE scaling, RMSNorm, SwiGLU, no biases.
+"""The decoder (Llama-3.x, Qwen3, Qwen2.5) on megatron-core ``GPTModel``: GQA, RoPE, RMSNorm, SwiGLU; per family
+Llama-3 RoPE scaling, QK-norm (``qk_layernorm``), q/k/v biases (``add_qkv_bias``), head_dim (``kv_channels``).
 
 The layer spec is Transformer Engine's on GPU (bf16, optional FP8) and megatron-core's local spec on CPU;
 both compute the same function (tests compare them when a GPU is at hand).
@@ -100,11 +101,15 @@ def decoder_spec(use_te: bool, config, vp_stage: Optional[int] = None):
     from megatron_zero.models.attention import SDPACoreAttention
     from megatron_zero.models.norms import Norm
 
+    qk_layernorm = bool(getattr(config, "qk_layernorm", False))
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
     # SDPA kernel instead of megatron's unfused softmax attention, and packed (THD) sequences on CPU
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if qk_layernorm:  # Qwen3: RMSNorm over each head (weights of size head_dim)
+        spec.submodules.self_attention.submodules.q_layernorm = Norm
+        spec.submodules.self_attention.submodules.k_layernorm = Norm
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
@@ -136,7 +141,8 @@ def transformer_config(cfg: LlamaConfig, opts: RuntimeOptions, num_layers: Optio
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,
