@@ -121,7 +121,7 @@ def compact(layers: list[int]) -> str:
 
 
 def provenance_extra(load_dir: str) -> dict:
-    from megatron_zero.models.grafting import tokenizer_hash
+    from megatron_zero.checkpointing.vlm_checkpoint import tokenizer_hash
 
     return {"tokenizer_sha256": tokenizer_hash(load_dir)}
 
@@ -203,7 +203,8 @@ def build_mcore(args) -> None:
     stored = dist_checkpointing.load_tensors_metadata(args.load_dir)
     dtype = stored["embedding.word_embeddings.weight"].dtype
     opts = RuntimeOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                          pipeline_stage_layers=args.target_pipeline_stage_layers, params_dtype=dtype)
+                          pipeline_stage_layers=args.target_pipeline_stage_layers, params_dtype=dtype,
+                          initialize_weights=False)
     try:
         stage_layers = validate(scfg, opts)
         initialize_parallel(tp, pp)
@@ -245,4 +246,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_zero.checkpointing.hf_reader import CONFIG, INDEX, SINGLE_FILE, TOKENIZER_FILES
+from megatron_zero.errors import UserError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -36,7 +37,7 @@ def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     return size
 
 
-class SaveDirError(ValueError):
+class SaveDirError(UserError, ValueError):
     """The save directory cannot be written (exists and is not empty, without --overwrite)."""
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megatron_zero.checkpointing.hf_writer import check_save_dir, copy_tokenizer_files, publish, temp_dir_for
 from megatron_zero.models.llama_config import LlamaConfig
 from megatron_zero.parallel.sharding import TE_NORM_ALIASES, VOCAB_KEYS
+from megatron_zero.errors import UserError
 
 FORMAT_VERSION = 1
 META_FILE = "checkpoint_meta.json"
@@ -39,7 +40,7 @@ CONFIG_FILE = "model_config.json"
 _STACKED_LAYERS = "decoder.layers."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that is missing, incomplete, or of another format/model."""
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_zero.training.optimizer import unwrap
+from megatron_zero.errors import UserError
 
 COMPLETE = "COMPLETE"
 # Optimizer state is saved per rank, so resume with the parallel layout the run was saved with (the model weights
@@ -34,7 +35,7 @@ OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 LATEST = "latest_checkpointed_iteration.txt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint directory that cannot be resumed from."""
 
 

@@ -115,7 +115,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
 
 if __name__ == "__main__":
-    from megatron_zero.parallel.initialize import destroy_parallel
+    from megatron_zero.errors import run_main
 
-    main(sys.argv[1:])
-    destroy_parallel()
+    run_main(main)

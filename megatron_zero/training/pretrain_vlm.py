@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer file or directory (default: the one --decoder-load holds)")
     g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
+    g.add_argument("--prompt-format", choices=["meta", "zero"], default="meta",
+                   help="meta: the family's chat format; zero: the authors' Llama-3 format, random caption-template "
+                        "image prompt and loss masks (special-token loss on by default in stages 1 and 2)")
     g.add_argument("--data-path", required=True, help="LLaVA-1.5 JSON")
     g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to")
     g.add_argument("--text-data-path", default=None, help="text-only instruction JSONL mixed in (stage 1: GenQA)")
@@ -66,12 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of text-only samples in the mix (default: proportional to dataset sizes)")
     g.add_argument("--loss-weighting", choices=["token-mean", "length-weighted", "length-weighted-released"],
                    default="token-mean")
-    g.add_argument("--loss-weighting-ord", type=float, default=0.5)
+    g.add_argument("--loss-weighting-ord", type=float, default=None,
+                   help="exponent (default: 0.5 for length-weighted, the paper; 1.0 for length-weighted-released, "
+                        "their balance_loss_exp_ord)")
+    g.add_argument("--loss-weighting-avg-norm", action="store_true",
+                   help="length-weighted-released: divide by the mean weight (their balance_loss_exp_avg_norm)")
     g.add_argument("--loss-on-special-tokens", action=argparse.BooleanOptionalAction, default=None,
-                   help="also put loss on the chat template's special tokens (A.9; default: on in stage 2)")
+                   help="also put loss on the chat template's special tokens (A.9; default: on in stage 2, and in "
+                        "stages 1 and 2 with --prompt-format zero, as the authors' configs)")
     g.add_argument("--encoder-trainable-layers", type=int, default=8)
     g.add_argument("--translator-layer", type=int, default=None, help="override the surrogate's translator index")
     g.add_argument("--control-unfreeze-early", action="store_true", help="stage 1 T* control (Sec. 1.2)")
+    g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack several samples per --seq-length row, attention and RoPE positions per sample "
+                        "(default; --no-pack-sequences: one padded sample per row)")
     g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of skipping")
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
@@ -99,8 +110,15 @@ def apply_stage_presets(args, decoder_layers: int) -> None:
         args.lr = STAGE3_LR_70B if args.stage == 3 and decoder_layers >= 80 else preset["lr"]
     if args.global_batch_size is None:
         args.global_batch_size = preset["global_batch_size"]
+    if getattr(args, "loss_weighting_ord", None) is None:
+        from megatron_zero.loss.length_weighted import DEFAULT_ORD, DEFAULT_RELEASED_ORD
+
+        released = getattr(args, "loss_weighting", None) == "length-weighted-released"
+        args.loss_weighting_ord = DEFAULT_RELEASED_ORD if released else DEFAULT_ORD
     if args.loss_on_special_tokens is None:
-        args.loss_on_special_tokens = preset["loss_on_special_tokens"]
+        # the authors' train_llama.py: include_special_tokens_in_masking_instruction_tokens = stage != finetune-decoder
+        zero = getattr(args, "prompt_format", "meta") == "zero"
+        args.loss_on_special_tokens = args.stage in (1, 2) if zero else preset["loss_on_special_tokens"]
 
 
 def build_dataset(args, tokenizer, template, num_image_embeddings: int):
@@ -108,7 +126,7 @@ def build_dataset(args, tokenizer, template, num_image_embeddings: int):
                                              read_llava_json)
 
     tcfg = TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=num_image_embeddings,
-                              loss_on_special_tokens=args.loss_on_special_tokens)
+                              loss_on_special_tokens=args.loss_on_special_tokens, prompt_seed=args.seed)
     vision = ChatDataset.build(read_llava_json(args.data_path, args.image_root), template, tcfg, source="llava")
     if not args.text_data_path:
         return vision
@@ -131,17 +149,17 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_zero.checkpointing import mcore_checkpoint
-    from megatron_zero.models import grafting
+    from megatron_zero.checkpointing import vlm_checkpoint
     from megatron_zero.models.vlm import VLM_CONFIG_FILE
     from megatron_zero.training.optimizer import unwrap
 
     models = [unwrap(c) for c in chunks]
-    tok_sha = grafting.tokenizer_hash(tokenizer_dir) if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
+    tok_sha = vlm_checkpoint.tokenizer_hash(tokenizer_dir) if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
     if dist.get_rank() == 0 and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     dist.barrier()
     if ps.is_pipeline_first_stage(ignore_virtual=True):
-        grafting.save_image_encoder_from_model(out_dir, models[0], tok_sha, overwrite=True)
+        vlm_checkpoint.save_image_encoder_from_model(out_dir, models[0], tok_sha, overwrite=True)
     dist.barrier()
     mcore_checkpoint.save_model([m.language_model for m in models], os.path.join(out_dir, "decoder"), cfg.decoder,
                                 overwrite=True,
@@ -190,7 +208,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     tokenizer = load_tokenizer(args.tokenizer)
     # an encoder trained before keeps the placeholder id it was trained with
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
-    template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder)
+    try:
+        template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder,
+                                     prompt_format=args.prompt_format)
+    except ValueError as e:
+        parser.error(str(e))
     image_token_id = template.image_placeholder_id
     if image_token_id is None:
         parser.error("the chat template has no image placeholder token: give --image-token-id")
@@ -228,7 +250,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         dp_rank=ps.get_data_parallel_rank(), dp_size=dp, seed=args.seed,
         load_image=lambda path: load_image(path, image_size), loss_weighting=args.loss_weighting,
         loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
-        strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1)
+        strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1,
+        pack_sequences=args.pack_sequences,
+        microbatch_multiple=args.pipeline_model_parallel_size if args.virtual_pipeline_model_parallel_size else 1,
+        eot_id=template.stop_token_ids[0], loss_weighting_avg_norm=args.loss_weighting_avg_norm)
+
     loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
@@ -242,7 +268,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
 
 if __name__ == "__main__":
-    from megatron_zero.parallel.initialize import destroy_parallel
+    from megatron_zero.errors import run_main
 
-    main(sys.argv[1:])
-    destroy_parallel()
+    run_main(main)
