@@ -200,6 +200,10 @@ def build_llama_model(
     model.llama_config = cfg
     if not opts.initialize_weights:
         mark_tensor_parallel_weights(model)
+    if not platform.HAVE_CUDA and opts.tensor_model_parallel_size == 1:
+        import types
+
+        model.compute_language_model_loss = types.MethodType(_whole_vocab_cross_entropy, model)
     zero_vocab_padding(model, cfg.vocab_size)
     if platform.HAVE_CUDA:
         model.cuda(torch.cuda.current_device())
@@ -228,6 +232,16 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
         bias = getattr(module, "bias", None)
         if dim == 0 and isinstance(bias, torch.Tensor) and not hasattr(bias, "tensor_model_parallel"):
             set_tensor_model_parallel_attributes(bias, True, 0, 1)
+
+
+def _whole_vocab_cross_entropy(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``GPTModel.compute_language_model_loss`` when one rank holds the whole vocabulary (TP=1 on CPU): torch's
+    fused log-softmax + NLL instead of megatron's vocab-parallel cross-entropy, which makes several extra passes
+    over the ``[s, b, vocab]`` logits for its TP all-reduces. Same function (padded vocabulary rows included),
+    per-token losses ``[b, s]``."""
+    s, b, v = logits.shape
+    loss = F.cross_entropy(logits.reshape(s * b, v).float(), labels.transpose(0, 1).reshape(s * b), reduction="none")
+    return loss.view(s, b).transpose(0, 1).contiguous()
 
 
 def zero_vocab_padding(model, vocab_size: int) -> None:
