@@ -140,6 +140,7 @@ def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
             print(f"{prog}: {e.message} (exit {EXIT_PREEMPTED}: resume with the same --load)", file=sys.stderr,
                   flush=True)
         code = EXIT_PREEMPTED
+        _ignore_preemption_signals()
     except SystemExit as e:
         if isinstance(e.code, str):  # raise SystemExit("error: ...") - already one line
             text = e.code.strip()
@@ -161,6 +162,18 @@ def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
         _teardown()
     sys.stdout.flush()
     sys.exit(code)
+
+
+def _ignore_preemption_signals() -> None:
+    """After the save: ignore further SIGTERM/SIGUSR1 (torchrun's shutdown of the other ranks), also during
+    interpreter finalisation, which resets Python-level handlers to the default (terminate) action."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(s, signal.SIG_IGN)
+        except ValueError:
+            pass
 
 
 def _teardown() -> None:

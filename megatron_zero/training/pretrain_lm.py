@@ -64,12 +64,18 @@ def load_tokens(args) -> np.ndarray:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    from megatron_zero.training.loop import install_exit_signals
+
+    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
     parser = build_parser()
     args = arguments.parse(parser, argv)
     if args.model is None:
         parser.error("--model is required (a preset name or model_config.json)")
     if args.train_iters is None:
         parser.error("--train-iters is required")
+    from megatron_zero.training.loop import prepare_run
+
+    prepare_run(args)
 
     from megatron.core import parallel_state as ps
 
@@ -97,11 +103,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     if gbs % (args.micro_batch_size * dp):
         parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
 
-    chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts))
+    chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts), cfg.to_dict())
     data = TokenWindows(load_tokens(args), args.seq_length, seed=args.seed)
     dp_rank = ps.get_data_parallel_rank()
     padded = padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)
     loop_cfg = LoopConfig.from_args(args, dp, gbs, decoder_flops_per_step(cfg, gbs, args.seq_length, padded))
+    loop_cfg.model_config = cfg.to_dict()
     if args.save and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_pipeline_model_parallel_rank() == 0:
         os.makedirs(args.save, exist_ok=True)

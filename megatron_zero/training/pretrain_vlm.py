@@ -140,6 +140,9 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    from megatron_zero.training.loop import install_exit_signals
+
+    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
     parser = build_parser()
     args = arguments.parse(parser, argv)
 
@@ -166,6 +169,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     apply_stage_presets(args, dec.cfg.num_layers)
     if args.train_iters is None:
         parser.error("--train-iters is required")
+    from megatron_zero.training.loop import prepare_run
+
+    prepare_run(args)
     opts = RuntimeOptions.from_args(args)
     try:
         validate(dec.cfg, opts)
@@ -202,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     report = trainable_report(chunks, f"stage{args.stage}")
     print_rank0(report)
 
-    chunks, optimizer, scheduler, start = setup_optimization(args, chunks)
+    chunks, optimizer, scheduler, start = setup_optimization(args, chunks, vlm_cfg.to_dict())
     dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
     image_size = enc.vision.image_size
     batches = VLMBatches(
@@ -215,6 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1)
     loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
+    loop_cfg.model_config = vlm_cfg.to_dict()
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
     if batches.skipped_images:
         print_rank0(f"warning: {batches.skipped_images} images could not be loaded and were replaced by blanks")
