@@ -11,6 +11,17 @@ import argparse
 from typing import Optional, Sequence
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 1 (``--batch-size 0`` is refused as an argument error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(",", " ").split()]

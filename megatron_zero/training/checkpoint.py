@@ -110,6 +110,16 @@ def _remove_tree(path: str) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def prune(root: str, keep_last: int, just_written: int) -> list[int]:
+    """Delete complete checkpoints older than ``just_written`` beyond the newest ``keep_last`` (counting it);
+    never ``just_written`` itself, nor anything newer. Returns the pruned iterations."""
+    older = [it for it in complete_iterations(root) if it < just_written]
+    doomed = older[:max(len(older) - (keep_last - 1), 0)]
+    for it in doomed:
+        _remove_tree(iter_dir(root, it))
+    return doomed
+
+
 def remove_leftovers(root: str) -> list[str]:
     """Remove what interrupted saves and prunings left under ``root`` (``iter_*.tmp``, ``*.deleting``, iteration
     directories without ``COMPLETE``). Only call it while holding the directory's lock."""
@@ -421,10 +431,7 @@ def save_checkpoint(
         os.replace(latest_tmp, os.path.join(root, LATEST))
         _fsync_dir(root)
         if keep_last:
-            # never the checkpoint just written: prune the older ones beyond the newest keep_last
-            older = [it for it in complete_iterations(root) if it < iteration]
-            for old in older[:max(len(older) - (keep_last - 1), 0)]:
-                _remove_tree(iter_dir(root, old))
+            prune(root, keep_last, iteration)
     _barrier()
     return final
 

@@ -42,15 +42,26 @@ def load_tokens(args) -> np.ndarray:
     if not os.path.exists(args.data_path):
         raise SystemExit(f"error: --data-path {args.data_path}: no such file")
     if args.data_path.endswith(".npy"):
-        return np.load(args.data_path)
+        try:
+            tokens = np.load(args.data_path)
+        except (ValueError, OSError, EOFError) as e:
+            raise SystemExit(f"error: --data-path {args.data_path}: not a readable .npy token array ({e})") from None
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise SystemExit(f"error: --data-path {args.data_path}: expected a 1-D integer token array, got "
+                             f"{tokens.dtype} of shape {tokens.shape}")
+        return tokens
     if not args.tokenizer:
         raise SystemExit(f"error: --data-path {args.data_path} is text: --tokenizer is required")
     from megatron_zero.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     ids: list[int] = []
-    with open(args.data_path) as f:
-        for line_no, line in enumerate(f, 1):
+    with open(args.data_path, encoding="utf-8") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: --data-path {args.data_path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        for line_no, line in enumerate(lines, 1):
             text = line
             if args.data_path.endswith(".jsonl"):
                 try:
@@ -104,7 +115,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
 
     chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts), cfg.to_dict())
-    data = TokenWindows(load_tokens(args), args.seq_length, seed=args.seed)
+    tokens = load_tokens(args)
+    if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
+        raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
+                         f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
+    data = TokenWindows(tokens, args.seq_length, seed=args.seed)
     dp_rank = ps.get_data_parallel_rank()
     padded = padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)
     loop_cfg = LoopConfig.from_args(args, dp, gbs, decoder_flops_per_step(cfg, gbs, args.seq_length, padded))

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder-trainable-layers", type=int, default=8)
     g.add_argument("--translator-layer", type=int, default=None, help="override the surrogate's translator index")
     g.add_argument("--control-unfreeze-early", action="store_true", help="stage 1 T* control (Sec. 1.2)")
-    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of skipping")
+    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of dropping its sample (replaced by the next one)")
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
@@ -178,6 +178,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     except ModelConfigError as e:
         parser.error(str(e))
     tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > dec.cfg.vocab_size:
+        parser.error(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the decoder "
+                     f"(--decoder-load {args.decoder_load}) has a {dec.cfg.vocab_size}-token vocabulary: "
+                     f"use the decoder's own tokenizer")
     # an encoder trained before keeps the placeholder id it was trained with
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
     template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder)
@@ -223,8 +227,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
     loop_cfg.model_config = vlm_cfg.to_dict()
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
-    if batches.skipped_images:
-        print_rank0(f"warning: {batches.skipped_images} images could not be loaded and were replaced by blanks")
+    skipped = batches.total_skipped()
+    if skipped:
+        print_rank0(f"warning: {skipped} sample(s) with a missing or corrupt image were dropped and replaced by the "
+                    f"next ones (over all data-parallel ranks)")
     if args.save and not args.no_export:
         tok_dir = args.tokenizer if os.path.isdir(args.tokenizer) else os.path.dirname(args.tokenizer)
         export(chunks, vlm_cfg, os.path.join(args.save, "export"), tok_dir)

@@ -5,7 +5,10 @@ Samples are not packed together here: megatron-core's local attention cannot kee
 its RoPE ignores per-sample positions (packing belongs with TE's THD attention and ``packed_seq_params``).
 
 The data of iteration ``i`` is a pure function of (seed, ``i``) through
-:class:`~megatron_zero.data.sampler.ResumableDistributedSampler`, so resuming replays exactly.
+:class:`~megatron_zero.data.sampler.ResumableDistributedSampler`, so resuming replays exactly. A sample whose
+image is missing or corrupt is dropped and replaced by the next loadable sample of the dataset (index + 1, + 2,
+...): still a pure function of (seed, ``i``) and the files, so the data position stays exact on resume; the
+dropped samples are counted over all DP ranks (``--strict-images`` fails instead).
 Before the micro-batch loop, the response lengths of the whole global batch (all micro-batches, all DP ranks)
 give the length-weighted loss its statistics (A.11).
 """
@@ -20,6 +23,7 @@ from megatron_zero import platform
 from megatron_zero.data.datasets import Sample
 from megatron_zero.data.images import ImageLoadError
 from megatron_zero.data.sampler import ResumableDistributedSampler
+from megatron_zero.errors import DataError
 from megatron_zero.loss.length_weighted import DEFAULT_ORD, global_length_stats, response_lengths, token_weights
 from megatron_zero.models.vlm import expand_image_placeholders
 
@@ -54,7 +58,8 @@ class VLMBatches:
         self.dp_group = dp_group
         self.strict_images = strict_images
         self.pad_to_multiple_of = pad_to_multiple_of
-        self.skipped_images = 0
+        self.skipped_samples = 0  # samples dropped on this rank for a missing/corrupt image
+        self.max_replacements = 1000
         self.sampler = ResumableDistributedSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank,
                                                    dp_size, seed=seed)
 
@@ -77,38 +82,47 @@ class VLMBatches:
         return expand_image_placeholders(ids, labels, masks, self.image_token_id, self.num_image_embeddings,
                                          self.seq_length, self.pad_id, self.pad_to_multiple_of)
 
-    def _images(self, samples: Sequence[Sample]) -> Optional[torch.Tensor]:
-        paths = [p for s in samples for p in s.image_paths]
-        if not paths:
-            return None
-        images = []
-        for p in paths:
+    def _load_sample(self, index: int) -> tuple[Sample, list[torch.Tensor]]:
+        """The first sample from ``index`` on whose images all load, and its images (dropped ones are counted)."""
+        n = len(self.dataset)
+        for k in range(min(n, self.max_replacements + 1)):
+            i = (index + k) % n
+            sample = self.dataset[i]
             try:
-                images.append(self.load_image(p))
+                return sample, [self.load_image(p) for p in sample.image_paths]
             except ImageLoadError as e:
                 if self.strict_images:
                     raise
-                # keep the batch's shape: a blank (zero, i.e. mean-coloured after normalisation) image
-                self.skipped_images += 1
-                log.warning("%s (skipped, using a blank image; %d so far)", e, self.skipped_images)
-                images.append(None)
-        template = next((x for x in images if x is not None), None)
-        if template is None:
-            raise ImageLoadError(paths[0], "no image of the micro-batch could be loaded")
-        return torch.stack([x if x is not None else torch.zeros_like(template) for x in images])
+                self.skipped_samples += 1
+                log.warning("%s: sample %d dropped and replaced by the next one (%d dropped on this rank so far)",
+                            e, i, self.skipped_samples)
+        raise DataError(f"samples {index}..{index + k} (of {n}) all have missing or corrupt images; check the "
+                        f"data's image paths and --image-root")
+
+    def total_skipped(self) -> int:
+        """Samples dropped for bad images, summed over the DP ranks (a collective over the DP group)."""
+        import torch.distributed as dist
+
+        count = torch.tensor([self.skipped_samples], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size(self.dp_group) > 1:
+            dist.all_reduce(count, group=self.dp_group)
+        return int(count.item())
 
     def iteration(self, iteration: int) -> Iterator[dict]:
-        """This rank's micro-batches of ``iteration`` (token tensors built first; images loaded lazily)."""
-        groups = [[self.dataset[i] for i in idx] for idx in self._indices(iteration)]
+        """This rank's micro-batches of ``iteration`` (the images are loaded first: a sample with a bad one is
+        replaced before the token tensors and the length statistics are built)."""
+        loaded = [[self._load_sample(i) for i in idx] for idx in self._indices(iteration)]
+        groups = [[sample for sample, _ in g] for g in loaded]
+        images = [[im for _, ims in g for im in ims] for g in loaded]
         expanded = [self._tokens(g) for g in groups]
         stats = None
         if self.loss_weighting != "token-mean":
             local = [response_lengths(e.loss_mask, response_segments(e.loss_mask))[0] for e in expanded]
             stats = global_length_stats(local, self.loss_weighting, self.ord, group=self.dp_group)
-        for samples, e in zip(groups, expanded):
+        for ims, e in zip(images, expanded):
             batch = {
                 "tokens": e.input_ids, "labels": e.labels.clamp(min=0), "loss_mask": e.loss_mask.float(),
-                "image_mask": e.image_mask, "images": self._images(samples),
+                "image_mask": e.image_mask, "images": torch.stack(ims) if ims else None,
                 "position_ids": torch.arange(e.input_ids.shape[1]).unsqueeze(0).expand_as(e.input_ids),
             }
             if stats is not None:
