@@ -64,7 +64,7 @@ def resolve_decoder(path: str, flag: str = "--decoder-load") -> DecoderSource:
         raise WeightSourceError(f"{flag} {path}: no such directory")
     vlm = vlm_checkpoint_dir(path)
     if vlm is not None:
-        from megatron_zero.models.grafting import DECODER_DIR, load_vlm_checkpoint
+        from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR, load_vlm_checkpoint
         from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig
 
         decoder_dir = os.path.join(vlm, DECODER_DIR)
@@ -74,7 +74,7 @@ def resolve_decoder(path: str, flag: str = "--decoder-load") -> DecoderSource:
         cfg, _, getter = load_vlm_checkpoint(vlm)
         return DecoderSource(cfg.decoder, "canonical", getter, vlm)
     if os.path.isfile(os.path.join(path, "config.json")):
-        from megatron_zero.models.grafting import HFDecoder
+        from megatron_zero.checkpointing.vlm_checkpoint import HFDecoder
 
         hf = HFDecoder(path)
         return DecoderSource(hf.cfg, "canonical", hf.canonical_getter(), path)
@@ -121,12 +121,12 @@ def resolve_encoder(path: Optional[str], vision_preset: Optional[str] = None, fe
                                                  feature_convention=feature_convention), None)
     if not os.path.exists(path):
         raise WeightSourceError(f"{flag} {path}: no such directory")
-    from megatron_zero.models import grafting
+    from megatron_zero.checkpointing import vlm_checkpoint
 
     vlm = vlm_checkpoint_dir(path)
-    enc_dir = vlm or (path if os.path.isfile(os.path.join(path, grafting.ENCODER_META)) else None)
+    enc_dir = vlm or (path if os.path.isfile(os.path.join(path, vlm_checkpoint.ENCODER_META)) else None)
     if enc_dir is not None:
-        meta, tensors = grafting.load_image_encoder(enc_dir)
+        meta, tensors = vlm_checkpoint.load_image_encoder(enc_dir)
         return EncoderSource(ClipVisionConfig.from_dict(meta["vision"]), tensors, meta["image_token_id"], enc_dir)
     cfg_file = os.path.join(path, "config.json")
     if os.path.isfile(cfg_file):

@@ -25,6 +25,7 @@ import collections
 import json
 import logging
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,10 @@ class TokenizationConfig:
     max_seq_len: int  # cap on the expanded length (images counted as num_image_tokens)
     num_image_tokens: int = 576  # LLaVA-1.5's CLIP ViT-L/14 at 336 px: 24 x 24 patches
     loss_on_special_tokens: bool = False  # Sec. A.9's rule for encoder-only stages
+    #: formats with varying prompts (``--prompt-format zero``'s image prompt) draw them from a generator seeded by
+    #: (seed, record index, record id), so a dataset tokenises identically on every rank and every resume; the
+    #: authors redraw per epoch, here the draw is fixed per record.
+    prompt_seed: int = 0
 
     def __post_init__(self):
         if self.max_seq_len < 1 or self.num_image_tokens < 1:
@@ -261,10 +266,11 @@ class ChatDataset:
         skipped: collections.Counter = collections.Counter()
         truncated = 0
         placeholder = template.image_placeholder_id
-        for conv in tqdm(conversations, desc=f"tokenising {source or 'conversations'}", unit="conv",
-                         disable=len(conversations) < 10_000):
+        for index, conv in enumerate(tqdm(conversations, desc=f"tokenising {source or 'conversations'}", unit="conv",
+                                          disable=len(conversations) < 10_000)):
             try:
-                enc = template.encode(conv.messages, loss_on_special_tokens=config.loss_on_special_tokens)
+                rng = random.Random(f"{config.prompt_seed}:{index}:{conv.id}")
+                enc = template.encode(conv.messages, loss_on_special_tokens=config.loss_on_special_tokens, rng=rng)
             except ValueError as exc:
                 raise ValueError(f"{source}: conversation {conv.id!r}: {exc}") from None
             tok = np.asarray(enc.input_ids, dtype=np.int64)

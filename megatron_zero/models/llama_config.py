@@ -225,3 +225,14 @@ def load_model_config(path: str) -> LlamaConfig:
     if "num_hidden_layers" in d:
         return LlamaConfig.from_hf_config(d, name=os.path.basename(os.path.dirname(os.path.abspath(path))))
     return LlamaConfig.from_dict(d)
+
+
+def translator_indices(prov: Optional[dict]) -> list[int]:
+    """The translator layers recorded in a surrogate provenance (``LlamaConfig.surrogate``): ``translator_indices``
+    (multi-range / multi-translator surrogates, :mod:`megatron_zero.surrogate`), else the single
+    ``translator_index`` (or ``a``) of older records; empty when there is none."""
+    prov = prov or {}
+    if prov.get("translator_indices") is not None:
+        return [int(i) for i in prov["translator_indices"]]
+    index = prov.get("translator_index", prov.get("a"))
+    return [] if index is None else [int(index)]

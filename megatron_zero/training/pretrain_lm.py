@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
