@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
+from megatron_zero.arguments import positive_int  # noqa: E402
 from megatron_zero.checkpointing.convert import (  # noqa: E402
     DTYPES, PROG, USER_ERRORS, convert_checkpoint, log, peak_rss_mb,
 )
@@ -59,8 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-format", choices=("hf", "mcore"), required=True)
     p.add_argument("--model-type", choices=("llama", "clip", "vlm"), default="llama",
                    help="vlm: VLM checkpoint -> HF LlavaForConditionalGeneration (LLaVA feature convention only)")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--target-tensor-parallel-size", type=positive_int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=positive_int, default=1)
     p.add_argument("--target-pipeline-stage-layers", type=int, nargs="+", default=None,
                    help="decoder layers per pipeline stage, for uneven splits (e.g. 10 11 11 10)")
     p.add_argument("--params-dtype", choices=("auto", *DTYPES), default="auto",

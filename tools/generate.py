@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+from megatron_zero.arguments import positive_int
 from megatron_zero.errors import UserError
 
 
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="meta: the family's chat format; zero: the authors' Llama-3 format and image prompt")
     p.add_argument("--prompts", required=True, help="JSONL requests")
     p.add_argument("--output", default="-", help="JSONL answers ('-' = stdout)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -42,15 +41,26 @@ def load_tokens(args) -> np.ndarray:
     if not os.path.exists(args.data_path):
         raise SystemExit(f"error: --data-path {args.data_path}: no such file")
     if args.data_path.endswith(".npy"):
-        return np.load(args.data_path)
+        try:
+            tokens = np.load(args.data_path)
+        except (ValueError, OSError, EOFError) as e:
+            raise SystemExit(f"error: --data-path {args.data_path}: not a readable .npy token array ({e})") from None
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise SystemExit(f"error: --data-path {args.data_path}: expected a 1-D integer token array, got "
+                             f"{tokens.dtype} of shape {tokens.shape}")
+        return tokens
     if not args.tokenizer:
         raise SystemExit(f"error: --data-path {args.data_path} is text: --tokenizer is required")
     from megatron_zero.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     ids: list[int] = []
-    with open(args.data_path) as f:
-        for line_no, line in enumerate(f, 1):
+    with open(args.data_path, encoding="utf-8") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: --data-path {args.data_path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        for line_no, line in enumerate(lines, 1):
             text = line
             if args.data_path.endswith(".jsonl"):
                 try:
@@ -64,12 +74,18 @@ def load_tokens(args) -> np.ndarray:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    from megatron_zero.training.loop import install_exit_signals
+
+    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
     parser = build_parser()
     args = arguments.parse(parser, argv)
     if args.model is None:
         parser.error("--model is required (a preset name or model_config.json)")
     if args.train_iters is None:
         parser.error("--train-iters is required")
+    from megatron_zero.training.loop import prepare_run
+
+    prepare_run(args)
 
     from megatron.core import parallel_state as ps
 
@@ -97,11 +113,16 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     if gbs % (args.micro_batch_size * dp):
         parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
 
-    chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts))
-    data = TokenWindows(load_tokens(args), args.seq_length, seed=args.seed)
+    chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts), cfg.to_dict())
+    tokens = load_tokens(args)
+    if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
+        raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
+                         f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
+    data = TokenWindows(tokens, args.seq_length, seed=args.seed)
     dp_rank = ps.get_data_parallel_rank()
     padded = padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)
     loop_cfg = LoopConfig.from_args(args, dp, gbs, decoder_flops_per_step(cfg, gbs, args.seq_length, padded))
+    loop_cfg.model_config = cfg.to_dict()
     if args.save and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_pipeline_model_parallel_rank() == 0:
         os.makedirs(args.save, exist_ok=True)

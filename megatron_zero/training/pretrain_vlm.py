@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Optional, Sequence
 
 from megatron_zero import arguments
@@ -83,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
                    help="pack several samples per --seq-length row, attention and RoPE positions per sample "
                         "(default; --no-pack-sequences: one padded sample per row)")
-    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of skipping")
+    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of dropping its sample (replaced by the next one)")
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
@@ -173,6 +172,9 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    from megatron_zero.training.loop import install_exit_signals
+
+    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
     parser = build_parser()
     args = arguments.parse(parser, argv)
 
@@ -199,6 +201,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     apply_stage_presets(args, dec.cfg.num_layers)
     if args.train_iters is None:
         parser.error("--train-iters is required")
+    from megatron_zero.training.loop import prepare_run
+
+    prepare_run(args)
     opts = RuntimeOptions.from_args(args)
     try:
         validate(dec.cfg, opts)
@@ -206,6 +211,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         parser.error(str(e))
     args.tokenizer = tokenizer_path(args.tokenizer, dec.path, parser)
     tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > dec.cfg.vocab_size:
+        parser.error(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the decoder "
+                     f"(--decoder-load {args.decoder_load}) has a {dec.cfg.vocab_size}-token vocabulary: "
+                     f"use the decoder's own tokenizer")
     # an encoder trained before keeps the placeholder id it was trained with
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
     try:
@@ -240,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     report = trainable_report(chunks, f"stage{args.stage}")
     print_rank0(report)
 
-    chunks, optimizer, scheduler, start = setup_optimization(args, chunks)
+    chunks, optimizer, scheduler, start = setup_optimization(args, chunks, vlm_cfg.to_dict())
     dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
     image_size = enc.vision.image_size
     batches = VLMBatches(
@@ -257,9 +266,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
     loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
+    loop_cfg.model_config = vlm_cfg.to_dict()
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
-    if batches.skipped_images:
-        print_rank0(f"warning: {batches.skipped_images} images could not be loaded and were replaced by blanks")
+    skipped = batches.total_skipped()
+    if skipped:
+        print_rank0(f"warning: {skipped} sample(s) with a missing or corrupt image were dropped and replaced by the "
+                    f"next ones (over all data-parallel ranks)")
     if args.save and not args.no_export:
         tok_dir = args.tokenizer if os.path.isdir(args.tokenizer) else os.path.dirname(args.tokenizer)
         export(chunks, vlm_cfg, os.path.join(args.save, "export"), tok_dir)
