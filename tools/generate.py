@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = build_vlm(cfg, RuntimeOptions(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                          params_dtype=dtype, bf16=args.bf16))
+                                          params_dtype=dtype, bf16=args.bf16, initialize_weights=False))
     load_vlm_canonical(model, encoder, decoder, source=args.checkpoint)
     yes_ids = [tokenizer.encode(w)[0] for w in args.yes_words.split(",")]
     no_ids = [tokenizer.encode(w)[0] for w in args.no_words.split(",")]

@@ -140,6 +140,42 @@ class ShardedSafetensorsWriter:
         return names
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def written_float_dtype(out_dir: str) -> Optional[str]:
+    """The floating-point dtype of the safetensors shards in ``out_dir`` (read from their headers), or None when
+    there is none or they mix dtypes."""
+    import struct
+
+    found = set()
+    for name in os.listdir(out_dir):
+        if not name.endswith(".safetensors"):
+            continue
+        with open(os.path.join(out_dir, name), "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        found |= {_SAFETENSORS_DTYPES[v["dtype"]] for k, v in header.items()
+                  if k != "__metadata__" and v.get("dtype") in _SAFETENSORS_DTYPES}
+    return found.pop() if len(found) == 1 else None
+
+
 def write_config(out_dir: str, config: dict[str, Any]) -> None:
+    """``config.json``, written last. Its dtype is that of the tensors written (so ``transformers`` loads them
+    as they are), and token ids missing from it are taken from the ``generation_config.json`` copied along."""
+    config = dict(config)
+    dtype = written_float_dtype(out_dir)
+    if dtype is not None:
+        config["torch_dtype"] = config["dtype"] = dtype
+    gen_file = os.path.join(out_dir, "generation_config.json")
+    if os.path.isfile(gen_file):
+        with open(gen_file) as f:
+            gen = json.load(f)
+        targets = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+        for target in targets:
+            for key in _GENERATION_IDS:
+                if target.get(key) is None and gen.get(key) is not None:
+                    target[key] = gen[key]
     with open(os.path.join(out_dir, CONFIG), "w") as f:
         json.dump(config, f, indent=2)

@@ -80,7 +80,7 @@ class ParallelTextModel:
         self.tokenizer = open_tokenizer(load, tokenizer, self.cfg.vocab_size)
         bf16 = DTYPES[dtype] == torch.bfloat16
         opts = RuntimeOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              params_dtype=DTYPES[dtype], bf16=bf16)
+                              params_dtype=DTYPES[dtype], bf16=bf16, initialize_weights=False)
         self.model = build_llama_model(self.cfg, opts)
         source.load_into([self.model])
         self.model.eval()

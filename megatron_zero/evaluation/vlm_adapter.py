@@ -125,7 +125,7 @@ class VLMEvaluator:
             raise EvaluationError(f"launch exactly tp = {tp} processes (data parallelism is not used)")
         self.dtype = DTYPES[dtype]
         self.model = build_vlm(self.cfg, RuntimeOptions(tensor_model_parallel_size=tp, params_dtype=self.dtype,
-                                                     bf16=self.dtype == torch.bfloat16))
+                                                     bf16=self.dtype == torch.bfloat16, initialize_weights=False))
         try:
             resolve_decoder(load, flag="load=").load_into([self.model])
             resolve_encoder(load, flag="load=").load_into([self.model])

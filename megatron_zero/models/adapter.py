@@ -57,12 +57,18 @@ class ImageEncoder(ShardedStateDictMixin, torch.nn.Module):
     """
 
     def __init__(self, vision_cfg: ClipVisionConfig, decoder_hidden_size: int, tensor_model_parallel_size: int = 1,
-                 params_dtype: torch.dtype = torch.float32, bf16: bool = False, use_te: Optional[bool] = None):
+                 params_dtype: torch.dtype = torch.float32, bf16: bool = False, use_te: Optional[bool] = None,
+                 initialize_weights: bool = True):
         super().__init__()
         self.vision_cfg = vision_cfg
-        self.vision_model = ClipVisionTransformer(vision_cfg, tensor_model_parallel_size, params_dtype, bf16, use_te)
+        self.vision_model = ClipVisionTransformer(vision_cfg, tensor_model_parallel_size, params_dtype, bf16, use_te,
+                                                  initialize_weights)
         self.config = self.vision_model.config
         self.adapter = VisionAdapter(self.config, vision_cfg.hidden_size, decoder_hidden_size)
+        if not initialize_weights:
+            from megatron_zero.models.llama import mark_tensor_parallel_weights
+
+            mark_tensor_parallel_weights(self.adapter)
         self.use_image_boundaries = vision_cfg.feature_convention == "zero"
         if self.use_image_boundaries:
             std = decoder_hidden_size ** -0.5

@@ -12,8 +12,9 @@ along the sequence first (``GPTModel`` takes a given ``decoder_input`` as is, al
 stages receive hidden states and never build the encoder. Labels/loss masks are expanded consistently: image
 positions carry no loss, except that the last image position carries the placeholder's (shifted) label.
 
-Note: megatron-core's RoPE uses positions ``0..s-1`` of the (expanded, padded) row; ``position_ids`` only matter
-for learned absolute embeddings, which Llama does not have.
+Note: megatron-core's RoPE uses positions ``0..s-1`` of the (expanded, padded) row, or, for packed rows (THD
+``packed_seq_params``), positions restarting at every ``cu_seqlens`` boundary; ``position_ids`` only matter for
+learned absolute embeddings, which Llama does not have.
 """
 from __future__ import annotations
 
@@ -188,7 +189,7 @@ class VisionLanguageModel(ShardedStateDictMixin, torch.nn.Module):
             from megatron_zero import platform
 
             self.vision = ImageEncoder(cfg.vision, cfg.decoder.hidden_size, opts.tensor_model_parallel_size,
-                                       opts.params_dtype, opts.bf16, opts.use_te)
+                                       opts.params_dtype, opts.bf16, opts.use_te, opts.initialize_weights)
             if platform.HAVE_CUDA:
                 self.vision.cuda(torch.cuda.current_device())
 
@@ -213,18 +214,21 @@ class VisionLanguageModel(ShardedStateDictMixin, torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
                 images: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, inference_context=None, runtime_gather_output=None):
+                labels: Optional[torch.Tensor] = None, inference_context=None, runtime_gather_output=None,
+                packed_seq_params=None):
         """Logits ``[b, s, vocab/tp]`` (or per-token losses with ``labels``) on the last stage, else hidden states.
 
         ``input_ids``/``image_mask`` ``[b, s]`` are the *expanded* rows; ``images`` ``[n, C, H, W]`` in placeholder
-        order (row-major). Only the first stage uses ``images``/``image_mask``.
+        order (row-major). Only the first stage uses ``images``/``image_mask``. Packed rows come flattened to
+        ``[1, rows * seq]`` with megatron's THD ``packed_seq_params`` (see
+        :mod:`megatron_zero.training.vlm_batches`).
         """
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, position_ids, images, image_mask)
         return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                    labels=labels, inference_context=inference_context,
-                                   runtime_gather_output=runtime_gather_output)
+                                   runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params)
 
 
 def build_vlm(cfg: VLMConfig, opts: Optional[RuntimeOptions] = None, vp_stage: Optional[int] = None,

@@ -37,7 +37,8 @@ class LoopConfig:
     flops_per_step: Optional[float] = None
     peak_tflops: Optional[float] = None
     exit_after_iters: Optional[int] = None  # stop early (tests/debugging), saving first when --save is set
-    metrics_file: Optional[str] = None  # JSON lines {"iteration", "loss", "lr", "grad_norm"} written by rank 0
+    metrics_file: Optional[str] = None  # JSON lines {"iteration", "loss", "lr", "grad_norm", "real_tokens",
+    #                                     "computed_tokens"} written by rank 0
 
     @property
     def num_microbatches(self) -> int:
@@ -135,18 +136,29 @@ class ProgressLogger:
         self.t_start = time.time()
         self.t_last = self.t_start
         self.iter_last = start_iteration
+        self.real = self.computed = 0
         self.writer = None
         if cfg.tensorboard_dir and (not dist.is_initialized() or dist.get_rank() == 0):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(cfg.tensorboard_dir)
 
+    def count(self, real_tokens: int, computed_tokens: int) -> None:
+        """Positions of one step: ``real`` ones belong to samples, ``computed`` ones include padding."""
+        self.real += real_tokens
+        self.computed += computed_tokens
+
     def log(self, iteration: int, result: StepResult, lr: float, loss: Optional[float]) -> None:
         now = time.time()
         steps = iteration - self.iter_last
-        dt = (now - self.t_last) / max(steps, 1)
+        elapsed = now - self.t_last
+        dt = elapsed / max(steps, 1)
         self.t_last, self.iter_last = now, iteration
-        tokens_per_s = self.cfg.global_batch_size * self.cfg.seq_length / dt
+        computed = self.computed or self.cfg.global_batch_size * self.cfg.seq_length * max(steps, 1)
+        real = self.real or computed
+        self.real = self.computed = 0
+        tokens_per_s = computed / max(elapsed, 1e-9)
+        real_per_s = real / max(elapsed, 1e-9)
         world = dist.get_world_size() if dist.is_initialized() else 1
         parts = [f"iter {iteration}/{self.cfg.train_iters}"]
         if loss is not None:
@@ -154,10 +166,14 @@ class ProgressLogger:
         parts += [f"lr {lr:.3e}"]
         if result.grad_norm is not None:
             parts.append(f"grad-norm {result.grad_norm:.3f}")
-        parts += [f"{dt * 1000:.0f} ms/step", f"{tokens_per_s / world:,.0f} tok/s/dev"]
-        scalars = {"lr": lr, "step_time_s": dt, "tokens_per_s_per_device": tokens_per_s / world}
+        parts += [f"{dt * 1000:.0f} ms/step", f"{real_per_s / world:,.0f} real tok/s/dev",
+                  f"real {100 * real / computed:.1f}% of {tokens_per_s / world:,.0f} tok/s/dev"]
+        scalars = {"lr": lr, "step_time_s": dt, "tokens_per_s_per_device": tokens_per_s / world,
+                   "real_tokens_per_s_per_device": real_per_s / world, "real_token_fraction": real / computed}
         if self.cfg.flops_per_step:
-            tflops, util = mfu(self.cfg.flops_per_step, dt, world, self.cfg.peak_tflops or float("inf"))
+            # flops_per_step is for global batch x seq positions; scale to the positions actually computed
+            per_step = computed / max(steps, 1) / (self.cfg.global_batch_size * self.cfg.seq_length)
+            tflops, util = mfu(self.cfg.flops_per_step * per_step, dt, world, self.cfg.peak_tflops or float("inf"))
             parts.append(f"{tflops:.3g} TFLOP/s/dev")
             scalars["tflops_per_device"] = tflops
             if self.cfg.peak_tflops:
@@ -233,9 +249,15 @@ def train(
     try:
         while iteration < stop_at:
             # the interleaved (virtual pipeline) schedule takes one iterator per model chunk
+            # a packed step (training.vlm_batches.StepBatches) says how many micro-batches of which shape it has
             data = [make_data_iterator(iteration) for _ in model_chunks]
+            num_mb = getattr(data[0], "num_microbatches", cfg.num_microbatches)
+            seq, mbs = getattr(data[0], "schedule_shape", (cfg.seq_length, cfg.micro_batch_size))
+            computed = getattr(data[0], "computed_tokens", cfg.global_batch_size * cfg.seq_length)
+            real = getattr(data[0], "real_tokens", computed)
+            logger.count(real, computed)
             result = train_step(forward_step_func, data if len(data) > 1 else data[0], model_chunks, optimizer,
-                                cfg.num_microbatches, cfg.seq_length, cfg.micro_batch_size)
+                                num_mb, seq, mbs)
             if result.update_successful:
                 scheduler.step(increment=1)
             iteration += 1
@@ -245,7 +267,8 @@ def train(
                 logger.log(iteration, result, optimizer.param_groups[0]["lr"], loss)
             if metrics is not None:
                 metrics.write(json.dumps({"iteration": iteration, "loss": loss, "grad_norm": result.grad_norm,
-                                          "lr": optimizer.param_groups[0]["lr"]}) + "\n")
+                                          "lr": optimizer.param_groups[0]["lr"], "real_tokens": real,
+                                          "computed_tokens": computed}) + "\n")
                 metrics.flush()
             _maybe_test_signal(iteration)
             interrupted = exit_signal.any_rank()

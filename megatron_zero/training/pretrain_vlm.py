@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-convention", choices=["zero", "llava"], default="zero",
                    help="zero: last layer with class token + post-LN, start/end embeddings (579); llava: 576")
     g.add_argument("--image-token-id", type=int, default=None, help="placeholder id (default: the chat template's)")
-    g.add_argument("--tokenizer", required=True, help="tokenizer file or directory")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer file or directory (default: the one --decoder-load holds)")
     g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
     g.add_argument("--prompt-format", choices=["meta", "zero"], default="meta",
                    help="meta: the family's chat format; zero: the authors' Llama-3 format, random caption-template "
@@ -79,11 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder-trainable-layers", type=int, default=8)
     g.add_argument("--translator-layer", type=int, default=None, help="override the surrogate's translator index")
     g.add_argument("--control-unfreeze-early", action="store_true", help="stage 1 T* control (Sec. 1.2)")
+    g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack several samples per --seq-length row, attention and RoPE positions per sample "
+                        "(default; --no-pack-sequences: one padded sample per row)")
     g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of skipping")
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
     return p
+
+
+def tokenizer_path(given: Optional[str], decoder_path: str, parser) -> str:
+    """``--tokenizer``, else the tokenizer the decoder checkpoint holds (an HF or torch_dist directory, or the
+    ``decoder/`` of a VLM checkpoint / training export)."""
+    from megatron_zero.data.tokenizers import TOKENIZER_DIR_CANDIDATES
+
+    if given:
+        return given
+    for d in (decoder_path, os.path.join(decoder_path, "decoder"), os.path.join(decoder_path, "export", "decoder")):
+        if any(os.path.isfile(os.path.join(d, c)) for c in TOKENIZER_DIR_CANDIDATES):
+            return d
+    parser.error(f"--tokenizer: not given, and --decoder-load {decoder_path} holds no tokenizer "
+                 f"(tokenizer.json or tokenizer.model); give --tokenizer")
 
 
 def apply_stage_presets(args, decoder_layers: int) -> None:
@@ -186,6 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         validate(dec.cfg, opts)
     except ModelConfigError as e:
         parser.error(str(e))
+    args.tokenizer = tokenizer_path(args.tokenizer, dec.path, parser)
     tokenizer = load_tokenizer(args.tokenizer)
     # an encoder trained before keeps the placeholder id it was trained with
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
@@ -232,7 +251,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         load_image=lambda path: load_image(path, image_size), loss_weighting=args.loss_weighting,
         loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
         strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1,
+        pack_sequences=args.pack_sequences,
+        microbatch_multiple=args.pipeline_model_parallel_size if args.virtual_pipeline_model_parallel_size else 1,
         eot_id=template.stop_token_ids[0], loss_weighting_avg_norm=args.loss_weighting_avg_norm)
+
     loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
