@@ -136,9 +136,11 @@ def iter_surrogate(target_get: Callable[[str], torch.Tensor], scfg: LlamaConfig)
         yield ckey, target_get(surrogate_key(ckey, mapping))
 
 
-def surrogate_canonical(cfg: LlamaConfig, canonical: Mapping[str, torch.Tensor], a: int, b: int,
-                        target_name: Optional[str] = None, **kw) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """In-memory T(a, b) of a canonical state dict (small models, tests, the demo)."""
+def surrogate_canonical(cfg: LlamaConfig, canonical: Mapping[str, torch.Tensor], a: Optional[int] = None,
+                        b: Optional[int] = None, target_name: Optional[str] = None,
+                        **kw) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    """In-memory T(a, b) (or ``ranges=``/``num_translators=``) of a canonical state dict (small models, tests,
+    the demo)."""
     scfg = surrogate_config(cfg, a, b, target_name, **kw)
     return scfg, {k: v.clone() for k, v in iter_surrogate(canonical.__getitem__, scfg)}
 
