@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import resource
 import sys
@@ -85,6 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="dtype of the mcore checkpoint (auto: that of the HF weights)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="largest HF safetensors shard (e.g. 5GB, 500MB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="(mcore -> hf) fold the checkpoint's LoRA adapters into the decoder weights")
     args = p.parse_args(argv)
     if args.source_format == args.target_format == "hf":
         p.error("--source-format hf --target-format hf: nothing to convert")
@@ -275,7 +278,8 @@ def hf_config_for_export(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
     return hf
 
 
-def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9) -> None:
+def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+                merge_lora: bool = False) -> None:
     """megatron-core checkpoint -> HF Llama, streaming one layer at a time.
 
     Collective when ``torch.distributed`` is initialised (every rank reads, rank 0 writes); the tool itself runs
@@ -288,10 +292,17 @@ def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard
     from megatron_zero import platform
 
     cfg = mcore_checkpoint.load_model_config(load_dir)
+    if cfg.lora and not merge_lora:
+        raise CheckpointFormatError(f"{load_dir}: the checkpoint holds LoRA adapters (rank {cfg.lora['rank']}); "
+                                    f"pass --merge-lora to fold them into the exported decoder")
     check_save_dir(save_dir, overwrite)
     platform.install_cpu_compat()
     init_process_group()
     stream = mcore_checkpoint.iter_llama_canonical(load_dir, cfg)
+    if cfg.lora:
+        from megatron_zero.models.lora import merge_canonical
+
+        stream, cfg = merge_canonical(stream, cfg), dataclasses.replace(cfg, lora=None)
     bar = tqdm(total=len(hf_llama.canonical_keys(cfg)), desc="exporting tensors", unit="tensor",
                disable=not is_rank0(), file=sys.stdout)
     if not is_rank0():
@@ -438,7 +449,7 @@ def convert(args: argparse.Namespace) -> None:
         else:
             clip_to_mcore(args.load_dir, args.save_dir, args.source_format, tp, args.overwrite, args.params_dtype)
     elif args.target_format == "hf":
-        mcore_to_hf(args.load_dir, args.save_dir, args.overwrite, args.max_shard_size)
+        mcore_to_hf(args.load_dir, args.save_dir, args.overwrite, args.max_shard_size, merge_lora=args.merge_lora)
     elif args.source_format == "hf":
         hf_to_mcore(args.load_dir, args.save_dir, tp, pp, layers, args.overwrite, args.params_dtype)
     else:
