@@ -205,6 +205,10 @@ def build_llama_model(
 
         model.compute_language_model_loss = types.MethodType(_whole_vocab_cross_entropy, model)
     zero_vocab_padding(model, cfg.vocab_size)
+    if cfg.lora:
+        from megatron_zero.models.lora import apply_lora
+
+        apply_lora(model, cfg)
     if platform.HAVE_CUDA:
         model.cuda(torch.cuda.current_device())
     return model

@@ -7,6 +7,7 @@ resume tests. Data: ``--data-path`` (a ``.npy`` token array, or a text/JSONL fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from typing import Optional, Sequence
@@ -21,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     arguments.add_parallel_args(p)
     arguments.add_model_args(p)
     arguments.add_training_args(p)
+    from megatron_zero.models.lora import add_lora_arguments
+
+    add_lora_arguments(p)
+    p.add_argument("--pretrained", default=None,
+                   help="start from these decoder weights (a torch_dist model checkpoint, e.g. from "
+                        "tools/convert_checkpoint.py); with --lora-rank the adapters start fresh")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help=".npy token ids, or text/JSONL ({'text': ...}) with --tokenizer")
     g.add_argument("--tokenizer", default=None, help="tokenizer file or directory (for text data)")
@@ -99,6 +106,16 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     from megatron_zero.training.train_step import lm_forward_step
 
     cfg = load_model_config(args.model)
+    from megatron_zero.models.lora import LoraConfig, LoraError
+
+    try:
+        lora = LoraConfig.from_args(args)
+    except LoraError as e:
+        parser.error(str(e))
+    if lora is not None:
+        if cfg.lora:
+            parser.error(f"--lora-rank: model {args.model} already has LoRA adapters {cfg.lora}")
+        cfg = dataclasses.replace(cfg, lora=lora.to_dict())
     opts = RuntimeOptions.from_args(args)
     try:
         from megatron_zero.models.llama import validate
@@ -113,7 +130,19 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     if gbs % (args.micro_batch_size * dp):
         parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
 
-    chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts), cfg.to_dict())
+    chunks = build_llama_chunks(cfg, opts)
+    if args.pretrained:
+        from megatron_zero.checkpointing import mcore_checkpoint
+        from megatron_zero.models.lora import is_lora_key
+
+        mcore_checkpoint.load_model(chunks, args.pretrained, skip=is_lora_key if cfg.lora else None)
+        print_rank0(f"loaded decoder weights from {args.pretrained}")
+    if cfg.lora:
+        from megatron_zero.models.lora import num_trainable_parameters
+
+        print_rank0(f"LoRA rank {cfg.lora['rank']} alpha {cfg.lora['alpha']} on {','.join(cfg.lora['targets'])}: "
+                    f"{num_trainable_parameters(cfg):,} trainable parameters, base frozen")
+    chunks, optimizer, scheduler, start = setup_optimization(args, chunks, cfg.to_dict())
     tokens = load_tokens(args)
     if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
         raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
