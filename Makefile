@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint kernels-check clean
+.PHONY: install test demo lint kernels-check gpu-check clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,7 +13,8 @@ $(STAMP): setup.py
 	@# lmms-eval requires torchvision, whose PyPI wheel is a CUDA build that cannot load beside the CPU torch;
 	@# lmms-eval works without it: install with torch pinned, then remove torchvision.
 	echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt lmms-eval==0.7.3
+	@# lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed (the pin is also in setup.py's extras)
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt lmms-eval==0.7.3 'filelock>=3.24.2,<4'
 	$(PY) -m pip uninstall -y -q torchvision
 	touch $(STAMP)
 
@@ -29,6 +30,10 @@ demo: $(STAMP)
 kernels-check:
 	nvcc -c -std=c++17 -arch=sm_80 -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm80.o
 	nvcc -c -std=c++17 -arch=sm_90 -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm90.o
+
+# The GPU acceptance run (one H100/H200, ~8 minutes): JSON + Markdown in gpu_check_results/, non-zero on a mismatch.
+gpu-check:
+	python tools/gpu_check.py --output-dir gpu_check_results
 
 lint: $(STAMP)
 	$(PY) -m ruff check megatron_zero tools tests examples

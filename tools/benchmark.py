@@ -102,7 +102,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    from megatron_zero.parallel.initialize import destroy_parallel
+    from megatron_zero.errors import run_main
 
-    destroy_parallel()
+    run_main(main)

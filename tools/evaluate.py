@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--tokenizer", default=None, help="tokenizer file/directory (default: the checkpoint's)")
     p.add_argument("--chat-family", default=None, help="VLM chat template family (default: from the tokenizer)")
+    p.add_argument("--prompt-format", default="meta", choices=["meta", "zero"],
+                   help="VLM prompts: meta (the family's chat format) or zero (the authors' Llama-3 format and image "
+                        "prompt)")
     p.add_argument("--output-dir", default="eval_results", help="where results.json and results.md go")
     p.add_argument("--seed", type=int, default=1234)
     return p
@@ -102,7 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             manager = load_vlm_task_manager(benchmarks, args.include_path)
             raw = {label: evaluate_vlm(path, benchmarks, manager, args.limit, args.tp, args.pp, args.dtype,
-                                       args.tokenizer, args.chat_family, args.batch_size, args.seed)
+                                       args.tokenizer, args.chat_family, args.batch_size, args.seed,
+                                       args.prompt_format)
                    for label, path in checkpoints.items()}
     except (EvaluationError, SuiteError, DataUnavailableError, ValueError, FileNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
@@ -117,4 +121,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

@@ -23,16 +23,20 @@ import sys
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_zero.arguments import positive_int  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="VLM checkpoint: graft output, a training run or its export/")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the checkpoint's decoder/)")
     p.add_argument("--chat-family", default=None, help="chat template family (default: detected from the tokenizer)")
+    p.add_argument("--prompt-format", default="meta", choices=["meta", "zero"],
+                   help="meta: the family's chat format; zero: the authors' Llama-3 format and image prompt")
     p.add_argument("--prompts", required=True, help="JSONL requests")
     p.add_argument("--output", default="-", help="JSONL answers ('-' = stdout)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
         ckpt = resolve_checkpoint(args.checkpoint, "--checkpoint", accept=VLM_KINDS)
         cfg = ckpt.vlm_config
         tokenizer = load_tokenizer(args.tokenizer or ckpt.tokenizer_dir or ckpt.root)
-        template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id)
+        template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id,
+                                     prompt_format=args.prompt_format)
     except (ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
@@ -79,4 +84,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

@@ -17,8 +17,10 @@ import sys
 import time
 from typing import Optional
 
+from megatron_zero.errors import UserError
 
-class TrajectoryInputError(ValueError):
+
+class TrajectoryInputError(UserError, ValueError):
     """Bad ``--data`` records or analysis settings."""
 
 

@@ -118,7 +118,7 @@ def peak_rss_mb() -> float:
 def convert_checkpoint(load_dir: str, save_dir: str, source_format: str, target_format: str,
                        model_type: str = "llama", tp: int = 1, pp: int = 1,
                        stage_layers: Optional[Sequence[int]] = None, params_dtype: str = "auto",
-                       max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> None:
+                       max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, merge_lora: bool = False) -> None:
     """Convert ``load_dir`` (``source_format``: hf | mcore | vlm) to ``target_format`` (hf | mcore) in ``save_dir``.
 
     ``load_dir`` may be anything :func:`~megatron_zero.checkpointing.resolve.resolve_checkpoint` recognises that
@@ -144,7 +144,7 @@ def convert_checkpoint(load_dir: str, save_dir: str, source_format: str, target_
         else:
             convert_clip.clip_to_mcore(load_dir, save_dir, source_format, tp, overwrite, params_dtype)
     elif target_format == "hf":
-        convert_llama.mcore_to_hf(load_dir, save_dir, overwrite, max_shard_bytes)
+        convert_llama.mcore_to_hf(load_dir, save_dir, overwrite, max_shard_bytes, merge_lora=merge_lora)
     elif source_format == "hf":
         convert_llama.hf_to_mcore(load_dir, save_dir, tp, pp, stage_layers, overwrite, params_dtype)
     else:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 
 from megatron_zero.models.vlm import VLMConfig
+from megatron_zero.errors import UserError
 
 
-class LlavaExportError(ValueError):
+class LlavaExportError(UserError, ValueError):
     """The VLM cannot be written as a transformers LLaVA model."""
 
 

@@ -34,12 +34,13 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
+from megatron_zero.errors import UserError
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
 from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig
 
 KINDS = {
-    "hf-llama": "an HF Llama directory (config.json + *.safetensors)",
+    "hf-llama": "an HF Llama directory (a Llama-family decoder: config.json + *.safetensors)",
     "mcore-llama": "a megatron_zero torch_dist decoder checkpoint (checkpoint_meta.json)",
     "hf-clip": "an HF CLIP vision directory (config.json + *.safetensors)",
     "mcore-clip": "a megatron_zero torch_dist CLIP checkpoint",
@@ -57,7 +58,7 @@ _META = "checkpoint_meta.json"
 _MODEL_CONFIG = "model_config.json"
 
 
-class CheckpointResolveError(ValueError):
+class CheckpointResolveError(UserError, ValueError):
     """A path that is not (or not the kind of) checkpoint a flag expects."""
 
 

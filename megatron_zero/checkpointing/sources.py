@@ -87,19 +87,27 @@ class EncoderSource:
     path: str = ""
     partial: bool = False  # only the CLIP tower (HF CLIP): adapter/start/end embeddings are fresh
 
-    def load_into(self, chunks: list) -> None:
+    def load_into(self, chunks: list, seed: int = 0) -> None:
+        """Copy the weights into the chunk holding the encoder. With only a CLIP tower (``partial``), the adapter
+        and start/end embeddings are initialised fresh from ``seed``, identically for every TP/PP layout."""
         from megatron.core import parallel_state as ps
 
+        from megatron_zero.models.adapter import fresh_adapter_tensors
         from megatron_zero.parallel import sharding
 
         if self.tensors is None:
             return
+        rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         for c in chunks:
             if getattr(c, "vision", None) is None:
                 continue
-            target = c.vision.vision_model if self.partial else c.vision
-            sharding.load_canonical(target, self.tensors, ps.get_tensor_model_parallel_rank(),
-                                    ps.get_tensor_model_parallel_world_size(), source=self.path)
+            if not self.partial:
+                sharding.load_canonical(c.vision, self.tensors, rank, size, source=self.path)
+                continue
+            fresh = fresh_adapter_tensors(self.vision, c.cfg.decoder.hidden_size, seed,
+                                          c.vision.adapter.linear_fc1.weight.dtype)
+            tensors = {**{f"vision_model.{k}": v for k, v in self.tensors.items()}, **fresh}
+            sharding.load_canonical(c.vision, tensors, rank, size, source=self.path)
 
 
 def resolve_encoder(path: Optional[str], vision_preset: Optional[str] = None, feature_convention: str = "zero",

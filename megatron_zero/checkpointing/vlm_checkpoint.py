@@ -43,6 +43,7 @@ from megatron_zero.checkpointing.hf_writer import atomic_directory
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
 from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig
+from megatron_zero.errors import UserError
 
 ENCODER_FORMAT = "megatron_zero.image_encoder/1"
 ENCODER_TENSORS = "image_encoder.safetensors"
@@ -54,7 +55,7 @@ _DECODER_FILES = ("config.json", "generation_config.json", "tokenizer_config.jso
                   *TOKENIZER_FILES)
 
 
-class VLMCheckpointError(ValueError):
+class VLMCheckpointError(UserError, ValueError):
     """An image-encoder / VLM / HF decoder checkpoint that is missing or malformed."""
 
 

@@ -26,7 +26,7 @@ def evaluate_text(path: str, tasks, limit: Optional[float] = None, tp: int = 1, 
 
 def evaluate_vlm(path: str, benchmarks, manager, limit: Optional[float] = None, tp: int = 1, pp: int = 1,
                  dtype: str = "fp32", tokenizer: Optional[str] = None, chat_family: Optional[str] = None,
-                 batch_size: int = 8, seed: int = 1234) -> Optional[dict]:
+                 batch_size: int = 8, seed: int = 1234, prompt_format: str = "meta") -> Optional[dict]:
     """lmms-eval results per benchmark of one VLM checkpoint; None off rank 0."""
     from megatron_zero.evaluation.runner import run_vlm
     from megatron_zero.evaluation.vlm_adapter import MegatronZeroVLM
@@ -34,7 +34,7 @@ def evaluate_vlm(path: str, benchmarks, manager, limit: Optional[float] = None, 
     if pp != 1:
         raise ValueError("--pp: the VLM suite runs the decoder on one pipeline stage (generation needs it)")
     lm = MegatronZeroVLM(load=path, tp=tp, dtype=dtype, tokenizer=tokenizer, chat_family=chat_family,
-                         batch_size=batch_size, seed=seed)
+                         batch_size=batch_size, seed=seed, prompt_format=prompt_format)
     per_benchmark = run_vlm(lm, benchmarks, manager, limit)
     del lm
     gc.collect()

@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_zero.evaluation.vocab_parallel import gather_vocab, token_logprobs
+from megatron_zero.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """Bad evaluation input: a checkpoint, tokenizer, model argument or request that cannot be used."""
 
 

@@ -12,8 +12,10 @@ import json
 import os
 from typing import Optional, Sequence
 
+from megatron_zero.errors import UserError
 
-class RequestError(ValueError):
+
+class RequestError(UserError, ValueError):
     pass
 
 

@@ -12,8 +12,9 @@ along the sequence first (``GPTModel`` takes a given ``decoder_input`` as is, al
 stages receive hidden states and never build the encoder. Labels/loss masks are expanded consistently: image
 positions carry no loss, except that the last image position carries the placeholder's (shifted) label.
 
-Note: megatron-core's RoPE uses positions ``0..s-1`` of the (expanded, padded) row; ``position_ids`` only matter
-for learned absolute embeddings, which Llama does not have.
+Note: megatron-core's RoPE uses positions ``0..s-1`` of the (expanded, padded) row, or, for packed rows (THD
+``packed_seq_params``), positions restarting at every ``cu_seqlens`` boundary; ``position_ids`` only matter for
+learned absolute embeddings, which Llama does not have.
 """
 from __future__ import annotations
 
@@ -209,22 +210,32 @@ class VisionLanguageModel(ShardedStateDictMixin, torch.nn.Module):
         image_embeddings = None
         if images is not None and len(images):
             image_embeddings = self.vision(images)
+        elif torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters()):
+            # A text-only micro-batch still sends a (zero) gradient to every trainable encoder/adapter parameter:
+            # with --overlap-grad-reduce, megatron's DDP starts a bucket's reduction only once each of its
+            # parameters has seen a gradient in the last micro-batch.
+            c, size = self.cfg.vision.num_channels, self.cfg.vision.image_size
+            dummy = self.vision(text.new_zeros(1, c, size, size))
+            text = text + 0.0 * dummy.sum().to(text.dtype)
         return splice_image_embeddings(text, image_embeddings, image_mask, self.config.sequence_parallel)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
                 images: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, inference_context=None, runtime_gather_output=None):
+                labels: Optional[torch.Tensor] = None, inference_context=None, runtime_gather_output=None,
+                packed_seq_params=None):
         """Logits ``[b, s, vocab/tp]`` (or per-token losses with ``labels``) on the last stage, else hidden states.
 
         ``input_ids``/``image_mask`` ``[b, s]`` are the *expanded* rows; ``images`` ``[n, C, H, W]`` in placeholder
-        order (row-major). Only the first stage uses ``images``/``image_mask``.
+        order (row-major). Only the first stage uses ``images``/``image_mask``. Packed rows come flattened to
+        ``[1, rows * seq]`` with megatron's THD ``packed_seq_params`` (see
+        :mod:`megatron_zero.training.vlm_batches`).
         """
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(input_ids, position_ids, images, image_mask)
         return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
                                    labels=labels, inference_context=inference_context,
-                                   runtime_gather_output=runtime_gather_output)
+                                   runtime_gather_output=runtime_gather_output, packed_seq_params=packed_seq_params)
 
 
 def build_vlm(cfg: VLMConfig, opts: Optional[RuntimeOptions] = None, vp_stage: Optional[int] = None,

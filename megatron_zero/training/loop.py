@@ -1,8 +1,10 @@
 """The training loop shared by every entry point: steps, LR schedule, logging, checkpoints, exit signals.
 
 SLURM sends SIGTERM (or the ``--signal`` of ``sbatch``, commonly SIGUSR1) before the time limit: the loop
-finishes the current step, saves a checkpoint and exits cleanly, so ``--load`` continues the exact loss
-curve (model, optimizer, scheduler, RNG and data position are all restored).
+finishes the current step, saves a checkpoint and exits with status 75 (:data:`megatron_zero.errors.EXIT_PREEMPTED`,
+"stopped early, resumable"), so ``--load`` continues the exact loss curve (model, optimizer, scheduler, RNG and
+data position are all restored). ``python -m megatron_zero.launcher`` (torchrun + signal forwarding) delivers
+the signal to every rank and exits 75 itself.
 """
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_zero.errors import Preempted
 from megatron_zero.parallel.initialize import print_rank0
 from megatron_zero.training import checkpoint as ckpt
 from megatron_zero.training.flops import mfu
@@ -37,7 +41,9 @@ class LoopConfig:
     flops_per_step: Optional[float] = None
     peak_tflops: Optional[float] = None
     exit_after_iters: Optional[int] = None  # stop early (tests/debugging), saving first when --save is set
-    metrics_file: Optional[str] = None  # JSON lines {"iteration", "loss", "lr", "grad_norm"} written by rank 0
+    metrics_file: Optional[str] = None  # JSON lines {"iteration", "loss", "lr", "grad_norm", "real_tokens",
+    #                                     "computed_tokens"} written by rank 0
+    model_config: Optional[dict] = None  # the architecture, recorded in every checkpoint and checked on resume
 
     @property
     def num_microbatches(self) -> int:
@@ -83,9 +89,17 @@ def build_scheduler(optimizer, lr: float, min_lr: float, train_iters: int, warmu
     )
 
 
-def setup_optimization(args, chunks: list):
+def prepare_run(args) -> bool:
+    """First thing after parsing: lock and check ``--save``, warn about a missing ``--load`` (see
+    :func:`megatron_zero.training.checkpoint.prepare_save_dir`); returns whether the run resumes."""
+    return ckpt.prepare_save_dir(getattr(args, "save", None), getattr(args, "load", None),
+                                 getattr(args, "overwrite", False))
+
+
+def setup_optimization(args, chunks: list, model_config: Optional[dict] = None):
     """DDP-wrap ``chunks``, build the optimizer and LR schedule from the flags, and resume from ``--load`` if it
-    holds a checkpoint. Returns ``(chunks, optimizer, scheduler, start_iteration)``."""
+    holds a checkpoint (of the architecture ``model_config``). Returns ``(chunks, optimizer, scheduler,
+    start_iteration)``."""
     from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
 
     oopts = OptimizerOptions.from_args(args)
@@ -101,15 +115,23 @@ def setup_optimization(args, chunks: list):
         raise SystemExit(f"error: {e}") from None
     start = 0
     if args.load and ckpt.latest_iteration(args.load) is not None:
-        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler)
+        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, model_config=model_config,
+                                        verify=getattr(args, "checkpoint_verify", "hash"))
         print_rank0(f"resumed from {args.load} at iteration {start}")
     return chunks, optimizer, scheduler, start
 
 
-class _ExitSignal:
-    """Remembers that SIGTERM/SIGUSR1 arrived; the loop checks it between steps (agreed over all ranks)."""
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+
+class _ExitSignal:
+    """Remembers that SIGTERM/SIGUSR1 arrived; the loop checks it between steps (agreed over all ranks).
+
+    Once a signal has arrived the handler stays installed (a second signal during the save must not kill the
+    process with the default action).
+    """
+
+    def __init__(self, signals=PREEMPTION_SIGNALS):
         self.received: Optional[int] = None
         self._previous = {}
         for s in signals:
@@ -119,6 +141,9 @@ class _ExitSignal:
                 pass
 
     def _handle(self, signum, _frame):
+        if self.received is None:
+            print(f"[rank {dist.get_rank() if dist.is_initialized() else 0}] got "
+                  f"{signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
         self.received = signum
 
     def any_rank(self) -> bool:
@@ -128,8 +153,42 @@ class _ExitSignal:
         return bool(flag.item())
 
     def restore(self):
+        if self.received is not None:
+            return
         for s, h in self._previous.items():
             signal.signal(s, h)
+        global _EXIT_SIGNAL
+        if _EXIT_SIGNAL is self:
+            _EXIT_SIGNAL = None
+
+
+_EXIT_SIGNAL: Optional[_ExitSignal] = None
+
+
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Under torchrun: ask the kernel for ``sig`` when the launcher dies (a plain torchrun killed by SIGUSR1,
+    which it does not handle, would otherwise leave this rank training as an orphan)."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before we asked
+        os.kill(os.getpid(), sig)
+
+
+def install_exit_signals() -> _ExitSignal:
+    """Catch the preemption signals from now on (call it first thing in an entry point; idempotent)."""
+    global _EXIT_SIGNAL
+    if _EXIT_SIGNAL is None:
+        _EXIT_SIGNAL = _ExitSignal()
+        _die_with_parent()
+    return _EXIT_SIGNAL
 
 
 class ProgressLogger:
@@ -141,18 +200,29 @@ class ProgressLogger:
         self.t_start = time.time()
         self.t_last = self.t_start
         self.iter_last = start_iteration
+        self.real = self.computed = 0
         self.writer = None
         if cfg.tensorboard_dir and (not dist.is_initialized() or dist.get_rank() == 0):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(cfg.tensorboard_dir)
 
+    def count(self, real_tokens: int, computed_tokens: int) -> None:
+        """Positions of one step: ``real`` ones belong to samples, ``computed`` ones include padding."""
+        self.real += real_tokens
+        self.computed += computed_tokens
+
     def log(self, iteration: int, result: StepResult, lr: float, loss: Optional[float]) -> None:
         now = time.time()
         steps = iteration - self.iter_last
-        dt = (now - self.t_last) / max(steps, 1)
+        elapsed = now - self.t_last
+        dt = elapsed / max(steps, 1)
         self.t_last, self.iter_last = now, iteration
-        tokens_per_s = self.cfg.global_batch_size * self.cfg.seq_length / dt
+        computed = self.computed or self.cfg.global_batch_size * self.cfg.seq_length * max(steps, 1)
+        real = self.real or computed
+        self.real = self.computed = 0
+        tokens_per_s = computed / max(elapsed, 1e-9)
+        real_per_s = real / max(elapsed, 1e-9)
         world = dist.get_world_size() if dist.is_initialized() else 1
         parts = [f"iter {iteration}/{self.cfg.train_iters}"]
         if loss is not None:
@@ -160,10 +230,14 @@ class ProgressLogger:
         parts += [f"lr {lr:.3e}"]
         if result.grad_norm is not None:
             parts.append(f"grad-norm {result.grad_norm:.3f}")
-        parts += [f"{dt * 1000:.0f} ms/step", f"{tokens_per_s / world:,.0f} tok/s/dev"]
-        scalars = {"lr": lr, "step_time_s": dt, "tokens_per_s_per_device": tokens_per_s / world}
+        parts += [f"{dt * 1000:.0f} ms/step", f"{real_per_s / world:,.0f} real tok/s/dev",
+                  f"real {100 * real / computed:.1f}% of {tokens_per_s / world:,.0f} tok/s/dev"]
+        scalars = {"lr": lr, "step_time_s": dt, "tokens_per_s_per_device": tokens_per_s / world,
+                   "real_tokens_per_s_per_device": real_per_s / world, "real_token_fraction": real / computed}
         if self.cfg.flops_per_step:
-            tflops, util = mfu(self.cfg.flops_per_step, dt, world, self.cfg.peak_tflops or float("inf"))
+            # flops_per_step is for global batch x seq positions; scale to the positions actually computed
+            per_step = computed / max(steps, 1) / (self.cfg.global_batch_size * self.cfg.seq_length)
+            tflops, util = mfu(self.cfg.flops_per_step * per_step, dt, world, self.cfg.peak_tflops or float("inf"))
             parts.append(f"{tflops:.3g} TFLOP/s/dev")
             scalars["tflops_per_device"] = tflops
             if self.cfg.peak_tflops:
@@ -230,7 +304,7 @@ def train(
     (this rank's share), so resuming at any iteration replays exactly the same data.
     """
     losses: list[Optional[float]] = []
-    exit_signal = _ExitSignal()
+    exit_signal = install_exit_signals()
     logger = ProgressLogger(cfg, start_iteration)
     iteration = start_iteration
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -239,9 +313,15 @@ def train(
     try:
         while iteration < stop_at:
             # the interleaved (virtual pipeline) schedule takes one iterator per model chunk
+            # a packed step (training.vlm_batches.StepBatches) says how many micro-batches of which shape it has
             data = [make_data_iterator(iteration) for _ in model_chunks]
+            num_mb = getattr(data[0], "num_microbatches", cfg.num_microbatches)
+            seq, mbs = getattr(data[0], "schedule_shape", (cfg.seq_length, cfg.micro_batch_size))
+            computed = getattr(data[0], "computed_tokens", cfg.global_batch_size * cfg.seq_length)
+            real = getattr(data[0], "real_tokens", computed)
+            logger.count(real, computed)
             result = train_step(forward_step_func, data if len(data) > 1 else data[0], model_chunks, optimizer,
-                                cfg.num_microbatches, cfg.seq_length, cfg.micro_batch_size)
+                                num_mb, seq, mbs)
             if result.update_successful:
                 scheduler.step(increment=1)
             iteration += 1
@@ -251,18 +331,23 @@ def train(
                 logger.log(iteration, result, optimizer.param_groups[0]["lr"], loss)
             if metrics is not None:
                 metrics.write(json.dumps({"iteration": iteration, "loss": loss, "grad_norm": result.grad_norm,
-                                          "lr": optimizer.param_groups[0]["lr"]}) + "\n")
+                                          "lr": optimizer.param_groups[0]["lr"], "real_tokens": real,
+                                          "computed_tokens": computed}) + "\n")
                 metrics.flush()
             _maybe_test_signal(iteration)
             interrupted = exit_signal.any_rank()
             periodic = cfg.save_interval and iteration % cfg.save_interval == 0
             if cfg.save and (periodic or interrupted or iteration == stop_at):
                 ckpt.save_checkpoint(cfg.save, iteration, model_chunks, optimizer, scheduler,
-                                     extra_state(iteration), keep_last=cfg.keep_last)
+                                     extra_state(iteration), keep_last=cfg.keep_last,
+                                     meta={"model_config": cfg.model_config} if cfg.model_config else None)
                 print_rank0(f"saved checkpoint iteration {iteration} to {cfg.save}")
                 logger.pause()
             if interrupted:
                 print_rank0(f"exit signal received: stopped after iteration {iteration}")
+                if iteration < cfg.train_iters:
+                    raise Preempted(f"stopped early at iteration {iteration}/{cfg.train_iters}"
+                                    + (f", checkpoint saved to {cfg.save}" if cfg.save else " (no --save: nothing saved)"))
                 break
     finally:
         exit_signal.restore()
