@@ -29,8 +29,8 @@ def export_problems(cfg: VLMConfig) -> list[str]:
     return [
         "its image features are the last CLIP layer after post_layernorm, class token included; transformers' LLaVA "
         "feeds hidden_states[vision_feature_layer] (before post_layernorm)",
-        "each image is wrapped in learned start/end-of-image embeddings (579 positions per image), which "
-        "LlavaForConditionalGeneration cannot represent",
+        f"each image is wrapped in learned start/end-of-image embeddings ({cfg.num_image_embeddings} positions per "
+        f"image: {cfg.vision.num_image_tokens} features + 2), which LlavaForConditionalGeneration cannot represent",
     ]
 
 
@@ -71,6 +71,7 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
     """Write the VLM checkpoint ``vlm_dir`` (``tools/graft.py`` output) as an HF LLaVA directory."""
     from megatron_zero.checkpointing.hf_writer import (ShardedSafetensorsWriter, atomic_directory, check_save_dir,
                                                        copy_tokenizer_files, write_config)
+    from megatron_zero.checkpointing.hf_llava_processor import write_hf_processor_files
     from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR, load_vlm_checkpoint
 
     cfg, encoder, decoder_get = load_vlm_checkpoint(vlm_dir)
@@ -85,4 +86,5 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
             writer.add(name, t)
         writer.close()
         copy_tokenizer_files(os.path.join(vlm_dir, DECODER_DIR), tmp)
+        write_hf_processor_files(tmp, os.path.join(vlm_dir, DECODER_DIR), cfg)
         write_config(tmp, llava_config(cfg, encoder["vision_model.class_embedding"].dtype))
