@@ -81,7 +81,7 @@ class TransformersStep:
                            max_position_embeddings=max(cfg.seq_length, 128), rope_theta=10000.0,
                            tie_word_embeddings=False, attention_dropout=0.0)
         self.model = LlamaForCausalLM._from_config(hf, attn_implementation=cfg.attn_implementation,
-                                                   torch_dtype=torch.float32)
+                                                   dtype=torch.float32)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=0.0)
