@@ -13,7 +13,8 @@ $(STAMP): setup.py
 	@# lmms-eval requires torchvision, whose PyPI wheel is a CUDA build that cannot load beside the CPU torch;
 	@# lmms-eval works without it: install with torch pinned, then remove torchvision.
 	echo "torch==2.13.0" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt lmms-eval==0.7.3
+	@# lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed (the pin is also in setup.py's extras)
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt lmms-eval==0.7.3 'filelock>=3.24.2,<4'
 	$(PY) -m pip uninstall -y -q torchvision
 	touch $(STAMP)
 

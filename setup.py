@@ -28,6 +28,9 @@ GPU = [
     "flash-attn>=2.6",
     "nvidia-dali-cuda120>=1.40",
 ]
+# filelock: lmms-eval 0.7.3's evaluator patches ``filelock._api.FileLockMeta``, which filelock 4 removed; virtualenv
+# (a dev dependency) needs >= 3.24.2; torch, datasets and huggingface_hub accept any 3.x >= 3.10.
+FILELOCK = "filelock>=3.24.2,<4"
 DEV = [
     "pytest>=8",
     "pytest-timeout>=2.3",
@@ -37,10 +40,11 @@ DEV = [
     "llama-models==0.3.0",
     "scikit-image>=0.22",
     "lm-eval==0.4.13",
+    FILELOCK,
 ]
 # lmms-eval for the VLM suite. On CPU-only machines install it with torch pinned and then remove torchvision (PyPI's
 # wheel is a CUDA build that cannot load beside CPU torch; lmms-eval works without it): `make install` does this.
-EVAL = ["lm-eval==0.4.13", "lmms-eval==0.7.3"]
+EVAL = ["lm-eval==0.4.13", "lmms-eval==0.7.3", FILELOCK]
 # DALI's CPU operators run without a GPU; the CUDA 13 wheel is the one verified on our CPU machines. (GPU images
 # use the DALI that NVIDIA's container ships.)
 DALI_CPU = ["nvidia-dali-cuda130==2.4.0"]

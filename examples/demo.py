@@ -288,7 +288,7 @@ def main(argv=None):
     from megatron_zero import platform
     from megatron_zero.data import synthetic_shapes as ss
     from megatron_zero.data.chat_template import chat_template_for
-    from megatron_zero.models import grafting
+    from megatron_zero import grafting
     from megatron_zero.models.vlm import VLMConfig
     from megatron_zero.parallel.initialize import initialize_parallel
     from megatron_zero.surrogate import surrogate_canonical
@@ -385,7 +385,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
-    from megatron_zero.parallel.initialize import destroy_parallel
+    from megatron_zero.errors import run_main
 
-    destroy_parallel()
+    run_main(main)

@@ -130,6 +130,64 @@ class _NoopNvtx:
         return None
 
 
+def _patch_empty_distributed_optimizer_state() -> None:
+    """Without Apex/TE, ``DistributedOptimizer.state_dict`` reads Adam's step from the per-parameter state and
+    asserts there is exactly one value; a rank with nothing to train (a frozen pipeline stage, normal in stage 2)
+    has no state at all. Such a rank's state dict gets no step (``None``), as the TE/Apex branch already does."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.state_dict
+    if getattr(original, "_megatron_zero_patched", False):
+        return
+
+    def state_dict(self):
+        inner = getattr(self, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            return original(self)
+        inner_state = inner.state_dict()
+        out = {"optimizer": {k: v for k, v in inner_state.items() if k != "state"}}
+        for group in out["optimizer"]["param_groups"]:
+            del group["params"]
+            group["step"] = None
+        if self.grad_scaler:
+            out["grad_scaler"] = self.grad_scaler.state_dict()
+        return out
+
+    state_dict._megatron_zero_patched = True
+    DistributedOptimizer.state_dict = state_dict
+
+
+def _patch_distributed_optimizer_reshardable_load() -> None:
+    """Let the distributed optimizer load its fully reshardable checkpoint format with torch's Adam.
+
+    Without apex/TE, megatron-core 0.16 falls back to ``torch.optim.Adam``, which keeps a per-parameter ``step``
+    tensor in its state. ``load_parameter_state_from_fully_reshardable`` leaves ``step`` out of the tensors it
+    restores (the count lives in the param groups) but ``_set_main_param_and_optimizer_states`` copies every
+    state key of the destination, so loading died with ``KeyError: 'step'``. Keys the checkpoint does not carry
+    are left as they are (``step`` is then set from the param group after the load, see
+    ``megatron_zero.training.checkpoint``).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_megatron_zero_patched", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            if key not in dst:
+                raise KeyError(f"optimizer state {key!r} in the checkpoint is not in this optimizer")
+            dst[key].copy_(value)
+
+    set_states._megatron_zero_patched = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 def install_cpu_compat() -> bool:
     """Patch ``torch.cuda`` entry points used by megatron-core so it runs on CPU. No-op with CUDA.
 
@@ -184,6 +242,9 @@ def install_cpu_compat() -> bool:
     logging.getLogger(mcore_random.__name__).addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage()
     )
+
+    _patch_empty_distributed_optimizer_state()
+    _patch_distributed_optimizer_reshardable_load()
 
     mode = _CudaToCpuMode()
     mode.__enter__()  # stays active for the life of the process

@@ -9,7 +9,7 @@ from tests.conftest import REPO, subprocess_env
 def test_benchmark_tiny_target_vs_surrogate(tmp_path):
     out_json = tmp_path / "bench.json"
     p = subprocess.run(
-        [sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,3", "--iters", "2",
+        [sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--iters", "2",
          "--warmup", "1", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--output-json", str(out_json)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -17,10 +17,19 @@ def test_benchmark_tiny_target_vs_surrogate(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(out_json.read_text())
     assert [(r["model"], r["mode"]) for r in results] == [
-        ("tiny", "full"), ("tiny", "frozen"), ("tiny-T(1,3)", "translator"), ("tiny-T(1,3)", "frozen")]
+        ("tiny", "full"), ("tiny", "frozen"), ("tiny-T(1,2)", "translator"), ("tiny-T(1,2)", "frozen")]
     for r in results:
         assert r["forward_ms"] > 0 and r["step_s"] > 0
         # throughput is tokens of the global batch over the step time
         assert abs(r["tokens_per_s_per_device"] - 4 * 64 / r["step_s"]) < 1e-6 * r["tokens_per_s_per_device"]
-    assert results[2]["layers"] == 2  # T(1,3) of a 4-layer model keeps 4 - 2 layers
+    assert results[2]["layers"] == 3  # T(1,2) of a 4-layer model keeps 4 - 1 layers
     assert "Projected training hours" in p.stdout and "baseline" in p.stdout and "ours" in p.stdout
+
+
+def test_benchmark_surrogate_follows_the_library_rule():
+    """T(a, b) is megatron_zero.surrogate's: the last layer is always kept, so T(1,3) of a 4-layer model is refused
+    (tools/benchmark.py once had its own looser rule)."""
+    p = subprocess.run([sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,3"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert p.returncode != 0
+    assert "--surrogate 1,3" in p.stderr and "0 <= a < b < L-1 = 3" in p.stderr and "Traceback" not in p.stderr

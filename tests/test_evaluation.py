@@ -257,7 +257,7 @@ def vlm(setup):
     """A VLM checkpoint: a random tiny CLIP encoder grafted onto the tiny decoder."""
     from megatron_zero.evaluation.vlm_adapter import MegatronZeroVLM
     from megatron_zero.models.clip_vit import get_vision_preset
-    from megatron_zero.models.grafting import HFDecoder, graft, save_image_encoder_from_model, tokenizer_hash
+    from megatron_zero.grafting import HFDecoder, graft, save_image_encoder_from_model, tokenizer_hash
     from megatron_zero.models.vlm import VLMConfig, build_vlm, load_vlm_canonical
     from megatron_zero.parallel.initialize import initialize_parallel
 

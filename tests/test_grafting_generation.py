@@ -13,7 +13,7 @@ from megatron_zero.checkpointing.hf_writer import SaveDirError
 from megatron_zero.data.tokenizers import WordTokenizer
 from megatron_zero.inference.generate import SamplingOptions, answer_yes_no, generate
 from megatron_zero.models.clip_vit import get_vision_preset
-from megatron_zero.models.grafting import (DECODER_DIR, graft, load_image_encoder,
+from megatron_zero.grafting import (DECODER_DIR, graft, load_image_encoder,
                                            load_vlm_checkpoint, save_hf_decoder, save_image_encoder_from_model,
                                            tokenizer_hash)
 from megatron_zero.models.llama import build_llama_model

@@ -18,7 +18,7 @@ def world_of_one():
 
 def _vlm_checkpoint(path, convention):
     """A random tiny VLM written as a VLM checkpoint directory (as tools/graft.py writes it)."""
-    from megatron_zero.models import grafting
+    from megatron_zero import grafting
     from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig, build_vlm, encoder_canonical_state
     from megatron_zero.parallel import sharding
 

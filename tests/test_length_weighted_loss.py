@@ -1,4 +1,4 @@
-"""Dynamic length-weighted loss (A.11): hand-computed weights, the L = 1 guard, the released-code variant, and the
+"""Dynamic length-weighted loss (A.11): hand-computed weights, the L = 1 guard, and the
 global normaliser (micro-batched + data-parallel shards sum to the whole-batch loss, in one process and over gloo)."""
 import math
 
@@ -67,17 +67,6 @@ def test_paper_guard_for_one_token_responses():
     assert response_weights(ones, global_length_stats(ones, "length-weighted")).tolist() == pytest.approx([1.0] * 3)
 
 
-def test_released_variant_hand_computed_and_per_micro_batch():
-    """w = max(1, (max log(L+1) / log(L+1)) ** ord), max over the micro-batch only: [1, 3, 7] -> sqrt(3), sqrt(1.5), 1."""
-    stats = global_length_stats(torch.tensor([1, 3, 7, 15]), "length-weighted-released")
-    assert stats.weight_scale == 1.0 and stats.num_tokens == 26
-    w = response_weights(torch.tensor([1, 3, 7]), stats)
-    assert w.tolist() == pytest.approx([math.sqrt(3), math.sqrt(1.5), 1.0], rel=1e-6)
-    # the same response weighs differently in another micro-batch (the global max 15 is not used)
-    assert response_weights(torch.tensor([1, 15]), stats).tolist() == pytest.approx([2.0, 1.0], rel=1e-6)
-    assert (response_weights(torch.tensor([4, 9, 2, 30]), stats) >= 1).all()
-
-
 def test_unknown_scheme_is_rejected():
     with pytest.raises(ValueError, match="--loss-weighting must be one of"):
         global_length_stats(torch.tensor([3]), "sequence-mean")
@@ -107,12 +96,6 @@ def _reference_loss(loss_mask, segment_ids, ce, scheme, ord_=0.5, micro_batches=
         raw = {k: (top / math.log(max(n, 2))) ** ord_ for k, n in lengths.items()}
         scale = sum(raw.values()) / total
         weights = {k: r / scale for k, r in raw.items()}
-    else:  # released: max over the micro-batch (a set of rows) of log(L + 1)
-        weights = {}
-        for rows in micro_batches:
-            keys = [k for k in responses if k[0] in rows]
-            top = max(math.log(lengths[k] + 1) for k in keys)
-            weights.update({k: max(1.0, (top / math.log(lengths[k] + 1)) ** ord_) for k in keys})
     if scheme == "length-weighted":  # the paper's w_i weighs response i's *mean* token loss
         return sum(weights[k] * sum(v) / lengths[k] for k, v in responses.items()) / total
     return sum(weights[k] * sum(v) for k, v in responses.items()) / total
@@ -134,7 +117,7 @@ def test_token_mean_equals_masked_cross_entropy_mean():
 DP_SHARDS = [[[0, 1], [2, 3]], [[4, 5], [6, 7]]]
 
 
-@pytest.mark.parametrize("scheme", ["token-mean", "length-weighted", "length-weighted-released"])
+@pytest.mark.parametrize("scheme", ["token-mean", "length-weighted"])  # released: tests/test_released_loss.py
 def test_micro_batches_and_dp_shards_sum_to_the_whole_batch_loss(scheme):
     loss_mask, segment_ids, logits, labels = _random_batch(torch.Generator().manual_seed(1))
     ce = _per_token_ce(logits, labels)

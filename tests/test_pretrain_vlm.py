@@ -19,7 +19,7 @@ def _world(tmp_path):
     from megatron_zero.checkpointing import hf_llama
     from megatron_zero.data import synthetic_shapes as ss
     from megatron_zero.data.tokenizers import WordTokenizer
-    from megatron_zero.models.grafting import save_hf_decoder
+    from megatron_zero.grafting import save_hf_decoder
     from megatron_zero.models.llama_config import LlamaConfig
 
     tok = WordTokenizer.build(ss.vocabulary_texts())
@@ -112,7 +112,7 @@ def test_stage1_tp2_then_stage2_from_export(tmp_path):
     after2 = dict(iter_llama_canonical(resolve_decoder(str(tmp_path / "stage2")).path, src.cfg))
     for k in original:
         assert torch.equal(after2[k], after[k]), f"stage 2 must not change the decoder: {k}"
-    from megatron_zero.models.grafting import load_image_encoder
+    from megatron_zero.grafting import load_image_encoder
 
     _, enc1 = load_image_encoder(str(s1 / "export"))
     _, enc2 = load_image_encoder(str(tmp_path / "stage2" / "export"))

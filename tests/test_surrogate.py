@@ -69,7 +69,7 @@ def test_build_surrogate_hf(tmp_path):
     assert prov["target"] == str(tmp_path / "target") and prov["target_num_layers"] == 6
     assert prov["stage1_trainable_layers"] == [2] and not prov["control_unfreeze_early"]
     # identities grafting can check: the target's architecture and tokenizer (carried along, byte-identical)
-    from megatron_zero.models.grafting import tokenizer_hash
+    from megatron_zero.grafting import tokenizer_hash
     from megatron_zero.models.llama_config import LlamaConfig
     from megatron_zero.surrogate import architecture_sha256
 
@@ -130,14 +130,15 @@ def test_build_surrogate_sharded_world_of_one(tmp_path):
 
     from megatron_zero.checkpointing import mcore_checkpoint
     from megatron_zero.parallel.initialize import initialize_parallel
-    from tools import build_surrogate, convert_checkpoint
+    from megatron_zero.checkpointing import convert_llama
+    from tools import build_surrogate
 
     cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(1)
     transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     initialize_parallel(1, 1)
-    convert_checkpoint.hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "target"))
+    convert_llama.hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "target"))
     assert build_surrogate.main(["--load-dir", str(tmp_path / "target"), "--save-dir", str(tmp_path / "srgt"),
                                  "--translator-start", "1", "--translator-end", "3", "--control-unfreeze-early"]) == 0
     scfg = mcore_checkpoint.load_model_config(str(tmp_path / "srgt"))

@@ -300,4 +300,6 @@ def plot(kl, median, transition: int, title: str, metric: str, path: str) -> Non
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

@@ -170,4 +170,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from megatron_zero.errors import run_main
+
+    run_main(main)

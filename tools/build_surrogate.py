@@ -85,8 +85,16 @@ def resolve_span(args, num_layers: int) -> tuple[int, int]:
         raise SystemExit(f"{PROG}: error: give --translator-start or --from-trajectory")
     b = args.translator_end if args.translator_end is not None else num_layers - 2
     if not 0 <= a < b < num_layers - 1:
-        raise SystemExit(f"{PROG}: error: T({a},{b}) needs 0 <= --translator-start < --translator-end < "
-                         f"L-1 = {num_layers - 1} (the target has {num_layers} layers; its last one is kept)")
+        a_src = (f"--from-trajectory {args.from_trajectory} detected transition layer {a}" if args.from_trajectory
+                 else f"--translator-start {a}")
+        b_src = (f"--translator-end {b}" if args.translator_end is not None
+                 else f"the default end L-2 = {b}")
+        hint_a = min(max(a, 0), max(num_layers - 3, 0))
+        hint = (f"; e.g. --translator-start {hint_a} --translator-end {num_layers - 2}" if num_layers >= 3
+                else "; the target has too few layers for a surrogate")
+        raise SystemExit(f"{PROG}: error: {a_src} and {b_src} leave no layer to drop: T(a,b) drops layers a+1..b and "
+                         f"needs 0 <= a < b < L-1 = {num_layers - 1} (the target has {num_layers} layers; its last "
+                         f"one is kept){hint}")
     return a, b
 
 
@@ -113,7 +121,7 @@ def compact(layers: list[int]) -> str:
 
 
 def provenance_extra(load_dir: str) -> dict:
-    from megatron_zero.models.grafting import tokenizer_hash
+    from megatron_zero.checkpointing.vlm_checkpoint import tokenizer_hash
 
     return {"tokenizer_sha256": tokenizer_hash(load_dir)}
 
@@ -195,7 +203,8 @@ def build_mcore(args) -> None:
     stored = dist_checkpointing.load_tensors_metadata(args.load_dir)
     dtype = stored["embedding.word_embeddings.weight"].dtype
     opts = RuntimeOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                          pipeline_stage_layers=args.target_pipeline_stage_layers, params_dtype=dtype)
+                          pipeline_stage_layers=args.target_pipeline_stage_layers, params_dtype=dtype,
+                          initialize_weights=False)
     try:
         stage_layers = validate(scfg, opts)
         initialize_parallel(tp, pp)
@@ -237,4 +246,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

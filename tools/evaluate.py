@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--tokenizer", default=None, help="tokenizer file/directory (default: the checkpoint's)")
     p.add_argument("--chat-family", default=None, help="VLM chat template family (default: from the tokenizer)")
+    p.add_argument("--prompt-format", default="meta", choices=["meta", "zero"],
+                   help="VLM prompts: meta (the family's chat format) or zero (the authors' Llama-3 format and image "
+                        "prompt)")
     p.add_argument("--output-dir", default="eval_results", help="where results.json and results.md go")
     p.add_argument("--seed", type=int, default=1234)
     return p
@@ -81,7 +84,8 @@ def _evaluate_vlm(args, benchmarks, path: str, manager) -> Optional[dict]:
     if args.pp != 1:
         raise ValueError("--pp: the VLM suite runs the decoder on one pipeline stage (generation needs it)")
     lm = MegatronZeroVLM(load=path, tp=args.tp, dtype=args.dtype, tokenizer=args.tokenizer,
-                         chat_family=args.chat_family, batch_size=args.batch_size, seed=args.seed)
+                         chat_family=args.chat_family, batch_size=args.batch_size, seed=args.seed,
+                         prompt_format=args.prompt_format)
     per_benchmark = run_vlm(lm, benchmarks, manager, args.limit)
     del lm
     gc.collect()
@@ -164,4 +168,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

@@ -18,9 +18,11 @@ import argparse
 import json
 import os
 import sys
+from megatron_zero.arguments import positive_int
+from megatron_zero.errors import UserError
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     pass
 
 
@@ -58,10 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="VLM checkpoint directory (vlm_config.json, encoder, decoder/)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the checkpoint's decoder/)")
     p.add_argument("--chat-family", default=None, help="chat template family (default: detected from the tokenizer)")
+    p.add_argument("--prompt-format", default="meta", choices=["meta", "zero"],
+                   help="meta: the family's chat format; zero: the authors' Llama-3 format and image prompt")
     p.add_argument("--prompts", required=True, help="JSONL requests")
     p.add_argument("--output", default="-", help="JSONL answers ('-' = stdout)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
     from megatron_zero.data.images import load_image
     from megatron_zero.data.tokenizers import load_tokenizer
     from megatron_zero.inference.generate import SamplingOptions, answer_yes_no, generate
-    from megatron_zero.models.grafting import DECODER_DIR, GraftingError, load_vlm_checkpoint
+    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR, VLMCheckpointError, load_vlm_checkpoint
     from megatron_zero.models.llama import RuntimeOptions
     from megatron_zero.models.vlm import build_vlm, load_vlm_canonical
     from megatron_zero.parallel.initialize import destroy_parallel, initialize_parallel, is_rank0
@@ -92,14 +96,15 @@ def main(argv=None) -> int:
         options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         cfg, encoder, decoder = load_vlm_checkpoint(args.checkpoint)
         tokenizer = load_tokenizer(args.tokenizer or os.path.join(args.checkpoint, DECODER_DIR))
-        template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id)
-    except (RequestError, GraftingError, ValueError, FileNotFoundError) as e:
+        template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id,
+                                     prompt_format=args.prompt_format)
+    except (RequestError, VLMCheckpointError, ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = build_vlm(cfg, RuntimeOptions(tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                          params_dtype=dtype, bf16=args.bf16))
+                                          params_dtype=dtype, bf16=args.bf16, initialize_weights=False))
     load_vlm_canonical(model, encoder, decoder, source=args.checkpoint)
     yes_ids = [tokenizer.encode(w)[0] for w in args.yes_words.split(",")]
     no_ids = [tokenizer.encode(w)[0] for w in args.no_words.split(",")]
@@ -128,4 +133,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

@@ -4,7 +4,7 @@
     python tools/graft.py --encoder ckpt/encoder_on_srgt --target Llama-3.1-70B-Instruct --output ckpt/vlm_70b
 
 No training and no model is built: the encoder (+adapter, start/end-of-image embeddings) and the target's HF
-files are placed side by side, unchanged (see :mod:`megatron_zero.models.grafting` for the formats). The surrogate
+files are placed side by side, unchanged (see :mod:`megatron_zero.checkpointing.vlm_checkpoint` for the formats). The surrogate
 provenance recorded with the encoder is checked against the target (same target, hidden size, vocabulary size,
 word-embedding table, tokenizer); a mismatch is refused with every reason listed, unless ``--force``.
 Exit status 2 on bad input.
@@ -18,7 +18,7 @@ import sys
 
 def main(argv=None) -> int:
     from megatron_zero.checkpointing.hf_writer import SaveDirError
-    from megatron_zero.models.grafting import GraftingError, graft
+    from megatron_zero.grafting import VLMCheckpointError, graft
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", required=True, help="image-encoder checkpoint directory (trained on a surrogate)")
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         record = graft(args.encoder, args.target, args.output, force=args.force, overwrite=args.overwrite)
-    except (GraftingError, SaveDirError, FileNotFoundError) as e:
+    except (VLMCheckpointError, SaveDirError, FileNotFoundError) as e:
         print(f"graft.py: error: {e}", file=sys.stderr)
         return 2
     for problem in record["problems"]:
@@ -39,4 +39,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

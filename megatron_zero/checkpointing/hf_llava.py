@@ -16,9 +16,10 @@ import os
 import torch
 
 from megatron_zero.models.vlm import VLMConfig
+from megatron_zero.errors import UserError
 
 
-class LlavaExportError(ValueError):
+class LlavaExportError(UserError, ValueError):
     """The VLM cannot be written as a transformers LLaVA model."""
 
 
@@ -70,7 +71,7 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
     """Write the VLM checkpoint ``vlm_dir`` (``tools/graft.py`` output) as an HF LLaVA directory."""
     from megatron_zero.checkpointing.hf_writer import (ShardedSafetensorsWriter, atomic_directory, check_save_dir,
                                                        copy_tokenizer_files, write_config)
-    from megatron_zero.models.grafting import DECODER_DIR, load_vlm_checkpoint
+    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR, load_vlm_checkpoint
 
     cfg, encoder, decoder_get = load_vlm_checkpoint(vlm_dir)
     problems = export_problems(cfg)

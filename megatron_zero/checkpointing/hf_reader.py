@@ -14,6 +14,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
+from megatron_zero.errors import UserError
 
 CONFIG = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -35,7 +36,7 @@ TOKENIZER_FILES = (
 MAX_OPEN_SHARDS = 2
 
 
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(UserError, ValueError):
     """A checkpoint whose files are missing, corrupt, or do not match its config."""
 
 

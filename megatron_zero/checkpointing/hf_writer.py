@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_zero.checkpointing.hf_reader import CONFIG, INDEX, SINGLE_FILE, TOKENIZER_FILES
+from megatron_zero.errors import UserError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -36,7 +37,7 @@ def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     return size
 
 
-class SaveDirError(ValueError):
+class SaveDirError(UserError, ValueError):
     """The save directory cannot be written (exists and is not empty, without --overwrite)."""
 
 
@@ -49,16 +50,74 @@ def check_save_dir(path: str, overwrite: bool) -> None:
 
 
 def temp_dir_for(path: str, pid: Optional[int] = None) -> str:
+    """``<path>.tmp-<pid>``; first removes the temp dirs that killed writers of ``path`` left behind."""
+    remove_stale_temp_dirs(path)
     return f"{os.path.abspath(path).rstrip(os.sep)}.tmp-{os.getpid() if pid is None else pid}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(path: str) -> list[str]:
+    """Delete ``<path>.tmp-<pid>`` (and ``.old``) directories whose writer process no longer runs on this host."""
+    base = os.path.abspath(path).rstrip(os.sep)
+    parent, name = os.path.split(base)
+    removed = []
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(name + ".tmp-"):
+            continue
+        pid = entry[len(name) + 5:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def fsync_tree(root: str) -> None:
+    """fsync every file and directory under ``root`` (before the rename that publishes it)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for n in files:
+            fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def publish(tmp: str, path: str) -> None:
-    """Move finished ``tmp`` to ``path``, replacing an existing directory there."""
+    """Move finished ``tmp`` to ``path`` (after fsyncing it), replacing an existing directory there."""
+    fsync_tree(tmp)
     old = None
     if os.path.lexists(path):
         old = f"{tmp}.old"
         os.replace(path, old)
     os.replace(tmp, path)
+    parent = os.path.dirname(os.path.abspath(path))
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -139,6 +198,42 @@ class ShardedSafetensorsWriter:
         return names
 
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+_GENERATION_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def written_float_dtype(out_dir: str) -> Optional[str]:
+    """The floating-point dtype of the safetensors shards in ``out_dir`` (read from their headers), or None when
+    there is none or they mix dtypes."""
+    import struct
+
+    found = set()
+    for name in os.listdir(out_dir):
+        if not name.endswith(".safetensors"):
+            continue
+        with open(os.path.join(out_dir, name), "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        found |= {_SAFETENSORS_DTYPES[v["dtype"]] for k, v in header.items()
+                  if k != "__metadata__" and v.get("dtype") in _SAFETENSORS_DTYPES}
+    return found.pop() if len(found) == 1 else None
+
+
 def write_config(out_dir: str, config: dict[str, Any]) -> None:
+    """``config.json``, written last. Its dtype is that of the tensors written (so ``transformers`` loads them
+    as they are), and token ids missing from it are taken from the ``generation_config.json`` copied along."""
+    config = dict(config)
+    dtype = written_float_dtype(out_dir)
+    if dtype is not None:
+        config["torch_dtype"] = config["dtype"] = dtype
+    gen_file = os.path.join(out_dir, "generation_config.json")
+    if os.path.isfile(gen_file):
+        with open(gen_file) as f:
+            gen = json.load(f)
+        targets = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+        for target in targets:
+            for key in _GENERATION_IDS:
+                if target.get(key) is None and gen.get(key) is not None:
+                    target[key] = gen[key]
     with open(os.path.join(out_dir, CONFIG), "w") as f:
         json.dump(config, f, indent=2)

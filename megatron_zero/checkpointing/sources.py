@@ -18,9 +18,10 @@ import torch
 
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.errors import UserError
 
 
-class WeightSourceError(ValueError):
+class WeightSourceError(UserError, ValueError):
     """A ``--decoder-load``/``--encoder-load`` path that is not a checkpoint we can read."""
 
 
@@ -63,7 +64,7 @@ def resolve_decoder(path: str, flag: str = "--decoder-load") -> DecoderSource:
         raise WeightSourceError(f"{flag} {path}: no such directory")
     vlm = vlm_checkpoint_dir(path)
     if vlm is not None:
-        from megatron_zero.models.grafting import DECODER_DIR, load_vlm_checkpoint
+        from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR, load_vlm_checkpoint
         from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig
 
         decoder_dir = os.path.join(vlm, DECODER_DIR)
@@ -73,7 +74,7 @@ def resolve_decoder(path: str, flag: str = "--decoder-load") -> DecoderSource:
         cfg, _, getter = load_vlm_checkpoint(vlm)
         return DecoderSource(cfg.decoder, "canonical", getter, vlm)
     if os.path.isfile(os.path.join(path, "config.json")):
-        from megatron_zero.models.grafting import HFDecoder
+        from megatron_zero.checkpointing.vlm_checkpoint import HFDecoder
 
         hf = HFDecoder(path)
         return DecoderSource(hf.cfg, "canonical", hf.canonical_getter(), path)
@@ -94,19 +95,27 @@ class EncoderSource:
     path: str = ""
     partial: bool = False  # only the CLIP tower (HF CLIP): adapter/start/end embeddings are fresh
 
-    def load_into(self, chunks: list) -> None:
+    def load_into(self, chunks: list, seed: int = 0) -> None:
+        """Copy the weights into the chunk holding the encoder. With only a CLIP tower (``partial``), the adapter
+        and start/end embeddings are initialised fresh from ``seed``, identically for every TP/PP layout."""
         from megatron.core import parallel_state as ps
 
+        from megatron_zero.models.adapter import fresh_adapter_tensors
         from megatron_zero.parallel import sharding
 
         if self.tensors is None:
             return
+        rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         for c in chunks:
             if getattr(c, "vision", None) is None:
                 continue
-            target = c.vision.vision_model if self.partial else c.vision
-            sharding.load_canonical(target, self.tensors, ps.get_tensor_model_parallel_rank(),
-                                    ps.get_tensor_model_parallel_world_size(), source=self.path)
+            if not self.partial:
+                sharding.load_canonical(c.vision, self.tensors, rank, size, source=self.path)
+                continue
+            fresh = fresh_adapter_tensors(self.vision, c.cfg.decoder.hidden_size, seed,
+                                          c.vision.adapter.linear_fc1.weight.dtype)
+            tensors = {**{f"vision_model.{k}": v for k, v in self.tensors.items()}, **fresh}
+            sharding.load_canonical(c.vision, tensors, rank, size, source=self.path)
 
 
 def resolve_encoder(path: Optional[str], vision_preset: Optional[str] = None, feature_convention: str = "zero",
@@ -120,12 +129,12 @@ def resolve_encoder(path: Optional[str], vision_preset: Optional[str] = None, fe
                                                  feature_convention=feature_convention), None)
     if not os.path.exists(path):
         raise WeightSourceError(f"{flag} {path}: no such directory")
-    from megatron_zero.models import grafting
+    from megatron_zero.checkpointing import vlm_checkpoint
 
     vlm = vlm_checkpoint_dir(path)
-    enc_dir = vlm or (path if os.path.isfile(os.path.join(path, grafting.ENCODER_META)) else None)
+    enc_dir = vlm or (path if os.path.isfile(os.path.join(path, vlm_checkpoint.ENCODER_META)) else None)
     if enc_dir is not None:
-        meta, tensors = grafting.load_image_encoder(enc_dir)
+        meta, tensors = vlm_checkpoint.load_image_encoder(enc_dir)
         return EncoderSource(ClipVisionConfig.from_dict(meta["vision"]), tensors, meta["image_token_id"], enc_dir)
     cfg_file = os.path.join(path, "config.json")
     if os.path.isfile(cfg_file):

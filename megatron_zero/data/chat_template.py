@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ from megatron_zero.data.tokenizers import Tokenizer, WordTokenizer
 
 __all__ = [
     "IMAGE_TAG",
+    "PROMPT_FORMATS",
+    "ZERO_IMAGE_PROMPTS",
+    "ZeroLlama3ChatTemplate",
+    "zero_image_prompt",
     "ChatTemplate",
     "EncodedChat",
     "GemmaChatTemplate",
@@ -51,6 +56,45 @@ __all__ = [
 
 IMAGE_TAG = "<image>"
 ROLES = ("system", "user", "assistant")
+#: ``--prompt-format``: ``meta`` = each family's own chat format; ``zero`` = the authors' (facebookresearch/zero)
+#: Llama-3 layout, image prompt and loss masks (:class:`ZeroLlama3ChatTemplate`).
+PROMPT_FORMATS = ("meta", "zero")
+
+#: The authors' 30 caption templates wrapped around the image tokens (``template_for_image_tokens`` in their
+#: ``src/methods/_questions_prompt_for_caption.py``), in their order: training draws one at random per user turn,
+#: evaluation and inference use the first.
+ZERO_IMAGE_PROMPTS = (
+    "Based on the visual elements captured in this image of",
+    "Drawing from what's shown in this photograph/illustration of",
+    "Examining the details visible in this visual representation of",
+    "Looking at the scene depicted in this image featuring",
+    "Observing the components displayed in this visual of",
+    "With attention to the specific details portrayed in this image of",
+    "Considering the visual narrative presented in this scene of",
+    "Noting the key elements highlighted in this visual capture of",
+    "Reviewing the visual information documented in this image of",
+    "Analyzing the pictorial evidence shown in this representation of",
+    "In the context of what's depicted in this visual of",
+    "Given the scene captured in this image showing",
+    "Within the framework of what's illustrated here about",
+    "From the perspective offered by this visual portrayal of",
+    "Through the lens of what's represented in this image of",
+    "Interpreting the visual cues present in this depiction of",
+    "Decoding the visual information conveyed in this image of",
+    "Making sense of the visual elements arranged in this scene of",
+    "Processing the visual data presented in this capture of",
+    "Reading the visual story told through this image of",
+    "Focusing on the specific visual components shown in this image of",
+    "Zeroing in on the particular elements depicted in this visual of",
+    "Concentrating on the detailed representation provided in this image of",
+    "Examining the precise visual information contained in this portrayal of",
+    "Studying the exact visual features presented in this illustration of",
+    "Let's explore what this image reveals about",
+    "Let's break down the visual elements shown here regarding",
+    "Let's analyze what we can see in this depiction of",
+    "Let's examine the visual information captured about",
+    "Let's investigate what this image tells us about",
+)
 
 
 @dataclass(frozen=True)
@@ -72,6 +116,7 @@ class EncodedChat:
 
 class _Kind(enum.Enum):
     SPECIAL = "special"  # a template special token: loss only with loss_on_special_tokens
+    SPECIAL_NO_LOSS = "special_no_loss"  # a template special token that never carries loss
     TURN_END = "turn_end"  # the special token closing an assistant turn: always loss
     TEXT = "text"  # template text (role names, newlines): never loss
     PROMPT = "prompt"  # user/system content, may hold <image> tags: never loss
@@ -88,6 +133,7 @@ class ChatTemplate(abc.ABC):
     """Base class: subclasses lay out segments; this class tokenises them and builds the mask."""
 
     family: str
+    prompt_format: str = "meta"
     image_token_candidates: tuple[str, ...] = ()
 
     def __init__(self, tokenizer: Tokenizer, image_placeholder: int | str | None = None):
@@ -122,16 +168,22 @@ class ChatTemplate(abc.ABC):
         *,
         loss_on_special_tokens: bool = False,
         add_generation_prompt: bool = False,
+        rng: random.Random | None = None,
     ) -> EncodedChat:
-        """Token ids and loss mask of ``messages``; with ``add_generation_prompt`` it ends with the assistant header."""
+        """Token ids and loss mask of ``messages``; with ``add_generation_prompt`` it ends with the assistant header.
+
+        ``rng`` (training) lets a format that varies its prompts draw them (the ``zero`` format's image prompt);
+        without it (evaluation, inference) the format's fixed default is used. The ``meta`` formats ignore it.
+        """
         _validate(messages)
+        messages = self._rewrite(messages, rng)
         ids: list[int] = []
         mask: list[bool] = []
         num_images = 0
         for seg in self._segments(messages, add_generation_prompt):
-            if seg.kind in (_Kind.SPECIAL, _Kind.TURN_END):
+            if seg.kind in (_Kind.SPECIAL, _Kind.TURN_END, _Kind.SPECIAL_NO_LOSS):
                 ids.append(self.tokenizer.special_token_id(seg.value))
-                mask.append(seg.kind is _Kind.TURN_END or loss_on_special_tokens)
+                mask.append(seg.kind is _Kind.TURN_END or (loss_on_special_tokens and seg.kind is _Kind.SPECIAL))
             elif seg.kind is _Kind.PROMPT:
                 pieces = seg.value.split(IMAGE_TAG)
                 for i, piece in enumerate(pieces):
@@ -147,6 +199,10 @@ class ChatTemplate(abc.ABC):
                 ids.extend(toks)
                 mask.extend([seg.kind is _Kind.RESPONSE] * len(toks))
         return EncodedChat(ids, mask, num_images)
+
+    def _rewrite(self, messages: Sequence[Message], rng: random.Random | None) -> Sequence[Message]:
+        """Hook for formats that rewrite message contents before layout (identity here)."""
+        return messages
 
     def _image_id(self) -> int:
         if self.image_placeholder_id is None:
@@ -202,6 +258,70 @@ class Llama3ChatTemplate(ChatTemplate):
             yield _Segment(_Kind.TURN_END if m.role == "assistant" else _Kind.SPECIAL, "<|eot_id|>")
         if add_generation_prompt:
             yield from self._header("assistant")
+
+
+def zero_image_prompt(content: str, prompt: str) -> str:
+    """The authors' image prompt for a user turn holding one ``<image>``: ``"{prompt}<image>, {question}"``.
+
+    As their ``forward_hf``/``_construct_model_inputs`` do: drop ``"<image>\\n"`` and ``"\\n<image>"``, strip, lower-case
+    the first character of the question, then join with no space before the image and ``", "`` after it. Their
+    code handles only an image at the start or end of the turn (LLaVA's layout); any other ``<image>`` would stay
+    as literal text there, so it is an error here.
+    """
+    text = content.replace(IMAGE_TAG + "\n", "").replace("\n" + IMAGE_TAG, "").strip()
+    if IMAGE_TAG in text:
+        raise ValueError(
+            f"--prompt-format zero supports one {IMAGE_TAG!r} per user turn, at its start ('<image>\\n...') or end "
+            f"('...\\n<image>'), as the authors' code; got {content[:80]!r}")
+    if text:
+        text = text[0].lower() + text[1:]
+    return f"{prompt}{IMAGE_TAG}, {text}"
+
+
+class ZeroLlama3ChatTemplate(Llama3ChatTemplate):
+    """The authors' Llama-3 layout (facebookresearch/zero, ``engine_ar_instruction_llama.py``), ``--prompt-format zero``.
+
+    Their ``chat_template``: ``<|begin_of_text|>`` then per turn
+    ``<|start_header_id|>{role}<|end_header_id|>\\n{content}<|eot_id|>`` -- a *single* ``\\n`` after the header
+    (Meta's format has ``\\n\\n``) and no system prompt; the generation prompt is
+    ``<|start_header_id|>assistant<|end_header_id|>\\n``. The ``\\n`` and the content are tokenised as one string,
+    as their ``apply_chat_template`` does (special tokens split it, so the image placeholder is its own token).
+
+    A user turn with an ``<image>`` gets their image prompt (:func:`zero_image_prompt`): one of
+    :data:`ZERO_IMAGE_PROMPTS` drawn with ``encode(..., rng=...)`` in training, the first one without ``rng``.
+
+    Loss mask (their ``ignore_instruction_token_ids=True``): the ``\\n`` after the assistant header, the response
+    and its ``<|eot_id|>``. With ``loss_on_special_tokens`` (their
+    ``include_special_tokens_in_masking_instruction_tokens``, on in their stages 1 and 2) also
+    ``<|start_header_id|>``/``<|end_header_id|>`` of every turn and the ``<|eot_id|>`` closing user turns; never
+    ``<|begin_of_text|>``, the role names, or prompt text.
+    """
+
+    prompt_format = "zero"
+
+    def _header(self, role: str) -> Iterator[_Segment]:
+        yield _Segment(_Kind.SPECIAL, "<|start_header_id|>")
+        yield _Segment(_Kind.TEXT, role)
+        yield _Segment(_Kind.SPECIAL, "<|end_header_id|>")
+
+    def _rewrite(self, messages, rng):
+        out = []
+        for m in messages:
+            if m.role == "user" and IMAGE_TAG in m.content:
+                prompt = rng.choice(ZERO_IMAGE_PROMPTS) if rng is not None else ZERO_IMAGE_PROMPTS[0]
+                m = Message(m.role, zero_image_prompt(m.content, prompt))
+            out.append(m)
+        return out
+
+    def _segments(self, messages, add_generation_prompt):
+        yield _Segment(_Kind.SPECIAL_NO_LOSS, "<|begin_of_text|>")
+        for m in messages:
+            yield from self._header(m.role)
+            yield _Segment(_content_kind(m.role), "\n" + m.content)
+            yield _Segment(_Kind.TURN_END if m.role == "assistant" else _Kind.SPECIAL, "<|eot_id|>")
+        if add_generation_prompt:
+            yield from self._header("assistant")
+            yield _Segment(_Kind.TEXT, "\n")
 
 
 class Llama2ChatTemplate(ChatTemplate):
@@ -297,10 +417,14 @@ _TEMPLATES = {t.family: t for t in (Llama3ChatTemplate, Llama2ChatTemplate, Gemm
 
 
 def chat_template_for(
-    tokenizer: Tokenizer, family: str | None = None, image_placeholder: int | str | None = None
+    tokenizer: Tokenizer, family: str | None = None, image_placeholder: int | str | None = None,
+    prompt_format: str = "meta",
 ) -> ChatTemplate:
     """The chat template of ``family`` (``llama3``, ``llama2``, ``gemma``, ``word``), or detected from the
-    tokenizer's special tokens when ``family`` is None."""
+    tokenizer's special tokens when ``family`` is None; ``prompt_format="zero"`` gives the authors' Llama-3 format
+    (:class:`ZeroLlama3ChatTemplate`, Llama-3 only)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
     if family is None:
         if tokenizer.has_special_token("<|start_header_id|>"):
             family = "llama3"
@@ -317,4 +441,9 @@ def chat_template_for(
             )
     if family not in _TEMPLATES:
         raise ValueError(f"unknown chat-template family {family!r}; expected one of {sorted(_TEMPLATES)}")
+    if prompt_format == "zero":
+        if family != "llama3":
+            raise ValueError(f"--prompt-format zero is the authors' Llama-3 format; the tokenizer's chat family is "
+                             f"{family!r}")
+        return ZeroLlama3ChatTemplate(tokenizer, image_placeholder)
     return _TEMPLATES[family](tokenizer, image_placeholder)

@@ -25,6 +25,7 @@ import collections
 import json
 import logging
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megatron_zero.data.chat_template import IMAGE_TAG, ChatTemplate, Message
+from megatron_zero.errors import DataError
 
 __all__ = [
     "ChatDataset",
@@ -91,6 +93,10 @@ class TokenizationConfig:
     max_seq_len: int  # cap on the expanded length (images counted as num_image_tokens)
     num_image_tokens: int = 576  # LLaVA-1.5's CLIP ViT-L/14 at 336 px: 24 x 24 patches
     loss_on_special_tokens: bool = False  # Sec. A.9's rule for encoder-only stages
+    #: formats with varying prompts (``--prompt-format zero``'s image prompt) draw them from a generator seeded by
+    #: (seed, record index, record id), so a dataset tokenises identically on every rank and every resume; the
+    #: authors redraw per epoch, here the draw is fixed per record.
+    prompt_seed: int = 0
 
     def __post_init__(self):
         if self.max_seq_len < 1 or self.num_image_tokens < 1:
@@ -100,7 +106,7 @@ class TokenizationConfig:
 # ----------------------------------------------------------------------------------------------------- reading
 
 
-class _RecordError(ValueError):
+class _RecordError(DataError):
     pass
 
 
@@ -143,10 +149,12 @@ def read_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | Non
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected a UTF-8 JSON file") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")  # noqa: TRY004 (bad file)
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")  # noqa: TRY004 (bad file)
     out = []
     for i, rec in enumerate(records):
         try:
@@ -160,7 +168,7 @@ def read_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | Non
                 raise _RecordError(f"'image' must be a path or a list of paths, got {image!r}")
             messages = _attach_images(_messages_from_turns(rec["conversations"]), images)
         except _RecordError as exc:
-            raise ValueError(f"{path}: record {i} (id {_record_id(rec)}): {exc}") from None
+            raise DataError(f"{path}: record {i} (id {_record_id(rec)}): {exc}") from None
         out.append(Conversation(messages, [str(root / p) for p in images], str(rec.get("id", i))))
     return out
 
@@ -173,19 +181,23 @@ def read_instruction_jsonl(path: str | os.PathLike) -> list[Conversation]:
     """Read a text-only instruction JSONL file (formats in the module docstring)."""
     path = Path(path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected a UTF-8 JSONL file") from None
+        for line_no, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON: {exc.msg}") from exc
+                raise DataError(f"{path}: line {line_no}: invalid JSON: {exc.msg}") from exc
             try:
                 messages = _instruction_messages(rec)
                 _attach_images(messages, [])
             except _RecordError as exc:
-                raise ValueError(f"{path}: line {line_no} (id {_record_id(rec)}): {exc}") from None
+                raise DataError(f"{path}: line {line_no} (id {_record_id(rec)}): {exc}") from None
             out.append(Conversation(messages, [], str(rec.get("id", line_no))))
     return out
 
@@ -254,10 +266,11 @@ class ChatDataset:
         skipped: collections.Counter = collections.Counter()
         truncated = 0
         placeholder = template.image_placeholder_id
-        for conv in tqdm(conversations, desc=f"tokenising {source or 'conversations'}", unit="conv",
-                         disable=len(conversations) < 10_000):
+        for index, conv in enumerate(tqdm(conversations, desc=f"tokenising {source or 'conversations'}", unit="conv",
+                                          disable=len(conversations) < 10_000)):
             try:
-                enc = template.encode(conv.messages, loss_on_special_tokens=config.loss_on_special_tokens)
+                rng = random.Random(f"{config.prompt_seed}:{index}:{conv.id}")
+                enc = template.encode(conv.messages, loss_on_special_tokens=config.loss_on_special_tokens, rng=rng)
             except ValueError as exc:
                 raise ValueError(f"{source}: conversation {conv.id!r}: {exc}") from None
             tok = np.asarray(enc.input_ids, dtype=np.int64)

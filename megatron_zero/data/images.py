@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 
 from megatron_zero import platform
+from megatron_zero.errors import UserError
 
 __all__ = [
     "CLIP_MEAN",
@@ -89,7 +90,7 @@ _TAIL_BYTES = 1024  # where a complete file's end marker must be (trailing paddi
 PathLike = str | os.PathLike
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(UserError, RuntimeError):
     """An image that cannot be used: the file and why."""
 
     def __init__(self, path: PathLike, reason: str):

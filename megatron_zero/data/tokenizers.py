@@ -434,6 +434,7 @@ class WordTokenizer(Tokenizer):
 
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+\r?$")
 _DIR_CANDIDATES = ("tokenizer.json", "tokenizer.model", "original/tokenizer.model")
+TOKENIZER_DIR_CANDIDATES = _DIR_CANDIDATES  # the files load_tokenizer looks for in a directory
 
 
 def load_tokenizer(path_or_dir: str | os.PathLike) -> Tokenizer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Mapping, Optional, Sequence
+from megatron_zero.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ VLM_SUITE: tuple[Benchmark, ...] = (
 SUITES: Mapping[str, tuple[Benchmark, ...]] = {"text": TEXT_SUITE, "vlm": VLM_SUITE}
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError, ValueError):
     """A --suite/--tasks selection that names no benchmark we can run."""
 
 

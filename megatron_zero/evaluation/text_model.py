@@ -22,18 +22,19 @@ import torch
 import torch.distributed as dist
 
 from megatron_zero.evaluation.vocab_parallel import gather_vocab, token_logprobs
+from megatron_zero.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """Bad evaluation input: a checkpoint, tokenizer, model argument or request that cannot be used."""
 
 
 def default_tokenizer_path(load: str) -> str:
     """Where a checkpoint keeps its tokenizer: a VLM checkpoint's ``decoder/``, else the directory itself."""
     from megatron_zero.checkpointing.sources import vlm_checkpoint_dir
-    from megatron_zero.models.grafting import DECODER_DIR
+    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR
 
     vlm = vlm_checkpoint_dir(load)
     return os.path.join(vlm, DECODER_DIR) if vlm is not None else load
@@ -79,7 +80,7 @@ class ParallelTextModel:
         self.tokenizer = open_tokenizer(load, tokenizer, self.cfg.vocab_size)
         bf16 = DTYPES[dtype] == torch.bfloat16
         opts = RuntimeOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                              params_dtype=DTYPES[dtype], bf16=bf16)
+                              params_dtype=DTYPES[dtype], bf16=bf16, initialize_weights=False)
         self.model = build_llama_model(self.cfg, opts)
         source.load_into([self.model])
         self.model.eval()

@@ -19,7 +19,8 @@ and the answer is whichever of "yes" and "no" has the larger log-likelihood as t
 Model arguments: ``load`` (a VLM checkpoint: ``tools/graft.py`` output or a training run's export), ``tp``,
 ``dtype`` (fp32|bf16), ``tokenizer`` (default: the checkpoint's ``decoder/``), ``chat_family`` (default: from the
 tokenizer), ``batch_size``, ``binary``, ``yes_words``/``no_words`` (``|``-separated spellings, default
-``yes|Yes`` / ``no|No``), ``seed``.
+``yes|Yes`` / ``no|No``), ``seed``, ``prompt_format`` (``meta`` | ``zero``: the authors' Llama-3 layout and image
+prompt, :class:`~megatron_zero.data.chat_template.ZeroLlama3ChatTemplate`).
 
 Parallelism: tensor parallelism (every TP rank runs the same requests; lmms-eval sees ``rank 0`` / ``world 1``);
 generation needs the decoder on one pipeline stage, so ``pp`` is 1.
@@ -98,7 +99,7 @@ class VLMEvaluator:
 
     def __init__(self, load: str, tp: int = 1, dtype: str = "fp32", tokenizer: Optional[str] = None,
                  chat_family: Optional[str] = None, yes_words: Sequence[str] = ("yes", "Yes"),
-                 no_words: Sequence[str] = ("no", "No"), seed: int = 1234):
+                 no_words: Sequence[str] = ("no", "No"), seed: int = 1234, prompt_format: str = "meta"):
         from megatron_zero.checkpointing.sources import (WeightSourceError, resolve_decoder, resolve_encoder,
                                                          vlm_checkpoint_dir)
         from megatron_zero.data.chat_template import chat_template_for
@@ -114,13 +115,17 @@ class VLMEvaluator:
             raise EvaluationError(f"load={load}: not a VLM checkpoint (no {VLM_CONFIG_FILE} here or in export/)")
         self.cfg = VLMConfig.load(os.path.join(vlm_dir, VLM_CONFIG_FILE))
         self.tokenizer = open_tokenizer(load, tokenizer, self.cfg.decoder.vocab_size)
-        self.template = chat_template_for(self.tokenizer, chat_family, image_placeholder=self.cfg.image_token_id)
+        try:
+            self.template = chat_template_for(self.tokenizer, chat_family, image_placeholder=self.cfg.image_token_id,
+                                              prompt_format=prompt_format)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
         dp = initialize_parallel(tp, 1, seed=seed)
         if dp != 1:
             raise EvaluationError(f"launch exactly tp = {tp} processes (data parallelism is not used)")
         self.dtype = DTYPES[dtype]
         self.model = build_vlm(self.cfg, RuntimeOptions(tensor_model_parallel_size=tp, params_dtype=self.dtype,
-                                                     bf16=self.dtype == torch.bfloat16))
+                                                     bf16=self.dtype == torch.bfloat16, initialize_weights=False))
         try:
             resolve_decoder(load, flag="load=").load_into([self.model])
             resolve_encoder(load, flag="load=").load_into([self.model])
@@ -227,7 +232,8 @@ class MegatronZeroVLM(_LmmsBase):
 
     def __init__(self, load: str, tp: int = 1, dtype: str = "fp32", tokenizer: Optional[str] = None,
                  chat_family: Optional[str] = None, batch_size: Any = 8, binary: Any = None,
-                 yes_words: str = "yes|Yes", no_words: str = "no|No", seed: int = 1234, **harness_kwargs: Any):
+                 yes_words: str = "yes|Yes", no_words: str = "no|No", seed: int = 1234, prompt_format: str = "meta",
+                 **harness_kwargs: Any):
         """Arguments as in the module docstring. ``harness_kwargs``: what lmms-eval passes to every model
         (``device``, ``max_batch_size``), unused: each rank computes on its own device."""
         if not HAVE_LMMS_EVAL:
@@ -241,7 +247,8 @@ class MegatronZeroVLM(_LmmsBase):
             raise EvaluationError(f"model_args batch_size={batch_size!r}: expected a positive integer")
         self.binary_tasks = parse_binary_tasks(binary)
         self.vlm = VLMEvaluator(str(load), int(tp), str(dtype), tokenizer, chat_family,
-                                             str(yes_words).split("|"), str(no_words).split("|"), int(seed))
+                                             str(yes_words).split("|"), str(no_words).split("|"), int(seed),
+                                             str(prompt_format))
 
     def _is_binary(self, task: str) -> bool:
         return any(task.startswith(prefix) for prefix in self.binary_tasks)

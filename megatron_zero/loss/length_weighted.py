@@ -26,15 +26,11 @@ all micro-batches)::
     weighting. Multiplying every *token* of response ``i`` by ``w_i`` instead would put the loss at about
     ``mean(L)`` times the token mean's scale.
 
-``length-weighted-released`` (the authors' released code, which differs from the paper)::
+``length-weighted-released`` (the authors' released code, ``engine_ar_instruction_llama.py::
+_calc_loss_weights_with_batchmean``, which differs from the paper) -- see :func:`released_token_weights`; it
+works on *segments*, not on the loss-carrying runs above.
 
-    w_i = max(1, (max_{j in micro-batch} log(L_j + 1) / log(L_i + 1)) ** ord)
-
-    The maximum is taken over the responses of the *micro-batch* only, there is no renormalisation, and the
-    weight is clamped below at 1 (the ratio is already >= 1, so the clamp only documents the intent; ``L + 1``
-    needs no guard since ``L >= 1``).
-
-In every scheme the loss is ``sum_t w_t * CE_t / T`` with ``T = sum_j L_j`` the number of loss-carrying tokens of
+In the first two schemes the loss is ``sum_t w_t * CE_t / T`` with ``T = sum_j L_j`` the number of loss-carrying tokens of
 the global batch, so that all-ones weights give exactly the token mean. Because ``T`` and the paper's
 ``max_j L_j`` and ``sum_j w_j`` are global, each micro-batch's ``sum_t w_t * CE_t / T`` is its exact share: summed
 over micro-batches and data-parallel ranks it equals the whole-batch loss. So the data-parallel gradient reduction
@@ -53,13 +49,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
     "DEFAULT_ORD",
+    "DEFAULT_RELEASED_ORD",
     "LOSS_WEIGHTINGS",
+    "released_segments",
+    "released_token_weights",
     "LengthStats",
     "gather_response_lengths",
     "global_length_stats",
@@ -71,6 +71,7 @@ __all__ = [
 
 LOSS_WEIGHTINGS = ("token-mean", "length-weighted", "length-weighted-released")
 DEFAULT_ORD = 0.5
+DEFAULT_RELEASED_ORD = 1.0  # their balance_loss_exp_ord default (config_base.py)
 _MIN_LOG_LENGTH = 2  # the paper formula's guard: log(max(L, 2))
 
 
@@ -207,8 +208,7 @@ def response_weights(lengths: torch.Tensor, stats: LengthStats) -> torch.Tensor:
         return torch.ones(lengths.shape, dtype=torch.float32, device=lengths.device)
     if stats.scheme == "length-weighted":
         return (_paper_raw_weights(lengths, stats.max_length, stats.ord) / stats.weight_scale).float()
-    log_len = (lengths.double() + 1).log()
-    return ((log_len.max() / log_len) ** stats.ord).clamp(min=1.0).float()
+    raise ValueError("length-weighted-released weighs eot-delimited segments: use released_token_weights")
 
 
 def token_weights(loss_mask: torch.Tensor, segment_ids: torch.Tensor, stats: LengthStats) -> torch.Tensor:
@@ -227,3 +227,125 @@ def token_weights(loss_mask: torch.Tensor, segment_ids: torch.Tensor, stats: Len
 def weighted_loss(per_token_ce: torch.Tensor, weights: torch.Tensor, stats: LengthStats) -> torch.Tensor:
     """This micro-batch's share of the global loss: ``sum_t w_t * CE_t / T``."""
     return (weights * per_token_ce).sum() / stats.num_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# length-weighted-released: the authors' _calc_loss_weights_with_batchmean
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class ReleasedSegments:
+    """The ``<|eot_id|>``-delimited segments of one micro-batch, as their code counts them.
+
+    Attributes:
+        lengths: float64 ``[n]``, ``L`` of each segment.
+        text_only: bool ``[n]``, the segment's sample has no image positions.
+        index: long ``[batch, seq]``, the segment of each (shifted) label position, -1 outside samples.
+        num_tokens: loss-carrying tokens of the micro-batch.
+    """
+
+    lengths: torch.Tensor
+    text_only: torch.Tensor
+    index: torch.Tensor
+    num_tokens: int
+
+
+def released_segments(labels: torch.Tensor, loss_mask: torch.Tensor, segment_ids: torch.Tensor,
+                      image_mask: Optional[torch.Tensor], eot_id: int) -> ReleasedSegments:
+    """Segments of a (packed or unpacked) micro-batch in *their* counting.
+
+    Their code works on the unshifted target of one sample (``t[p]`` = token ``p`` where it carries loss, else
+    ignore) and splits it after every ``<|eot_id|>`` target: segment ``k`` is target positions
+    ``e_{k-1}+1 .. e_k`` and ``L_k = e_k - e_{k-1}`` counts *every* position (``<|begin_of_text|>``, prompt, image
+    positions, response), since nothing in a target equals their pad id. Which ``<|eot_id|>`` are targets depends on
+    the loss mask: the assistant's always, the user's only with special-token loss -- so without it a segment runs
+    from one response's end through the next prompt to the next response's end. The segment's weight goes to the
+    loss of every target position in it; target ``p`` is our label position ``p - 1`` (labels are shifted), so the
+    first segment of a sample has one position (the ``<|begin_of_text|>`` target, never predicted) more than label
+    positions.
+
+    Here every sample (``segment_ids`` value of a row, -1 = padding) is one of their rows. A trailing segment with
+    no closing ``<|eot_id|>`` counts only if it carries loss (a sample truncated mid-response: theirs forces an
+    ``<|eot_id|>`` target at ``max_seq_len``; here the response's tokens keep their own targets). Not reproduced:
+    for rows shorter than their batch's longest, their ``t[-1] = eot_id`` also turns the padding tail into a
+    segment and adds a spurious ``<|eot_id|>`` target at the last padded position -- it depends on their padding
+    to the batch's longest row, which static ``--seq-length`` rows do not have.
+    """
+    if not (labels.shape == loss_mask.shape == segment_ids.shape) or labels.dim() != 2:
+        raise ValueError(f"released_segments: labels, loss_mask and segment_ids must be [batch, seq], got "
+                         f"{tuple(labels.shape)}, {tuple(loss_mask.shape)}, {tuple(segment_ids.shape)}")
+    mask = loss_mask.bool()
+    index = torch.full(labels.shape, -1, dtype=torch.long)
+    lengths: list[int] = []
+    text_only: list[bool] = []
+    for r in range(labels.shape[0]):
+        seg_row = segment_ids[r]
+        for sample in torch.unique(seg_row[seg_row >= 0]).tolist():
+            pos = torch.nonzero(seg_row == sample).squeeze(1)
+            n = pos.numel()
+            flags = (mask[r, pos] & (labels[r, pos] == eot_id)).long()
+            has_image = image_mask is not None and bool(image_mask[r, pos].any())
+            before = torch.cumsum(flags, 0) - flags  # eot targets strictly before each label position
+            ends = [x + 1 for x in torch.nonzero(flags).squeeze(1).tolist()]  # their e_k (label j <-> target j+1)
+            seg_len = [ends[0] + 1] + [b - a for a, b in zip(ends, ends[1:])] if ends else []
+            tail = before == len(ends)  # label positions after the last eot target
+            if bool((mask[r, pos] & tail).any()):  # truncated mid-response: the tail is a segment
+                seg_len.append(n - 1 - ends[-1] if ends else n)
+            else:
+                before = torch.where(tail, torch.full_like(before, -1), before)
+            index[r, pos] = torch.where(before >= 0, before + len(lengths), before)
+            lengths += seg_len
+            text_only += [not has_image] * len(seg_len)
+    return ReleasedSegments(torch.tensor(lengths, dtype=torch.float64), torch.tensor(text_only, dtype=torch.bool),
+                            index, int(mask.sum()))
+
+
+def released_token_weights(micro_batches: Sequence[ReleasedSegments], ord: float = DEFAULT_RELEASED_ORD,
+                           avg_norm: bool = False, group: Optional[dist.ProcessGroup] = None,
+                           match_normaliser: bool = True) -> list[torch.Tensor]:
+    """Per-token weights ``[batch, seq]`` of each micro-batch of this rank, exactly their formula::
+
+        s_i = log(L_i + 1) / max_j log(L_j + 1)      max over micro-step k's segments on *all* DP ranks
+        w_i = s_i ** -ord                             ord = 1 (their balance_loss_exp_ord default)
+        w_i <- w_i / mean_j w_j                       only with avg_norm (their balance_loss_exp_avg_norm, off);
+                                                      mean over micro-step k's segments on all DP ranks
+        w_i <- max(w_i, 1)
+
+    Segments of text-only samples enter the maximum and the mean with ``L = 1`` and get weight 1. Micro-batch
+    ``k`` of every data-parallel rank is their micro-step ``k`` (one all-reduce MAX and one SUM cover all of them).
+
+    ``match_normaliser``: their loss is ``(1/K) sum_k [sum_{DP} sum_t w_t CE_t] / T_k`` (``T_k`` = loss tokens of
+    micro-step ``k`` on all ranks, ``K`` micro-steps); with the per-token convention here (divide by the global
+    token count ``T``), the weights are multiplied by ``T / (K T_k)`` so the loss is theirs exactly. (Their FSDP
+    additionally averages gradients over ranks after the summed loss, a constant ``1/world`` gradient factor that is
+    not reproduced.)
+    """
+    if not ord > 0:
+        raise ValueError(f"--loss-weighting-ord must be > 0, got {ord}")
+    K = len(micro_batches)
+    if K == 0:
+        return []
+    distributed = group is not None and dist.get_world_size(group) > 1
+    device = _reduction_device(group, torch.device("cpu")) if distributed else torch.device("cpu")
+    logs = [torch.log(torch.where(m.text_only, torch.ones_like(m.lengths), m.lengths) + 1) for m in micro_batches]
+    top = torch.stack([x.max() if x.numel() else torch.zeros((), dtype=torch.float64) for x in logs]).to(device)
+    if distributed:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    top = top.cpu()
+    raw = [(x / top[k]).pow(-ord) if x.numel() else x for k, x in enumerate(logs)]
+    sums = torch.tensor([[float(r.sum()), float(r.numel()), float(m.num_tokens)] for r, m in zip(raw, micro_batches)],
+                        dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    sums = sums.cpu()
+    total_tokens = float(sums[:, 2].sum())
+    out = []
+    for k, (m, r) in enumerate(zip(micro_batches, raw)):
+        w = r / (sums[k, 0] / sums[k, 1]) if avg_norm and r.numel() else r
+        w = torch.where(m.text_only, torch.ones_like(w), w.clamp(min=1.0))
+        scale = total_tokens / (K * float(sums[k, 2])) if match_normaliser and float(sums[k, 2]) > 0 else 1.0
+        tok = torch.zeros(m.index.shape, dtype=torch.float64)
+        on = m.index >= 0
+        if w.numel():
+            tok[on] = w[m.index[on]]
+        out.append((tok * scale).float())
+    return out

@@ -159,7 +159,7 @@ def get_vision_preset(name: str) -> ClipVisionConfig:
 # ---------------------------------------------------------------------------------------------------------
 def vision_transformer_config(cfg: ClipVisionConfig, tensor_model_parallel_size: int = 1,
                               params_dtype: torch.dtype = torch.float32, bf16: bool = False,
-                              use_te: Optional[bool] = None):
+                              use_te: Optional[bool] = None, initialize_weights: bool = True):
     """megatron-core ``TransformerConfig`` of the encoder: TP like the decoder, no PP, no sequence parallel."""
     from megatron.core.transformer import TransformerConfig
 
@@ -191,6 +191,7 @@ def vision_transformer_config(cfg: ClipVisionConfig, tensor_model_parallel_size:
         pipeline_dtype=params_dtype,
         bf16=bf16,
         use_cpu_initialization=not platform.HAVE_CUDA,
+        perform_initialization=initialize_weights,
         transformer_impl="transformer_engine" if use_te else "local",
     )
 
@@ -243,7 +244,8 @@ class ClipVisionTransformer(ShardedStateDictMixin, torch.nn.Module):
     """
 
     def __init__(self, cfg: ClipVisionConfig, tensor_model_parallel_size: int = 1,
-                 params_dtype: torch.dtype = torch.float32, bf16: bool = False, use_te: Optional[bool] = None):
+                 params_dtype: torch.dtype = torch.float32, bf16: bool = False, use_te: Optional[bool] = None,
+                 initialize_weights: bool = True):
         super().__init__()
         from megatron.core.transformer.transformer_block import TransformerBlock
 
@@ -251,7 +253,8 @@ class ClipVisionTransformer(ShardedStateDictMixin, torch.nn.Module):
 
         self.cfg = cfg
         use_te = platform.HAVE_TE if use_te is None else use_te
-        self.config = vision_transformer_config(cfg, tensor_model_parallel_size, params_dtype, bf16, use_te)
+        self.config = vision_transformer_config(cfg, tensor_model_parallel_size, params_dtype, bf16, use_te,
+                                                initialize_weights)
         h = cfg.hidden_size
         self.patch_embedding = torch.nn.Conv2d(cfg.num_channels, h, kernel_size=cfg.patch_size,
                                                stride=cfg.patch_size, bias=False, dtype=params_dtype)
@@ -262,6 +265,10 @@ class ClipVisionTransformer(ShardedStateDictMixin, torch.nn.Module):
         self.transformer = TransformerBlock(config=self.config, spec=vision_layer_spec(use_te),
                                             pre_process=True, post_process=False)
         self.post_layernorm = Norm(self.config, h, eps=cfg.layer_norm_eps) if cfg.has_post_layernorm else None
+        if not initialize_weights:
+            from megatron_zero.models.llama import mark_tensor_parallel_weights
+
+            mark_tensor_parallel_weights(self)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg

@@ -3,7 +3,8 @@
 * ``stage1`` (pre-train the adapter on the surrogate): adapter + start/end-of-image embeddings + CLIP
   ``post_layernorm`` + the translator layer of the surrogate decoder. The translator's (surrogate) layer index
   comes from the decoder config's surrogate provenance (``LlamaConfig.surrogate["translator_index"]``, else its
-  ``"a"``: in T(a, b) the translator sits right after the a kept layers) or is given explicitly.
+  ``"a"``: in T(a, b) the translator sits right after the a kept layers) or is given explicitly; a multi-range /
+  multi-translator surrogate trains *every* translator (``translator_indices``).
   ``control_unfreeze_early`` is the T* control run of Sec. 1.2: additionally every other layer before the
   translator, i.e. layers 0, 2, 4, ... < translator index.
 * ``stage2`` (train the encoder on the frozen decoder): the last ``encoder_trainable_layers`` (default 8) CLIP
@@ -21,7 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.models.llama_config import LlamaConfig, translator_indices
+from megatron_zero.errors import UserError
 
 STAGES = ("stage1", "stage2", "stage3")
 DEFAULT_ENCODER_TRAINABLE_LAYERS = 8
@@ -32,26 +34,32 @@ _ALWAYS = ("vision.adapter.", "vision.image_start_embedding", "vision.image_end_
            "vision.vision_model.post_layernorm.")
 
 
-class FreezingError(ValueError):
+class FreezingError(UserError, ValueError):
     """A freezing preset that cannot be applied to this model."""
 
 
 def translator_index(decoder_cfg: LlamaConfig, explicit: Optional[int] = None) -> int:
-    """The surrogate's translator layer index: ``explicit`` if given, else from the surrogate provenance."""
+    """The surrogate's (first) translator layer index: ``explicit`` if given, else from the surrogate provenance."""
+    return translator_layers(decoder_cfg, explicit)[0]
+
+
+def translator_layers(decoder_cfg: LlamaConfig, explicit: Optional[int] = None) -> list[int]:
+    """Every translator layer of the surrogate (several with multi-range / multi-translator surrogates, see
+    :mod:`megatron_zero.surrogate`): ``[explicit]`` if given, else from the surrogate provenance."""
     if explicit is not None:
-        index = explicit
+        indices = [int(explicit)]
     else:
-        prov = decoder_cfg.surrogate or {}
-        index = prov.get("translator_index", prov.get("a"))
-        if index is None:
+        indices = translator_indices(decoder_cfg.surrogate)
+        if not indices:
             raise FreezingError(
                 f"stage 1 trains the surrogate's translator layer, but decoder {decoder_cfg.name!r} has no surrogate "
                 f"provenance (LlamaConfig.surrogate with 'translator_index' or 'a'); build the decoder with the "
                 f"surrogate tool or pass --translator-layer explicitly")
-    if not 0 <= int(index) < decoder_cfg.num_layers:
-        raise FreezingError(f"translator layer {index} is outside decoder {decoder_cfg.name!r}'s "
-                            f"{decoder_cfg.num_layers} layers")
-    return int(index)
+    for index in indices:
+        if not 0 <= index < decoder_cfg.num_layers:
+            raise FreezingError(f"translator layer {index} is outside decoder {decoder_cfg.name!r}'s "
+                                f"{decoder_cfg.num_layers} layers")
+    return indices
 
 
 def trainable_predicate(stage: str, decoder_cfg: LlamaConfig, num_encoder_layers: int,
@@ -65,8 +73,9 @@ def trainable_predicate(stage: str, decoder_cfg: LlamaConfig, num_encoder_layers
     if control_unfreeze_early and stage != "stage1":
         raise FreezingError("--control-unfreeze-early only applies to stage 1 (the T* control of Sec. 1.2)")
     if stage == "stage1":
-        t = translator_index(decoder_cfg, translator_layer)
-        decoder_layers = {t} | (set(range(0, t, 2)) if control_unfreeze_early else set())
+        translators = translator_layers(decoder_cfg, translator_layer)
+        t = translators[0]
+        decoder_layers = set(translators) | (set(range(0, t, 2)) if control_unfreeze_early else set())
 
         def stage1(name: str) -> bool:
             m = _DEC_LAYER.match(name)

@@ -1,4 +1,5 @@
-"""The Llama decoder on megatron-core ``GPTModel``: GQA, Llama-3 RoPE scaling, RMSNorm, SwiGLU, no biases.
+"""The decoder (Llama-3.x, Qwen3, Qwen2.5) on megatron-core ``GPTModel``: GQA, RoPE, RMSNorm, SwiGLU; per family
+Llama-3 RoPE scaling, QK-norm (``qk_layernorm``), q/k/v biases (``add_qkv_bias``), head_dim (``kv_channels``).
 
 The layer spec is Transformer Engine's on GPU (bf16, optional FP8) and megatron-core's local spec on CPU;
 both compute the same function (tests compare them when a GPU is at hand).
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from megatron_zero import platform
 from megatron_zero.models.llama_config import LlamaConfig, padded_vocab_size
 from megatron_zero.parallel.pipeline_layout import megatron_layout, split_layers
+from megatron_zero.errors import UserError
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError, ValueError):
     """The model cannot be laid out with the requested parallelism/precision."""
 
 
@@ -36,6 +38,10 @@ class RuntimeOptions:
     recompute_activations: bool = False  # full-layer activation recompute
     use_te: Optional[bool] = None  # None = use TE when available
     make_vocab_size_divisible_by: int = 128
+    # False: build without random initialisation, for models whose every weight is loaded right after (megatron's
+    # ``perform_initialization=False``: no CPU init time, no temporary full-size copy of each weight); the
+    # tensor-parallel attributes megatron sets only while initialising are set by mark_tensor_parallel_weights.
+    initialize_weights: bool = True
 
     @classmethod
     def from_args(cls, args) -> "RuntimeOptions":
@@ -95,11 +101,15 @@ def decoder_spec(use_te: bool, config, vp_stage: Optional[int] = None):
     from megatron_zero.models.attention import SDPACoreAttention
     from megatron_zero.models.norms import Norm
 
+    qk_layernorm = bool(getattr(config, "qk_layernorm", False))
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
     # SDPA kernel instead of megatron's unfused softmax attention, and packed (THD) sequences on CPU
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    if qk_layernorm:  # Qwen3: RMSNorm over each head (weights of size head_dim)
+        spec.submodules.self_attention.submodules.q_layernorm = Norm
+        spec.submodules.self_attention.submodules.k_layernorm = Norm
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
     n = get_num_layers_to_build(config, vp_stage=vp_stage)
@@ -131,7 +141,8 @@ def transformer_config(cfg: LlamaConfig, opts: RuntimeOptions, num_layers: Optio
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,
@@ -148,6 +159,7 @@ def transformer_config(cfg: LlamaConfig, opts: RuntimeOptions, num_layers: Optio
         pipeline_dtype=opts.params_dtype,
         bf16=opts.bf16,
         use_cpu_initialization=not platform.HAVE_CUDA,
+        perform_initialization=opts.initialize_weights,
         transformer_impl="transformer_engine" if use_te else "local",
         **kwargs,
     )
@@ -186,14 +198,44 @@ def build_llama_model(
         vp_stage=vp_stage,
     )
     model.llama_config = cfg
+    if not opts.initialize_weights:
+        mark_tensor_parallel_weights(model)
     if not platform.HAVE_CUDA and opts.tensor_model_parallel_size == 1:
         import types
 
         model.compute_language_model_loss = types.MethodType(_whole_vocab_cross_entropy, model)
     zero_vocab_padding(model, cfg.vocab_size)
+    if cfg.lora:
+        from megatron_zero.models.lora import apply_lora
+
+        apply_lora(model, cfg)
     if platform.HAVE_CUDA:
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give every tensor-parallel weight the attributes (``tensor_model_parallel``, ``partition_dim``, ``stride``)
+    megatron-core sets only while initialising it: needed after building with ``initialize_weights=False``
+    (sharded loads, DDP and the optimizer read them). Column-parallel linears and vocab-parallel embeddings are
+    split along dim 0, row-parallel linears along dim 1; weights that have the attributes are left alone."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+        bias = getattr(module, "bias", None)
+        if dim == 0 and isinstance(bias, torch.Tensor) and not hasattr(bias, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(bias, True, 0, 1)
 
 
 def _whole_vocab_cross_entropy(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_zero import platform
+from megatron_zero.errors import UserError
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(UserError, ValueError):
     """A parallel layout that cannot work with this world size or model."""
 
 

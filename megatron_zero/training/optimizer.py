@@ -74,7 +74,10 @@ def build_optimizer(model_chunks: list, opts: OptimizerOptions):
     """AdamW (Table A.4 defaults) over the trainable parameters, distributed over DP when requested."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    if not any(p.requires_grad for m in model_chunks for p in m.parameters()):
+    # A pipeline stage with nothing to train is normal (stage 2 freezes the decoder stages); only a model with no
+    # trainable parameter on any rank is an error. megatron-core gives such a stage an optimizer without state.
+    local = any(p.requires_grad for m in model_chunks for p in m.parameters())
+    if not _any_rank(local):
         raise ValueError("no trainable parameters: every parameter of the model is frozen")
     config = OptimizerConfig(
         optimizer="adam",
@@ -91,6 +94,16 @@ def build_optimizer(model_chunks: list, opts: OptimizerOptions):
         overlap_param_gather=opts.overlap_param_gather,
     )
     return get_megatron_optimizer(config, model_chunks)
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def count_parameters(model_chunks: list, trainable_only: bool = False) -> int:

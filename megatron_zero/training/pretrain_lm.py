@@ -7,9 +7,9 @@ resume tests. Data: ``--data-path`` (a ``.npy`` token array, or a text/JSONL fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -22,6 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     arguments.add_parallel_args(p)
     arguments.add_model_args(p)
     arguments.add_training_args(p)
+    from megatron_zero.models.lora import add_lora_arguments
+
+    add_lora_arguments(p)
+    p.add_argument("--pretrained", default=None,
+                   help="start from these decoder weights (a torch_dist model checkpoint, e.g. from "
+                        "tools/convert_checkpoint.py); with --lora-rank the adapters start fresh")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help=".npy token ids, or text/JSONL ({'text': ...}) with --tokenizer")
     g.add_argument("--tokenizer", default=None, help="tokenizer file or directory (for text data)")
@@ -42,15 +48,26 @@ def load_tokens(args) -> np.ndarray:
     if not os.path.exists(args.data_path):
         raise SystemExit(f"error: --data-path {args.data_path}: no such file")
     if args.data_path.endswith(".npy"):
-        return np.load(args.data_path)
+        try:
+            tokens = np.load(args.data_path)
+        except (ValueError, OSError, EOFError) as e:
+            raise SystemExit(f"error: --data-path {args.data_path}: not a readable .npy token array ({e})") from None
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise SystemExit(f"error: --data-path {args.data_path}: expected a 1-D integer token array, got "
+                             f"{tokens.dtype} of shape {tokens.shape}")
+        return tokens
     if not args.tokenizer:
         raise SystemExit(f"error: --data-path {args.data_path} is text: --tokenizer is required")
     from megatron_zero.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     ids: list[int] = []
-    with open(args.data_path) as f:
-        for line_no, line in enumerate(f, 1):
+    with open(args.data_path, encoding="utf-8") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"error: --data-path {args.data_path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        for line_no, line in enumerate(lines, 1):
             text = line
             if args.data_path.endswith(".jsonl"):
                 try:
@@ -64,12 +81,18 @@ def load_tokens(args) -> np.ndarray:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    from megatron_zero.training.loop import install_exit_signals
+
+    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
     parser = build_parser()
     args = arguments.parse(parser, argv)
     if args.model is None:
         parser.error("--model is required (a preset name or model_config.json)")
     if args.train_iters is None:
         parser.error("--train-iters is required")
+    from megatron_zero.training.loop import prepare_run
+
+    prepare_run(args)
 
     from megatron.core import parallel_state as ps
 
@@ -83,6 +106,16 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     from megatron_zero.training.train_step import lm_forward_step
 
     cfg = load_model_config(args.model)
+    from megatron_zero.models.lora import LoraConfig, LoraError
+
+    try:
+        lora = LoraConfig.from_args(args)
+    except LoraError as e:
+        parser.error(str(e))
+    if lora is not None:
+        if cfg.lora:
+            parser.error(f"--lora-rank: model {args.model} already has LoRA adapters {cfg.lora}")
+        cfg = dataclasses.replace(cfg, lora=lora.to_dict())
     opts = RuntimeOptions.from_args(args)
     try:
         from megatron_zero.models.llama import validate
@@ -97,11 +130,28 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     if gbs % (args.micro_batch_size * dp):
         parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
 
-    chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts))
-    data = TokenWindows(load_tokens(args), args.seq_length, seed=args.seed)
+    chunks = build_llama_chunks(cfg, opts)
+    if args.pretrained:
+        from megatron_zero.checkpointing import mcore_checkpoint
+        from megatron_zero.models.lora import is_lora_key
+
+        mcore_checkpoint.load_model(chunks, args.pretrained, skip=is_lora_key if cfg.lora else None)
+        print_rank0(f"loaded decoder weights from {args.pretrained}")
+    if cfg.lora:
+        from megatron_zero.models.lora import num_trainable_parameters
+
+        print_rank0(f"LoRA rank {cfg.lora['rank']} alpha {cfg.lora['alpha']} on {','.join(cfg.lora['targets'])}: "
+                    f"{num_trainable_parameters(cfg):,} trainable parameters, base frozen")
+    chunks, optimizer, scheduler, start = setup_optimization(args, chunks, cfg.to_dict())
+    tokens = load_tokens(args)
+    if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
+        raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
+                         f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
+    data = TokenWindows(tokens, args.seq_length, seed=args.seed)
     dp_rank = ps.get_data_parallel_rank()
     padded = padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)
     loop_cfg = LoopConfig.from_args(args, dp, gbs, decoder_flops_per_step(cfg, gbs, args.seq_length, padded))
+    loop_cfg.model_config = cfg.to_dict()
     if args.save and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_pipeline_model_parallel_rank() == 0:
         os.makedirs(args.save, exist_ok=True)
@@ -115,7 +165,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
 
 if __name__ == "__main__":
-    from megatron_zero.parallel.initialize import destroy_parallel
+    from megatron_zero.errors import run_main
 
-    main(sys.argv[1:])
-    destroy_parallel()
+    run_main(main)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Optional, Sequence
 
 from megatron_zero import arguments
@@ -56,8 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature-convention", choices=["zero", "llava"], default="zero",
                    help="zero: last layer with class token + post-LN, start/end embeddings (579); llava: 576")
     g.add_argument("--image-token-id", type=int, default=None, help="placeholder id (default: the chat template's)")
-    g.add_argument("--tokenizer", required=True, help="tokenizer file or directory")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer file or directory (default: the one --decoder-load holds)")
     g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
+    g.add_argument("--prompt-format", choices=["meta", "zero"], default="meta",
+                   help="meta: the family's chat format; zero: the authors' Llama-3 format, random caption-template "
+                        "image prompt and loss masks (special-token loss on by default in stages 1 and 2)")
     g.add_argument("--data-path", required=True, help="LLaVA-1.5 JSON")
     g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to")
     g.add_argument("--text-data-path", default=None, help="text-only instruction JSONL mixed in (stage 1: GenQA)")
@@ -65,20 +68,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of text-only samples in the mix (default: proportional to dataset sizes)")
     g.add_argument("--loss-weighting", choices=["token-mean", "length-weighted", "length-weighted-released"],
                    default="token-mean")
-    g.add_argument("--loss-weighting-ord", type=float, default=0.5)
+    g.add_argument("--loss-weighting-ord", type=float, default=None,
+                   help="exponent (default: 0.5 for length-weighted, the paper; 1.0 for length-weighted-released, "
+                        "their balance_loss_exp_ord)")
+    g.add_argument("--loss-weighting-avg-norm", action="store_true",
+                   help="length-weighted-released: divide by the mean weight (their balance_loss_exp_avg_norm)")
     g.add_argument("--loss-on-special-tokens", action=argparse.BooleanOptionalAction, default=None,
-                   help="also put loss on the chat template's special tokens (A.9; default: on in stage 2)")
+                   help="also put loss on the chat template's special tokens (A.9; default: on in stage 2, and in "
+                        "stages 1 and 2 with --prompt-format zero, as the authors' configs)")
     g.add_argument("--encoder-trainable-layers", type=int, default=8)
     g.add_argument("--translator-layer", type=int, default=None, help="override the surrogate's translator index")
     g.add_argument("--control-unfreeze-early", action="store_true", help="stage 1 T* control (Sec. 1.2)")
     g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
                    help="pack several samples per --seq-length row, attention and RoPE positions per sample "
                         "(default; --no-pack-sequences: one padded sample per row)")
-    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of skipping")
+    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of dropping its sample (replaced by the next one)")
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
     return p
+
+
+def tokenizer_path(given: Optional[str], decoder_path: str, parser) -> str:
+    """``--tokenizer``, else the tokenizer the decoder checkpoint holds (an HF or torch_dist directory, or the
+    ``decoder/`` of a VLM checkpoint / training export)."""
+    from megatron_zero.data.tokenizers import TOKENIZER_DIR_CANDIDATES
+
+    if given:
+        return given
+    for d in (decoder_path, os.path.join(decoder_path, "decoder"), os.path.join(decoder_path, "export", "decoder")):
+        if any(os.path.isfile(os.path.join(d, c)) for c in TOKENIZER_DIR_CANDIDATES):
+            return d
+    parser.error(f"--tokenizer: not given, and --decoder-load {decoder_path} holds no tokenizer "
+                 f"(tokenizer.json or tokenizer.model); give --tokenizer")
 
 
 def apply_stage_presets(args, decoder_layers: int) -> None:
@@ -87,8 +109,15 @@ def apply_stage_presets(args, decoder_layers: int) -> None:
         args.lr = STAGE3_LR_70B if args.stage == 3 and decoder_layers >= 80 else preset["lr"]
     if args.global_batch_size is None:
         args.global_batch_size = preset["global_batch_size"]
+    if getattr(args, "loss_weighting_ord", None) is None:
+        from megatron_zero.loss.length_weighted import DEFAULT_ORD, DEFAULT_RELEASED_ORD
+
+        released = getattr(args, "loss_weighting", None) == "length-weighted-released"
+        args.loss_weighting_ord = DEFAULT_RELEASED_ORD if released else DEFAULT_ORD
     if args.loss_on_special_tokens is None:
-        args.loss_on_special_tokens = preset["loss_on_special_tokens"]
+        # the authors' train_llama.py: include_special_tokens_in_masking_instruction_tokens = stage != finetune-decoder
+        zero = getattr(args, "prompt_format", "meta") == "zero"
+        args.loss_on_special_tokens = args.stage in (1, 2) if zero else preset["loss_on_special_tokens"]
 
 
 def build_dataset(args, tokenizer, template, num_image_embeddings: int):
@@ -96,7 +125,7 @@ def build_dataset(args, tokenizer, template, num_image_embeddings: int):
                                              read_llava_json)
 
     tcfg = TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=num_image_embeddings,
-                              loss_on_special_tokens=args.loss_on_special_tokens)
+                              loss_on_special_tokens=args.loss_on_special_tokens, prompt_seed=args.seed)
     vision = ChatDataset.build(read_llava_json(args.data_path, args.image_root), template, tcfg, source="llava")
     if not args.text_data_path:
         return vision
@@ -119,17 +148,17 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_zero.checkpointing import mcore_checkpoint
-    from megatron_zero.models import grafting
+    from megatron_zero.checkpointing import vlm_checkpoint
     from megatron_zero.models.vlm import VLM_CONFIG_FILE
     from megatron_zero.training.optimizer import unwrap
 
     models = [unwrap(c) for c in chunks]
-    tok_sha = grafting.tokenizer_hash(tokenizer_dir) if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
+    tok_sha = vlm_checkpoint.tokenizer_hash(tokenizer_dir) if tokenizer_dir and os.path.isdir(tokenizer_dir) else None
     if dist.get_rank() == 0 and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     dist.barrier()
     if ps.is_pipeline_first_stage(ignore_virtual=True):
-        grafting.save_image_encoder_from_model(out_dir, models[0], tok_sha, overwrite=True)
+        vlm_checkpoint.save_image_encoder_from_model(out_dir, models[0], tok_sha, overwrite=True)
     dist.barrier()
     mcore_checkpoint.save_model([m.language_model for m in models], os.path.join(out_dir, "decoder"), cfg.decoder,
                                 overwrite=True,
@@ -143,6 +172,9 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    from megatron_zero.training.loop import install_exit_signals
+
+    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
     parser = build_parser()
     args = arguments.parse(parser, argv)
 
@@ -169,15 +201,27 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     apply_stage_presets(args, dec.cfg.num_layers)
     if args.train_iters is None:
         parser.error("--train-iters is required")
+    from megatron_zero.training.loop import prepare_run
+
+    prepare_run(args)
     opts = RuntimeOptions.from_args(args)
     try:
         validate(dec.cfg, opts)
     except ModelConfigError as e:
         parser.error(str(e))
+    args.tokenizer = tokenizer_path(args.tokenizer, dec.path, parser)
     tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > dec.cfg.vocab_size:
+        parser.error(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the decoder "
+                     f"(--decoder-load {args.decoder_load}) has a {dec.cfg.vocab_size}-token vocabulary: "
+                     f"use the decoder's own tokenizer")
     # an encoder trained before keeps the placeholder id it was trained with
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
-    template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder)
+    try:
+        template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder,
+                                     prompt_format=args.prompt_format)
+    except ValueError as e:
+        parser.error(str(e))
     image_token_id = template.image_placeholder_id
     if image_token_id is None:
         parser.error("the chat template has no image placeholder token: give --image-token-id")
@@ -196,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
     chunks = build_vlm_chunks(vlm_cfg, opts)
     dec.load_into(chunks)
-    enc.load_into(chunks)
+    enc.load_into(chunks, seed=args.seed)
     try:
         apply_freezing(chunks, f"stage{args.stage}", args.encoder_trainable_layers, args.translator_layer,
                        args.control_unfreeze_early)
@@ -205,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     report = trainable_report(chunks, f"stage{args.stage}")
     print_rank0(report)
 
-    chunks, optimizer, scheduler, start = setup_optimization(args, chunks)
+    chunks, optimizer, scheduler, start = setup_optimization(args, chunks, vlm_cfg.to_dict())
     dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
     image_size = enc.vision.image_size
     batches = VLMBatches(
@@ -217,12 +261,17 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
         strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1,
         pack_sequences=args.pack_sequences,
-        microbatch_multiple=args.pipeline_model_parallel_size if args.virtual_pipeline_model_parallel_size else 1)
+        microbatch_multiple=args.pipeline_model_parallel_size if args.virtual_pipeline_model_parallel_size else 1,
+        eot_id=template.stop_token_ids[0], loss_weighting_avg_norm=args.loss_weighting_avg_norm)
+
     loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
+    loop_cfg.model_config = vlm_cfg.to_dict()
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
-    if batches.skipped_images:
-        print_rank0(f"warning: {batches.skipped_images} images could not be loaded and were replaced by blanks")
+    skipped = batches.total_skipped()
+    if skipped:
+        print_rank0(f"warning: {skipped} sample(s) with a missing or corrupt image were dropped and replaced by the "
+                    f"next ones (over all data-parallel ranks)")
     if args.save and not args.no_export:
         tok_dir = args.tokenizer if os.path.isdir(args.tokenizer) else os.path.dirname(args.tokenizer)
         export(chunks, vlm_cfg, os.path.join(args.save, "export"), tok_dir)
@@ -231,7 +280,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
 
 if __name__ == "__main__":
-    from megatron_zero.parallel.initialize import destroy_parallel
+    from megatron_zero.errors import run_main
 
-    main(sys.argv[1:])
-    destroy_parallel()
+    run_main(main)

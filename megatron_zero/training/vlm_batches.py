@@ -21,7 +21,10 @@ authors' released variant takes a maximum over each *micro-batch*, so it depends
 
 The data of iteration ``i`` is a pure function of (seed, ``i``) through
 :class:`~megatron_zero.data.sampler.ResumableDistributedSampler` (and packing is deterministic), so resuming
-replays exactly. Each step reports its real (sample) and computed (row) positions over all DP ranks.
+replays exactly. Each step reports its real (sample) and computed (row) positions over all DP ranks. A sample
+whose image is missing or corrupt is dropped and replaced by the next loadable sample of the dataset (index + 1,
++ 2, ...), before anything is packed: still a pure function of (seed, ``i``) and the files, so the data position
+stays exact on resume; the dropped samples are counted over all DP ranks (``--strict-images`` fails instead).
 """
 from __future__ import annotations
 
@@ -34,8 +37,10 @@ from megatron_zero import platform
 from megatron_zero.data.datasets import Sample
 from megatron_zero.data.images import ImageLoadError
 from megatron_zero.data.sampler import ResumableDistributedSampler
+from megatron_zero.errors import DataError
 from megatron_zero.data.packing import collate_packed, expand_image_placeholders as expand_packed, pack_rows
-from megatron_zero.loss.length_weighted import DEFAULT_ORD, global_length_stats, response_lengths, token_weights
+from megatron_zero.loss.length_weighted import (DEFAULT_ORD, global_length_stats, released_segments,
+                                                released_token_weights, response_lengths, token_weights)
 from megatron_zero.models.vlm import expand_image_placeholders
 
 log = logging.getLogger(__name__)
@@ -77,7 +82,8 @@ class VLMBatches:
                  pad_id: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                  load_image: Optional[Callable[[str], torch.Tensor]] = None, loss_weighting: str = "token-mean",
                  loss_weighting_ord: float = DEFAULT_ORD, dp_group=None, strict_images: bool = False,
-                 pad_to_multiple_of: int = 1, pack_sequences: bool = False, microbatch_multiple: int = 1):
+                 pad_to_multiple_of: int = 1, pack_sequences: bool = False, microbatch_multiple: int = 1,
+                 eot_id: Optional[int] = None, loss_weighting_avg_norm: bool = False):
         self.dataset = dataset
         self.image_token_id = image_token_id
         self.num_image_embeddings = num_image_embeddings
@@ -86,6 +92,10 @@ class VLMBatches:
         self.load_image = load_image
         self.loss_weighting = loss_weighting
         self.ord = loss_weighting_ord
+        self.eot_id = eot_id
+        self.avg_norm = loss_weighting_avg_norm
+        if loss_weighting == "length-weighted-released" and eot_id is None:
+            raise ValueError("--loss-weighting length-weighted-released needs the turn-end token id (eot_id)")
         self.dp_group = dp_group
         self.dp_size = dp_size
         self.micro_batch_size = micro_batch_size
@@ -95,7 +105,9 @@ class VLMBatches:
         self.microbatch_multiple = microbatch_multiple  # the interleaved schedule wants a multiple of PP
         if pack_sequences and seq_length % pad_to_multiple_of:
             raise ValueError(f"--seq-length {seq_length} must be a multiple of {pad_to_multiple_of}")
-        self.skipped_images = 0
+        self.skipped_samples = 0  # samples dropped on this rank for a missing/corrupt image
+        self.max_replacements = 1000
+        self._counted: set[int] = set()  # iterations whose drops are counted (VPP builds an iteration per chunk)
         self.sampler = ResumableDistributedSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank,
                                                    dp_size, seed=seed)
 
@@ -132,24 +144,33 @@ class VLMBatches:
         packed = collate_packed(samples, rows, self.pad_id)
         return expand_packed(packed, self.image_token_id, self.num_image_embeddings, self.pad_id, self.seq_length)
 
-    def _images(self, paths: Sequence[str]) -> Optional[torch.Tensor]:
-        if not paths:
-            return None
-        images = []
-        for p in paths:
+    def _resolve(self, index: int, cache: dict, dropped: list) -> int:
+        """The first dataset index from ``index`` on whose images all load (into ``cache``); drops go to
+        ``dropped``."""
+        n = len(self.dataset)
+        for k in range(min(n, self.max_replacements + 1)):
+            i = (index + k) % n
+            paths = self.dataset[i].image_paths
             try:
-                images.append(self.load_image(p))
+                for p in paths:
+                    if p not in cache:
+                        cache[p] = self.load_image(p)
+                return i
             except ImageLoadError as e:
                 if self.strict_images:
                     raise
-                # keep the batch's shape: a blank (zero, i.e. mean-coloured after normalisation) image
-                self.skipped_images += 1
-                log.warning("%s (skipped, using a blank image; %d so far)", e, self.skipped_images)
-                images.append(None)
-        template = next((x for x in images if x is not None), None)
-        if template is None:
-            raise ImageLoadError(paths[0], "no image of the micro-batch could be loaded")
-        return torch.stack([x if x is not None else torch.zeros_like(template) for x in images])
+                dropped.append((i, e))
+        raise DataError(f"samples {index}..{index + k} (of {n}) all have missing or corrupt images; check the "
+                        f"data's image paths and --image-root")
+
+    @staticmethod
+    def _images(paths: Sequence[str], cache: dict) -> Optional[torch.Tensor]:
+        return torch.stack([cache[p] for p in paths]) if paths else None
+
+    def total_skipped(self) -> int:
+        """Samples dropped for bad images, summed over the DP ranks (a collective over the DP group)."""
+        (total,) = self._dp_reduce([float(self.skipped_samples)], "sum")
+        return int(total)
 
     def _dp_reduce(self, values: list[float], op: str) -> list[float]:
         """``values`` reduced (``"max"`` | ``"sum"``) over the data-parallel ranks."""
@@ -165,8 +186,17 @@ class VLMBatches:
         return [float(x) for x in t.cpu()]
 
     def iteration(self, iteration: int) -> StepBatches:
-        """This rank's micro-batches of ``iteration`` (token tensors built first; images loaded lazily)."""
-        index_groups = self._indices(iteration)
+        """This rank's micro-batches of ``iteration`` (images are loaded first: a sample with a bad one is replaced
+        before anything is packed or counted)."""
+        cache: dict = {}  # path -> image tensor, loaded while choosing the samples
+        dropped: list = []
+        index_groups = [[self._resolve(i, cache, dropped) for i in idx] for idx in self._indices(iteration)]
+        if iteration not in self._counted:
+            self._counted.add(iteration)
+            for i, e in dropped:
+                self.skipped_samples += 1
+                log.warning("%s: sample %d dropped and replaced by the next one (%d dropped on this rank so far)",
+                            e, i, self.skipped_samples)
         groups = [[self.dataset[i] for i in idx] for idx in index_groups]
         mbs, seq = self.micro_batch_size, self.seq_length
         if self.pack_sequences:
@@ -193,18 +223,23 @@ class VLMBatches:
         (real,) = self._dp_reduce([float(real_local)], "sum")
         computed = n_mb * mbs * seq * self.dp_size
         stats = None
-        if self.loss_weighting != "token-mean":
+        released = None
+        if self.loss_weighting == "length-weighted-released":  # their segments, per-micro-step statistics
+            segs = [released_segments(e.labels, e.loss_mask, e.segment_ids, e.image_mask, self.eot_id)
+                    for e in expanded]
+            released = released_token_weights(segs, self.ord, self.avg_norm, group=self.dp_group)
+        elif self.loss_weighting != "token-mean":
             local = [response_lengths(e.loss_mask, response_segments(e.loss_mask))[0] for e in expanded]
             stats = global_length_stats(local, self.loss_weighting, self.ord, group=self.dp_group)
 
         def build():
-            for e, idx, image_paths in zip(expanded, sample_index, paths):
+            for k, (e, idx, image_paths) in enumerate(zip(expanded, sample_index, paths)):
                 # the dataset index of the sample at every position (-1: padding)
                 table = torch.tensor([-1] + [i for row in idx for i in row])
                 offsets = torch.tensor([0] + [len(row) for row in idx]).cumsum(0)[:-1]
                 seg = e.segment_ids
                 position_sample = table[torch.where(seg >= 0, seg + offsets[:, None] + 1, 0)]
-                weights = None
+                weights = released[k] if released is not None else None
                 if stats is not None:
                     weights = token_weights(e.loss_mask, response_segments(e.loss_mask), stats)
                 batch = {
@@ -218,7 +253,7 @@ class VLMBatches:
                     batch["max_seqlen"] = e.max_seqlen
                 else:
                     batch["position_ids"] = torch.arange(seq).unsqueeze(0).expand_as(e.input_ids)
-                batch["images"] = self._images(image_paths)
+                batch["images"] = self._images(image_paths, cache)
                 if batch["token_weights"] is None:
                     del batch["token_weights"]
                 dev = platform.device()

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron_zero.checkpointing import mcore_checkpoint
 from megatron_zero.models.llama import RuntimeOptions, build_llama_model
 from megatron_zero.parallel import initialize
-from tools import convert_checkpoint as cc
+from megatron_zero.checkpointing import convert_clip, convert_llama
 
 MICRO_BATCH = 1
 TOLERANCE = 2e-5
@@ -106,7 +106,7 @@ def clip_steps(clip_hf, clip_ref, work, failures):
     from megatron_zero.models.clip_vit import ClipVisionConfig, ClipVisionTransformer
 
     ckpt = os.path.join(work, "clip_tp2")
-    cc.clip_to_mcore(clip_hf, ckpt, "hf", tp=2)
+    convert_clip.clip_to_mcore(clip_hf, ckpt, "hf", tp=2)
     cfg = ClipVisionConfig.load(os.path.join(ckpt, mcore_checkpoint.CONFIG_FILE))
     initialize.initialize_parallel(2, 1)
     model = ClipVisionTransformer(cfg, 2).eval()
@@ -117,7 +117,7 @@ def clip_steps(clip_hf, clip_ref, work, failures):
         failures.append(f"CLIP hf -> mcore TP=2: features differ from transformers by {err:.3g}")
     if dist.get_rank() == 0:
         print(f"CLIP hf -> mcore TP=2: max |features - transformers| = {err:.2e}", flush=True)
-    cc.clip_mcore_to_hf(ckpt, os.path.join(work, "clip_out"), max_shard_bytes=20_000)
+    convert_clip.clip_mcore_to_hf(ckpt, os.path.join(work, "clip_out"), max_shard_bytes=20_000)
 
 
 def main():
@@ -132,12 +132,12 @@ def main():
     failures = []
     tp2pp2, tp1pp2 = os.path.join(a.work, "tp2pp2"), os.path.join(a.work, "tp1pp2")
 
-    cc.hf_to_mcore(a.hf, tp2pp2, tp=2, pp=2)
+    convert_llama.hf_to_mcore(a.hf, tp2pp2, tp=2, pp=2)
     check_logits("hf -> mcore TP=2 PP=2", tp2pp2, 2, 2, None, ref, failures)
     check_logits("TP=2 PP=2 checkpoint loaded at TP=1 PP=1", tp2pp2, 1, 1, None, ref, failures)
-    cc.mcore_to_mcore(tp2pp2, tp1pp2, tp=1, pp=2, stage_layers=[1, 3])
+    convert_llama.mcore_to_mcore(tp2pp2, tp1pp2, tp=1, pp=2, stage_layers=[1, 3])
     check_logits("mcore TP=2 PP=2 -> TP=1 PP=2 [1, 3]", tp1pp2, 1, 2, [1, 3], ref, failures)
-    cc.mcore_to_hf(tp2pp2, os.path.join(a.work, "hf_out"), max_shard_bytes=40_000)
+    convert_llama.mcore_to_hf(tp2pp2, os.path.join(a.work, "hf_out"), max_shard_bytes=40_000)
     interrupted_save(a.work, failures)
     clip_steps(a.clip_hf, torch.load(a.clip_ref), a.work, failures)
 

@@ -10,10 +10,11 @@ if __name__ == "__main__":
 
     from megatron_zero.checkpointing import hf_llama, mcore_checkpoint
     from megatron_zero.parallel.initialize import initialize_parallel
-    from tools import build_surrogate, convert_checkpoint
+    from megatron_zero.checkpointing import convert_llama
+    from tools import build_surrogate
 
     initialize_parallel(1, 2)
-    convert_checkpoint.hf_to_mcore(hf_dir, target_dir, tp=1, pp=2)
+    convert_llama.hf_to_mcore(hf_dir, target_dir, tp=1, pp=2)
     build_surrogate.main(["--load-dir", target_dir, "--save-dir", out_dir, "--translator-start", "2",
                           "--translator-end", "4", "--target-pipeline-parallel-size", "2",
                           "--target-pipeline-stage-layers", "3", "1"])

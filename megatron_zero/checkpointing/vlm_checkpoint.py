@@ -1,4 +1,5 @@
-"""Zero-shot grafting: an image encoder trained on a surrogate + the surrogate's target decoder -> a VLM checkpoint.
+"""VLM-side checkpoint files: image-encoder checkpoints, VLM checkpoints (graft output, training exports), HF
+Llama decoder directories read lazily, and the decoder identity an encoder records.
 
 On-disk formats (plain files, readable without this package):
 
@@ -14,17 +15,18 @@ On-disk formats (plain files, readable without this package):
   inherits its target's embeddings, so equal fingerprints mean same vocabulary *and* same embedding space)
   and, when known, a hash of the tokenizer files.
 
-* **VLM checkpoint** (what :func:`graft` writes)::
+* **VLM checkpoint** (what :func:`megatron_zero.grafting.graft` writes, and ``pretrain_vlm``'s ``<save>/export``)::
 
-      vlm_config.json             VLMConfig + "graft" record (sources, checks, forced)
-      image_encoder.safetensors   copied byte for byte from the encoder checkpoint
+      vlm_config.json             VLMConfig (+ a "graft" record: sources, checks, forced)
+      image_encoder.safetensors   the image encoder (copied byte for byte by grafting)
       image_encoder.json
-      decoder/                    the target decoder's HF Llama files (config.json, *.safetensors[, index],
-                                  tokenizer files), hard-linked when possible, else copied: bit-identical
+      decoder/                    graft: the target decoder's HF Llama files (config.json, *.safetensors[, index],
+                                  tokenizer files), hard-linked when possible, else copied: bit-identical;
+                                  training export: a megatron_zero torch_dist model checkpoint
 
-Target decoders are HF Llama directories (``config.json`` + safetensors), read through
-:mod:`megatron_zero.checkpointing.hf_llama`. Writes go to a temporary directory next to the output, renamed into
-place with ``os.replace`` once complete.
+Writes go to a temporary directory next to the output, renamed into place with ``os.replace`` once complete.
+Which of these a path is (and everything else a user may hold) is decided by
+:func:`megatron_zero.checkpointing.resolve.resolve_checkpoint`.
 """
 from __future__ import annotations
 
@@ -36,9 +38,12 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from megatron_zero.checkpointing import hf_llama
+from megatron_zero.checkpointing.hf_writer import atomic_directory
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
 from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig
+from megatron_zero.errors import UserError
 
 ENCODER_FORMAT = "megatron_zero.image_encoder/1"
 ENCODER_TENSORS = "image_encoder.safetensors"
@@ -50,8 +55,8 @@ _DECODER_FILES = ("config.json", "generation_config.json", "tokenizer_config.jso
                   *TOKENIZER_FILES)
 
 
-class GraftingError(ValueError):
-    """The encoder and target decoder do not belong together (or a checkpoint is malformed)."""
+class VLMCheckpointError(UserError, ValueError):
+    """An image-encoder / VLM / HF decoder checkpoint that is missing or malformed."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -92,8 +97,6 @@ def decoder_identity(cfg: LlamaConfig, embedding: torch.Tensor, tokenizer_sha: O
 # ---------------------------------------------------------------------------------------------------------
 def _atomic_dir(path: str, fill: Callable[[str], None], overwrite: bool) -> None:
     """Write a directory atomically (temp dir, then rename; see ``hf_writer.atomic_directory``)."""
-    from megatron_zero.checkpointing.hf_writer import atomic_directory
-
     with atomic_directory(path, overwrite) as tmp:
         fill(tmp)
 
@@ -113,7 +116,7 @@ def save_image_encoder(path: str, encoder_state: Mapping[str, torch.Tensor], vis
 
     hidden = encoder_state["adapter.linear_fc2.weight"].shape[0]
     if hidden != trained_with["hidden_size"]:
-        raise GraftingError(f"adapter output size {hidden} != hidden size {trained_with['hidden_size']} of the "
+        raise VLMCheckpointError(f"adapter output size {hidden} != hidden size {trained_with['hidden_size']} of the "
                             f"decoder it was trained with")
     meta = {"format": ENCODER_FORMAT, "vision": vision_cfg.to_dict(), "decoder_hidden_size": hidden,
             "image_token_id": int(image_token_id), "trained_with": trained_with}
@@ -140,7 +143,7 @@ def save_image_encoder_from_model(path: str, model, tokenizer_sha: Optional[str]
     from megatron_zero.parallel import sharding
 
     if model.vision is None:
-        raise GraftingError("this VLM chunk holds no encoder (call on the first pipeline stage)")
+        raise VLMCheckpointError("this VLM chunk holds no encoder (call on the first pipeline stage)")
     encoder = encoder_canonical_state(model)
     embedding = None
     for key, tensor in sharding.iter_canonical(model.language_model, ps.get_tensor_model_parallel_group(),
@@ -157,12 +160,12 @@ def save_image_encoder_from_model(path: str, model, tokenizer_sha: Optional[str]
 def read_image_encoder_meta(path: str) -> dict:
     meta_path = os.path.join(path, ENCODER_META)
     if not os.path.isfile(meta_path) or not os.path.isfile(os.path.join(path, ENCODER_TENSORS)):
-        raise GraftingError(f"{path} is not an image-encoder checkpoint (expected {ENCODER_META} and "
+        raise VLMCheckpointError(f"{path} is not an image-encoder checkpoint (expected {ENCODER_META} and "
                             f"{ENCODER_TENSORS})")
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format") != ENCODER_FORMAT:
-        raise GraftingError(f"{meta_path}: format {meta.get('format')!r}, expected {ENCODER_FORMAT!r}")
+        raise VLMCheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {ENCODER_FORMAT!r}")
     return meta
 
 
@@ -182,21 +185,18 @@ class HFDecoder:
 
     def __init__(self, path: str):
         from megatron_zero.checkpointing.hf_reader import CheckpointFormatError, HFCheckpoint
-        from megatron_zero.models.llama_config import LlamaConfig
 
         self.path = os.path.abspath(path)
         try:
             self.checkpoint = HFCheckpoint(path)
         except CheckpointFormatError as e:
-            raise GraftingError(f"{path}: not a readable HF Llama checkpoint: {e}") from None
+            raise VLMCheckpointError(f"{path}: not a readable HF Llama checkpoint: {e}") from None
         self.cfg = LlamaConfig.from_hf_config(self.checkpoint.config, name=os.path.basename(self.path))
 
     def get(self, name: str) -> torch.Tensor:
         return self.checkpoint.get(name)
 
     def canonical_getter(self) -> Callable[[str], torch.Tensor]:
-        from megatron_zero.checkpointing import hf_llama
-
         return hf_llama.canonical_getter(self.get, self.cfg)
 
     def identity(self) -> dict:
@@ -208,8 +208,6 @@ def save_hf_decoder(path: str, cfg: LlamaConfig, canonical: Mapping[str, torch.T
     """Write canonical decoder tensors as an HF Llama directory (``config.json`` + ``model.safetensors``)."""
     from safetensors.torch import save_file
 
-    from megatron_zero.checkpointing import hf_llama
-
     def fill(tmp: str) -> None:
         tensors = dict(hf_llama.iter_hf(iter(canonical.items()), cfg))
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, "model.safetensors"),
@@ -219,43 +217,25 @@ def save_hf_decoder(path: str, cfg: LlamaConfig, canonical: Mapping[str, torch.T
     _atomic_dir(path, fill, overwrite=True)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Provenance checks and grafting
-# ---------------------------------------------------------------------------------------------------------
-def _same_target(recorded: Optional[str], target: HFDecoder) -> bool:
-    if not recorded:
-        return False
-    if os.path.abspath(recorded) == target.path:
-        return True
-    name = os.path.basename(os.path.normpath(recorded))
-    return name in (os.path.basename(target.path), target.cfg.name) or recorded == target.cfg.name
+def load_vlm_checkpoint(path: str) -> tuple[VLMConfig, dict[str, torch.Tensor], Callable[[str], torch.Tensor]]:
+    """``(VLMConfig, canonical encoder tensors, canonical decoder getter)`` of a VLM checkpoint whose ``decoder/`` is
+    an HF Llama directory (graft output). Any VLM checkpoint, training exports included, loads through
+    :func:`megatron_zero.checkpointing.resolve.resolve_checkpoint`."""
+    cfg_path = os.path.join(path, VLM_CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise VLMCheckpointError(f"{path} is not a VLM checkpoint (no {VLM_CONFIG_FILE})")
+    cfg = read_vlm_config(path)
+    _, encoder = load_image_encoder(path)
+    decoder = HFDecoder(os.path.join(path, DECODER_DIR))
+    return cfg, encoder, decoder.canonical_getter()
 
 
-def provenance_problems(encoder_meta: dict, target: HFDecoder, target_identity: dict) -> list[str]:
-    """Every reason this encoder should not be grafted onto ``target`` (empty when it belongs)."""
-    trained = encoder_meta.get("trained_with") or {}
-    problems = []
-    prov = trained.get("surrogate")
-    if not prov:
-        problems.append(f"the encoder was trained with decoder {trained.get('name')!r}, which is not a surrogate "
-                        f"(its config records no surrogate provenance)")
-    elif not _same_target(prov.get("target"), target):
-        problems.append(f"the encoder was trained on a surrogate of {prov.get('target')!r}, not of the target "
-                        f"{target.path} ({target.cfg.name!r})")
-    if encoder_meta["decoder_hidden_size"] != target.cfg.hidden_size:
-        problems.append(f"the adapter outputs {encoder_meta['decoder_hidden_size']} features but the target's hidden "
-                        f"size is {target.cfg.hidden_size}")
-    if trained.get("vocab_size") != target.cfg.vocab_size:
-        problems.append(f"vocabulary size {trained.get('vocab_size')} (surrogate) != {target.cfg.vocab_size} (target)")
-    if trained.get("embedding_fingerprint") != target_identity["embedding_fingerprint"]:
-        problems.append("the surrogate's word-embedding table differs from the target's (different vocabulary or "
-                        "embedding space: the surrogate was not built from this target)")
-    ours, theirs = trained.get("tokenizer_hash"), target_identity.get("tokenizer_hash")
-    if ours and theirs and ours != theirs:
-        problems.append("the tokenizer files differ between the surrogate and the target")
-    if not 0 <= encoder_meta["image_token_id"] < target.cfg.vocab_size:
-        problems.append(f"image placeholder id {encoder_meta['image_token_id']} is outside the target vocabulary")
-    return problems
+def read_vlm_config(path: str) -> VLMConfig:
+    """The ``VLMConfig`` of a VLM checkpoint directory (its graft record, if any, dropped)."""
+    with open(os.path.join(path, VLM_CONFIG_FILE)) as f:
+        raw = json.load(f)
+    raw.pop("graft", None)
+    return VLMConfig.from_dict(raw)
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -265,46 +245,18 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def graft(encoder_path: str, target_path: str, output: str, force: bool = False, overwrite: bool = False) -> dict:
-    """Write a VLM checkpoint: the encoder (+adapter, start/end embeddings) unchanged, the target decoder unchanged.
-
-    Refuses (:class:`GraftingError`, listing every problem) when the provenance does not match, unless ``force``.
-    Returns the graft record stored in ``vlm_config.json``.
-    """
-    meta = read_image_encoder_meta(encoder_path)
-    target = HFDecoder(target_path)
-    identity = target.identity()
-    problems = provenance_problems(meta, target, identity)
-    if problems and not force:
-        raise GraftingError("refusing to graft {} onto {}:\n  - {}\n(pass --force to graft anyway)".format(
-            encoder_path, target_path, "\n  - ".join(problems)))
-    vlm_cfg = VLMConfig(target.cfg, ClipVisionConfig.from_dict(meta["vision"]), meta["image_token_id"])
-    record = {"encoder": os.path.abspath(encoder_path), "target": target.path, "forced": bool(problems and force),
-              "problems": problems, "encoder_trained_with": meta["trained_with"], "target_identity": identity}
-
+def write_vlm_checkpoint(output: str, encoder_path: str, decoder_path: str, cfg: VLMConfig,
+                         record: Optional[dict] = None, overwrite: bool = False) -> None:
+    """Place an image-encoder checkpoint and an HF Llama decoder directory side by side as a VLM checkpoint,
+    unchanged (encoder files copied, decoder files hard-linked or copied), atomically."""
     def fill(tmp: str) -> None:
         for name in (ENCODER_TENSORS, ENCODER_META):
             shutil.copy2(os.path.join(encoder_path, name), os.path.join(tmp, name))
         dec = os.path.join(tmp, DECODER_DIR)
         os.makedirs(dec)
-        for name in sorted(os.listdir(target_path)):
+        for name in sorted(os.listdir(decoder_path)):
             if name.endswith(_DECODER_FILE_SUFFIXES) or name in _DECODER_FILES:
-                _link_or_copy(os.path.join(target_path, name), os.path.join(dec, name))
-        _write_json(os.path.join(tmp, VLM_CONFIG_FILE), {**vlm_cfg.to_dict(), "graft": record})
+                _link_or_copy(os.path.join(decoder_path, name), os.path.join(dec, name))
+        _write_json(os.path.join(tmp, VLM_CONFIG_FILE), {**cfg.to_dict(), **({"graft": record} if record else {})})
 
     _atomic_dir(output, fill, overwrite)
-    return record
-
-
-def load_vlm_checkpoint(path: str) -> tuple[VLMConfig, dict[str, torch.Tensor], Callable[[str], torch.Tensor]]:
-    """``(VLMConfig, canonical encoder tensors, canonical decoder getter)`` of a VLM checkpoint directory."""
-    cfg_path = os.path.join(path, VLM_CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
-        raise GraftingError(f"{path} is not a VLM checkpoint (no {VLM_CONFIG_FILE})")
-    with open(cfg_path) as f:
-        raw = json.load(f)
-    raw.pop("graft", None)
-    cfg = VLMConfig.from_dict(raw)
-    _, encoder = load_image_encoder(path)
-    decoder = HFDecoder(os.path.join(path, DECODER_DIR))
-    return cfg, encoder, decoder.canonical_getter()

@@ -1,0 +1,81 @@
+"""Zero-shot grafting (the method's last step): an image encoder trained on a surrogate + the surrogate's target
+decoder -> a VLM checkpoint, after checking that they belong together.
+
+No model is built and nothing is trained: the encoder (+adapter, start/end-of-image embeddings) and the target's HF
+files are placed side by side, unchanged. The file formats and their I/O live in
+:mod:`megatron_zero.checkpointing.vlm_checkpoint` (re-exported here for convenience); this module holds the
+provenance checks and :func:`graft`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from megatron_zero.checkpointing.vlm_checkpoint import (  # noqa: F401  (re-exported)
+    DECODER_DIR, ENCODER_FORMAT, ENCODER_META, ENCODER_TENSORS, TOKENIZER_FILES, HFDecoder, VLMCheckpointError,
+    decoder_identity, embedding_fingerprint, load_image_encoder, load_vlm_checkpoint, read_image_encoder_meta,
+    save_hf_decoder, save_image_encoder, save_image_encoder_from_model, tokenizer_hash, write_vlm_checkpoint,
+)
+from megatron_zero.models.clip_vit import ClipVisionConfig
+from megatron_zero.models.vlm import VLMConfig
+
+
+class GraftingError(VLMCheckpointError):
+    """The encoder and target decoder do not belong together."""
+
+
+def _same_target(recorded: Optional[str], target: HFDecoder) -> bool:
+    if not recorded:
+        return False
+    if os.path.abspath(recorded) == target.path:
+        return True
+    name = os.path.basename(os.path.normpath(recorded))
+    return name in (os.path.basename(target.path), target.cfg.name) or recorded == target.cfg.name
+
+
+def provenance_problems(encoder_meta: dict, target: HFDecoder, target_identity: dict) -> list[str]:
+    """Every reason this encoder should not be grafted onto ``target`` (empty when it belongs)."""
+    trained = encoder_meta.get("trained_with") or {}
+    problems = []
+    prov = trained.get("surrogate")
+    if not prov:
+        problems.append(f"the encoder was trained with decoder {trained.get('name')!r}, which is not a surrogate "
+                        f"(its config records no surrogate provenance)")
+    elif not _same_target(prov.get("target"), target):
+        problems.append(f"the encoder was trained on a surrogate of {prov.get('target')!r}, not of the target "
+                        f"{target.path} ({target.cfg.name!r})")
+    if encoder_meta["decoder_hidden_size"] != target.cfg.hidden_size:
+        problems.append(f"the adapter outputs {encoder_meta['decoder_hidden_size']} features but the target's hidden "
+                        f"size is {target.cfg.hidden_size}")
+    if trained.get("vocab_size") != target.cfg.vocab_size:
+        problems.append(f"vocabulary size {trained.get('vocab_size')} (surrogate) != {target.cfg.vocab_size} (target)")
+    if trained.get("embedding_fingerprint") != target_identity["embedding_fingerprint"]:
+        problems.append("the surrogate's word-embedding table differs from the target's (different vocabulary or "
+                        "embedding space: the surrogate was not built from this target)")
+    ours, theirs = trained.get("tokenizer_hash"), target_identity.get("tokenizer_hash")
+    if ours and theirs and ours != theirs:
+        problems.append("the tokenizer files differ between the surrogate and the target")
+    if not 0 <= encoder_meta["image_token_id"] < target.cfg.vocab_size:
+        problems.append(f"image placeholder id {encoder_meta['image_token_id']} is outside the target vocabulary")
+    return problems
+
+
+def graft(encoder_path: str, target_path: str, output: str, force: bool = False, overwrite: bool = False) -> dict:
+    """Write a VLM checkpoint: the encoder (+adapter, start/end embeddings) unchanged, the target decoder unchanged.
+
+    Refuses (:class:`GraftingError`, listing every problem) when the provenance does not match, unless ``force``.
+    Returns the graft record stored in ``vlm_config.json``.
+    """
+    meta = read_image_encoder_meta(encoder_path)
+    target = HFDecoder(target_path)
+    identity = target.identity()
+    problems = provenance_problems(meta, target, identity)
+    if problems and not force:
+        raise GraftingError("refusing to graft {} onto {}:\n  - {}\n(pass --force to graft anyway)".format(
+            encoder_path, target_path, "\n  - ".join(problems)))
+    vlm_cfg = VLMConfig(target.cfg, ClipVisionConfig.from_dict(meta["vision"]), meta["image_token_id"])
+    record = {"encoder": os.path.abspath(encoder_path), "target": target.path, "forced": bool(problems and force),
+              "problems": problems, "encoder_trained_with": meta["trained_with"], "target_identity": identity}
+
+    write_vlm_checkpoint(output, encoder_path, target_path, vlm_cfg, record, overwrite)
+    return record

@@ -1,0 +1,86 @@
+"""The world a new user starts from, built small: a tiny random HF Llama with the real Llama-3 tokenizer (as the
+Hugging Face hub ships it: tokenizer.json with the 256 special tokens, tokenizer_config.json with the chat
+template, original/tokenizer.model), a tiny random HF CLIP vision tower, and a LLaVA-format JSON over
+scikit-image photos (+ a text-only JSONL for stage 1 and the trajectory)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + "
+    "'<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+# (photo, question, answer): scikit-image's sample photos
+PHOTOS = [
+    ("astronaut", "Who is in the picture?", "An astronaut in a white suit."),
+    ("chelsea", "What animal is this?", "A cat with orange fur."),
+    ("coffee", "What is on the table?", "A cup of coffee."),
+    ("rocket", "What do you see?", "A rocket on the launch pad."),
+    ("camera", "Describe the photo.", "A man with a camera."),
+    ("horse", "What shape is shown?", "A horse."),
+]
+DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0)
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+            patch_size=8, projection_dim=32)
+
+
+def llama3_tokenizer_model() -> str:
+    import llama_models
+
+    return os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
+
+
+def write_hf_llama3_tokenizer(out_dir: str) -> None:
+    """tokenizer.json (+ the 256 special tokens), tokenizer_config.json (chat template), original/tokenizer.model."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from megatron_zero.data.tokenizers import llama3_special_token_names
+
+    specials = llama3_special_token_names()
+    backend = TikTokenConverter(vocab_file=llama3_tokenizer_model(), extra_special_tokens=specials).converted()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  chat_template=LLAMA3_CHAT_TEMPLATE)
+    tok.save_pretrained(out_dir)
+    os.makedirs(os.path.join(out_dir, "original"), exist_ok=True)
+    shutil.copy(llama3_tokenizer_model(), os.path.join(out_dir, "original", "tokenizer.model"))
+
+
+def build_world(root: str) -> dict:
+    import transformers
+    from PIL import Image
+    from skimage import data as skdata
+
+    torch.manual_seed(0)
+    paths = {k: os.path.join(root, k) for k in ("llama", "clip", "images")}
+    cfg = transformers.LlamaConfig(vocab_size=128256, bos_token_id=128000, eos_token_id=128009,
+                                   tie_word_embeddings=False, **DECODER)
+    llama = transformers.LlamaForCausalLM(cfg).eval()
+    llama.save_pretrained(paths["llama"])
+    write_hf_llama3_tokenizer(paths["llama"])
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)).eval()
+    clip.save_pretrained(paths["clip"])
+    os.makedirs(paths["images"])
+    records, texts = [], []
+    for i in range(4):  # 24 samples: every photo 4 times, each with its own question
+        for name, q, a in PHOTOS:
+            if i == 0:
+                img = getattr(skdata, name)()
+                Image.fromarray(img).convert("RGB").save(os.path.join(paths["images"], f"{name}.png"))
+            records.append({"id": f"{name}-{i}", "image": f"{name}.png", "conversations": [
+                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+            texts.append({"prompt": q.replace("picture", "story").replace("photo", "day"), "response": a})
+    paths["llava_json"] = os.path.join(root, "llava.json")
+    with open(paths["llava_json"], "w") as f:
+        json.dump(records, f)
+    paths["text_jsonl"] = os.path.join(root, "text.jsonl")
+    with open(paths["text_jsonl"], "w") as f:
+        f.writelines(json.dumps(t) + "\n" for t in texts)
+    paths["root"] = root
+    return paths
