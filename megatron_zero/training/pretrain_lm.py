@@ -27,8 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lora_arguments(p)
     p.add_argument("--pretrained", default=None,
-                   help="start from these decoder weights (a torch_dist model checkpoint, e.g. from "
-                        "tools/convert_checkpoint.py); with --lora-rank the adapters start fresh")
+                   help="start from these decoder weights (HF directory, torch_dist model checkpoint from "
+                        "tools/convert_checkpoint.py, or VLM checkpoint); with --lora-rank the adapters start fresh")
+    p.add_argument("--export-model", action="store_true",
+                   help="at the end write <save>/export, a torch_dist model checkpoint (with the LoRA adapters when "
+                        "training LoRA) that tools/convert_checkpoint.py exports to HF (--merge-lora)")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help=".npy token ids, or text/JSONL ({'text': ...}) with --tokenizer")
     g.add_argument("--tokenizer", default=None, help="tokenizer file or directory (for text data)")
@@ -121,8 +124,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     install_exit_signals()  # a preemption signal during set-up is honoured after the first step
     parser = build_parser()
     args = arguments.parse(parser, argv)
-    if args.model is None:
+    if args.model is None and not args.pretrained:
         parser.error("--model is required (a preset name or model_config.json)")
+    if args.export_model and not args.save:
+        parser.error("--export-model writes <save>/export: give --save")
     if args.train_iters is None:
         parser.error("--train-iters is required")
     from megatron_zero.training.loop import prepare_run
@@ -140,6 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     from megatron_zero.training.loop import LoopConfig, setup_optimization, train
     from megatron_zero.training.train_step import lm_forward_step
 
+    if args.model is None and args.pretrained:
+        args.model = args.pretrained
     if os.path.isdir(args.model):  # the architecture of any checkpoint the resolver reads
         from megatron_zero.checkpointing.resolve import DECODER_KINDS, resolve_checkpoint
 
@@ -178,12 +185,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
     chunks = build_llama_chunks(cfg, opts)
     if args.pretrained:
-        from megatron_zero.checkpointing import mcore_checkpoint
-        from megatron_zero.checkpointing.resolve import conversion_source
+        from megatron_zero.checkpointing.sources import resolve_decoder
         from megatron_zero.models.lora import is_lora_key
 
-        pretrained = conversion_source(args.pretrained, "mcore", "llama", flag="--pretrained")  # or a run's export
-        mcore_checkpoint.load_model(chunks, pretrained, skip=is_lora_key if cfg.lora else None)
+        source = resolve_decoder(args.pretrained, "--pretrained")
+        base = dataclasses.replace(cfg, lora=None, name=source.cfg.name, surrogate=source.cfg.surrogate)
+        if dataclasses.replace(source.cfg, lora=None) != base:
+            parser.error(f"--pretrained {args.pretrained}: its architecture differs from --model {args.model}")
+        source.load_into(chunks, skip=is_lora_key if cfg.lora else None)
         print_rank0(f"loaded decoder weights from {args.pretrained}")
     if cfg.lora:
         from megatron_zero.models.lora import num_trainable_parameters
@@ -213,6 +222,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         lambda it: data.iteration_microbatches(it, gbs, args.micro_batch_size, dp_rank, dp),
         start_iteration=start,
     )
+    if args.export_model:
+        from megatron_zero.checkpointing import mcore_checkpoint
+
+        out = os.path.join(args.save, "export")
+        mcore_checkpoint.save_model([getattr(c, "module", c) for c in chunks], out, cfg, overwrite=True,
+                                    copy_files_from=args.pretrained if args.pretrained and os.path.isdir(args.pretrained)
+                                    else None)
+        print_rank0(f"exported the model to {out}" + (" (with its LoRA adapters: convert_checkpoint --merge-lora)"
+                                                     if cfg.lora else ""))
     return losses
 
 
