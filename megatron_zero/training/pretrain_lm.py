@@ -147,6 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
     if args.model is None and args.pretrained:
         args.model = args.pretrained
+    if args.model is None:
+        parser.error("--model: give a preset, a model_config.json or a checkpoint directory (or --pretrained)")
     if os.path.isdir(args.model):  # the architecture of any checkpoint the resolver reads
         from megatron_zero.checkpointing.resolve import DECODER_KINDS, resolve_checkpoint
 
