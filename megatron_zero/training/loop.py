@@ -230,8 +230,8 @@ class ProgressLogger:
         parts += [f"lr {lr:.3e}"]
         if result.grad_norm is not None:
             parts.append(f"grad-norm {result.grad_norm:.3f}")
-        parts += [f"{dt * 1000:.0f} ms/step", f"{real_per_s / world:,.0f} real tok/s/dev",
-                  f"real {100 * real / computed:.1f}% of {tokens_per_s / world:,.0f} tok/s/dev"]
+        parts += [f"{dt * 1000:.0f} ms/step", f"{real_per_s / world:,.0f} real tok/s/dev "
+                  f"({100 * real / computed:.1f}% of {tokens_per_s / world:,.0f} computed)"]
         scalars = {"lr": lr, "step_time_s": dt, "tokens_per_s_per_device": tokens_per_s / world,
                    "real_tokens_per_s_per_device": real_per_s / world, "real_token_fraction": real / computed}
         if self.cfg.flops_per_step:
