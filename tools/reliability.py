@@ -158,18 +158,20 @@ def bad_inputs(work: str) -> list[tuple[str, list[str]]]:
     np.save(npy, np.arange(0, 100000, dtype=np.int64))
     afile = os.path.join(work, "a_file")
     open(afile, "w").close()
-    llava = os.path.join(work, "bad.json")
-    with open(llava, "w") as f:
-        json.dump([{"id": 1, "image": "x.png", "conversations": [
-            {"from": "human", "value": "<image><image> hi"}, {"from": "gpt", "value": "ok"}]}], f)
+    try:
+        import llama_models
+
+        tokenizer = os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
+    except ImportError:
+        tokenizer = os.path.join(work, "no_tokenizer")
     py = [sys.executable]
     lm = py + LM + TINY
     return [
         ("train-iters 0", lm + ["--train-iters", "0"]),
         ("no data", py + LM + ["--model", "tiny", "--train-iters", "2"]),
         ("unknown model", py + LM + ["--model", "nosuch", "--mock-data", "--train-iters", "2"]),
-        ("non-UTF-8 text data", lm[:-len(TINY)] + ["--model", "tiny", "--train-iters", "2", "--data-path", text,
-                                                   "--tokenizer", os.path.join(work, "nosuch_tok")]),
+        ("non-UTF-8 text data", py + LM + ["--model", "tiny", "--train-iters", "2", "--data-path", text,
+                                           "--tokenizer", tokenizer]),
         ("token ids beyond the vocabulary", py + LM + ["--model", "tiny", "--train-iters", "2", "--seq-length", "32",
                                                        "--data-path", npy]),
         ("--save is a file", lm + ["--train-iters", "2", "--save", afile]),
@@ -184,9 +186,12 @@ def bad_inputs(work: str) -> list[tuple[str, list[str]]]:
                                       "--source-format", "mcore", "--target-format", "hf"]),
         ("graft missing encoder", py + ["tools/graft.py", "--encoder", os.path.join(work, "none"), "--target", work,
                                         "--output", os.path.join(work, "out")]),
-        ("vlm: 2 <image> tags, 1 image", py + ["-m", "megatron_zero.training.pretrain_vlm", "--stage", "1",
-                                              "--decoder-load", work, "--tokenizer", work, "--data-path", llava,
-                                              "--train-iters", "1"]),
+        ("vlm: --decoder-load is not a checkpoint", py + ["-m", "megatron_zero.training.pretrain_vlm", "--stage",
+                                                         "1", "--decoder-load", work, "--tokenizer", tokenizer,
+                                                         "--data-path", afile, "--train-iters", "1"]),
+        ("--load-dir missing", py + ["tools/convert_checkpoint.py", "--load-dir", os.path.join(work, "none"),
+                                     "--save-dir", os.path.join(work, "o"), "--source-format", "hf",
+                                     "--target-format", "mcore"]),
     ]
 
 

@@ -74,11 +74,11 @@ def load_tokens(args) -> np.ndarray:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    parser = build_parser()
+    args = arguments.parse(parser, argv)
     from megatron_zero.training.loop import install_exit_signals
 
     install_exit_signals()  # a preemption signal during set-up is honoured after the first step
-    parser = build_parser()
-    args = arguments.parse(parser, argv)
     if args.model is None:
         parser.error("--model is required (a preset name or model_config.json)")
     if args.train_iters is None:
@@ -106,6 +106,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         validate(cfg, opts)
     except ModelConfigError as e:
         parser.error(str(e))
+    tokens = load_tokens(args)
+    if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
+        raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
+                         f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
     dp = initialize_from_args(args)
     print_rank0(f"megatron_zero pretrain_lm: {platform.summary()} | TP={opts.tensor_model_parallel_size} "
                 f"PP={opts.pipeline_model_parallel_size} DP={dp} | model {cfg.name} ({cfg.num_parameters():,} params)")
@@ -114,10 +118,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
 
     chunks, optimizer, scheduler, start = setup_optimization(args, build_llama_chunks(cfg, opts), cfg.to_dict())
-    tokens = load_tokens(args)
-    if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
-        raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
-                         f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
     data = TokenWindows(tokens, args.seq_length, seed=args.seed)
     dp_rank = ps.get_data_parallel_rank()
     padded = padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)
