@@ -90,10 +90,11 @@ def config_args(cfg: dict, iters: int) -> list[str]:
     return a + (["--use-distributed-optimizer"] if cfg["distopt"] else [])
 
 
-def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log) -> dict:
+def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log,
+          interruptions=("kill9", "SIGUSR1", "SIGTERM")) -> dict:
     cfg = {"tp": rng.choice([1, 2]), "distopt": rng.choice([True, False])}
     kind = rng.choice(["mz", "torchrun"])
-    how = rng.choice(["kill9", "SIGUSR1", "SIGTERM"])
+    how = rng.choice(list(interruptions))
     key = (cfg["tp"], cfg["distopt"])
     if key not in refs:
         ref_file = os.path.join(work, f"ref_tp{cfg['tp']}_{int(cfg['distopt'])}.jsonl")
@@ -214,6 +215,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/megatron_zero_reliability")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bad-inputs", action="store_true")
+    p.add_argument("--interruptions", default="kill9,SIGUSR1,SIGTERM", help="drawn from (comma-separated)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     os.makedirs(args.workdir, exist_ok=True)
@@ -224,7 +226,7 @@ def main(argv=None) -> int:
     results, refs = [], {}
     t0 = time.time()
     for n in range(args.trials):
-        results.append(trial(rng, args.workdir, n, args.iters, refs, log))
+        results.append(trial(rng, args.workdir, n, args.iters, refs, log, args.interruptions.split(",")))
         log(f"trial {n + 1}/{args.trials} done, {time.time() - t0:.0f} s")
     kinds = {"clear": 0, "traceback": 0, "unclear": 0, "accepted": 0}
     if not args.no_bad_inputs:
