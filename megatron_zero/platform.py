@@ -130,6 +130,33 @@ class _NoopNvtx:
         return None
 
 
+def _patch_empty_distributed_optimizer_state() -> None:
+    """Without Apex/TE, ``DistributedOptimizer.state_dict`` reads Adam's step from the per-parameter state and
+    asserts there is exactly one value; a rank with nothing to train (a frozen pipeline stage, normal in stage 2)
+    has no state at all. Such a rank's state dict gets no step (``None``), as the TE/Apex branch already does."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.state_dict
+    if getattr(original, "_megatron_zero_patched", False):
+        return
+
+    def state_dict(self):
+        inner = getattr(self, "optimizer", None)
+        if inner is None or len(inner.state) > 0:
+            return original(self)
+        inner_state = inner.state_dict()
+        out = {"optimizer": {k: v for k, v in inner_state.items() if k != "state"}}
+        for group in out["optimizer"]["param_groups"]:
+            del group["params"]
+            group["step"] = None
+        if self.grad_scaler:
+            out["grad_scaler"] = self.grad_scaler.state_dict()
+        return out
+
+    state_dict._megatron_zero_patched = True
+    DistributedOptimizer.state_dict = state_dict
+
+
 def _patch_distributed_optimizer_reshardable_load() -> None:
     """Let the distributed optimizer load its fully reshardable checkpoint format with torch's Adam.
 
@@ -216,6 +243,7 @@ def install_cpu_compat() -> bool:
         lambda record: "CPU RNG state changed" not in record.getMessage()
     )
 
+    _patch_empty_distributed_optimizer_state()
     _patch_distributed_optimizer_reshardable_load()
 
     mode = _CudaToCpuMode()

@@ -325,8 +325,7 @@ def test_bad_images_drop_their_sample_replaced_by_the_next(tmp_path):
 def test_bad_inputs_give_one_line_errors(tmp_path):
     """The bad inputs of tools/reliability.py, through the real entry points: each exits non-zero with one
     ``error:`` line naming what was wrong, no traceback and no usage dump."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import reliability
+    from megatron_zero import reliability
 
     wanted = {"train-iters 0", "non-UTF-8 text data", "token ids beyond the vocabulary", "--save is a file",
               "generate --batch-size 0", "convert TP 0", "graft missing encoder",

@@ -165,7 +165,13 @@ def test_translator_import_into_surrogate(setup, tmp_path):
     out = tmp_path / "srgt_zero"
     assert import_zero_checkpoint.main([
         "--translator-file", str(root / "translator.pth"), "--surrogate", str(root / "srgt"),
-        "--output-surrogate", str(out)]) == 0
+        "--output-surrogate", str(out), "--clip", str(root / "clip"), "--image-token-id", str(IMG_ID),
+        "--output-encoder", str(tmp_path / "enc1")]) == 0
+    from megatron_zero.checkpointing.vlm_checkpoint import load_image_encoder
+
+    meta, enc1 = load_image_encoder(str(tmp_path / "enc1"))  # their stage-1 adapter, provenance from --surrogate
+    assert torch.equal(enc1["adapter.linear_fc1.weight"], setup["stage1"]["adapter.0.weight"])
+    assert meta["trained_with"]["surrogate"]["translator_indices"] == [2]
     theirs = transformers.LlamaForCausalLM.from_pretrained(root / "srgt")
     dec = {k[len("decoder."):]: v for k, v in setup["stage1"].items() if k.startswith("decoder.")}
     missing, unexpected = theirs.load_state_dict(dec, strict=False)

@@ -68,6 +68,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="dtype of the mcore checkpoint (auto: that of the HF weights)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="largest HF safetensors shard (e.g. 5GB, 500MB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="(mcore -> hf) fold the checkpoint's LoRA adapters into the decoder weights")
     args = p.parse_args(argv)
     if args.source_format == args.target_format == "hf":
         p.error("--source-format hf --target-format hf: nothing to convert")
@@ -83,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start_rss = peak_rss_mb()
         convert_checkpoint(args.load_dir, args.save_dir, args.source_format, args.target_format, args.model_type,
                            args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                           args.target_pipeline_stage_layers, args.params_dtype, args.max_shard_size, args.overwrite)
+                           args.target_pipeline_stage_layers, args.params_dtype, args.max_shard_size, args.overwrite,
+                           merge_lora=args.merge_lora)
     except USER_ERRORS as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2

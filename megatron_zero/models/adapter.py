@@ -92,3 +92,27 @@ class ImageEncoder(ShardedStateDictMixin, torch.nn.Module):
 def num_image_embeddings(vision_cfg: ClipVisionConfig) -> int:
     """Decoder positions one image occupies (579 / 576 for ViT-L/14-336 in the "zero" / "llava" convention)."""
     return vision_cfg.num_image_tokens + (2 if vision_cfg.feature_convention == "zero" else 0)
+
+
+def fresh_adapter_tensors(vision_cfg: ClipVisionConfig, decoder_hidden_size: int, seed: int = 0,
+                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A freshly initialised adapter (+ start/end-of-image embeddings), as canonical ``ImageEncoder`` tensors drawn
+    from their own generator: the same weights for every TP/PP layout (initialising the model's sharded
+    parameters in place would depend on the layout: the RNG stream and, under TP, the local fan-in).
+
+    Weights: ``torch.nn.Linear``'s initialisation (uniform in +-1/sqrt(fan_in)); biases zero (megatron's
+    parallel linears); start/end embeddings N(0, 1/d)."""
+    g = torch.Generator().manual_seed(int(seed))
+    d, v = decoder_hidden_size, vision_cfg.hidden_size
+
+    def linear(out_features: int, in_features: int) -> torch.Tensor:
+        bound = 1.0 / math.sqrt(in_features)
+        return ((torch.rand(out_features, in_features, generator=g) * 2 - 1) * bound).to(dtype)
+
+    out = {"adapter.linear_fc1.weight": linear(d, v), "adapter.linear_fc1.bias": torch.zeros(d, dtype=dtype),
+           "adapter.linear_fc2.weight": linear(d, d), "adapter.linear_fc2.bias": torch.zeros(d, dtype=dtype)}
+    if vision_cfg.feature_convention == "zero":
+        for name in ("image_start_embedding", "image_end_embedding"):
+            out[name] = (torch.randn(d, generator=g) * d ** -0.5).to(dtype)
+    return out
+

@@ -210,6 +210,13 @@ class VisionLanguageModel(ShardedStateDictMixin, torch.nn.Module):
         image_embeddings = None
         if images is not None and len(images):
             image_embeddings = self.vision(images)
+        elif torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters()):
+            # A text-only micro-batch still sends a (zero) gradient to every trainable encoder/adapter parameter:
+            # with --overlap-grad-reduce, megatron's DDP starts a bucket's reduction only once each of its
+            # parameters has seen a gradient in the last micro-batch.
+            c, size = self.cfg.vision.num_channels, self.cfg.vision.image_size
+            dummy = self.vision(text.new_zeros(1, c, size, size))
+            text = text + 0.0 * dummy.sum().to(text.dtype)
         return splice_image_embeddings(text, image_embeddings, image_mask, self.config.sequence_parallel)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,

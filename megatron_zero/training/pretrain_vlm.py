@@ -241,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
     chunks = build_vlm_chunks(vlm_cfg, opts)
     dec.load_into(chunks)
-    enc.load_into(chunks)
+    enc.load_into(chunks, seed=args.seed)
     try:
         apply_freezing(chunks, f"stage{args.stage}", args.encoder_trainable_layers, args.translator_layer,
                        args.control_unfreeze_early)

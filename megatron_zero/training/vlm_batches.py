@@ -2,9 +2,9 @@
 
 Two layouts of the same samples (a step always trains the ``--global-batch-size`` samples of its iteration):
 
-* **packed** (``--pack-sequences``, the default): this DP rank's samples of the step are packed first-fit
-  decreasing into rows of ``--seq-length`` positions (lengths measured after image expansion,
-  :mod:`megatron_zero.data.packing`), ``--micro-batch-size`` rows per micro-batch. A micro-batch is flattened to
+* **packed** (``--pack-sequences``, the default): this DP rank's samples of the step are packed into rows of
+  ``--seq-length`` positions, each row filled as full as possible (:func:`~megatron_zero.data.packing.pack_rows`,
+  lengths measured after image expansion), ``--micro-batch-size`` rows per micro-batch. A micro-batch is flattened to
   megatron's THD layout ``[1, rows * seq_length]`` with ``cu_seqlens`` (one segment per sample plus each row's
   padding tail), so attention stays inside each sample (TE's THD attention on GPU,
   :class:`~megatron_zero.models.attention.SDPACoreAttention` on CPU), RoPE positions restart per sample, labels are
@@ -38,7 +38,7 @@ from megatron_zero.data.datasets import Sample
 from megatron_zero.data.images import ImageLoadError
 from megatron_zero.data.sampler import ResumableDistributedSampler
 from megatron_zero.errors import DataError
-from megatron_zero.data.packing import collate_packed, expand_image_placeholders as expand_packed, pack_greedy
+from megatron_zero.data.packing import collate_packed, expand_image_placeholders as expand_packed, pack_rows
 from megatron_zero.loss.length_weighted import (DEFAULT_ORD, global_length_stats, released_segments,
                                                 released_token_weights, response_lengths, token_weights)
 from megatron_zero.models.vlm import expand_image_placeholders
@@ -202,7 +202,7 @@ class VLMBatches:
         if self.pack_sequences:
             samples = [s for g in groups for s in g]
             indices = [i for idx in index_groups for i in idx]
-            rows = pack_greedy([s.expanded_length(self.num_image_embeddings) for s in samples], seq)
+            rows = pack_rows([s.expanded_length(self.num_image_embeddings) for s in samples], seq)
             local = -(-len(rows) // mbs)
             (n_mb,) = self._dp_reduce([float(local)], "max")
             n_mb = int(n_mb)
