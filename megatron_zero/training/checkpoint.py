@@ -44,11 +44,11 @@ from megatron_zero.training.optimizer import unwrap
 from megatron_zero.errors import UserError
 
 COMPLETE = "COMPLETE"
-# Optimizer state is saved per rank, so resume with the parallel layout the run was saved with (the model weights
-# themselves reshard freely). The distributed optimizer's state goes through dist_checkpointing per DP shard
-# (megatron-core 0.16's model-space format relies on ShardedTensor.flattened_range, which its dist_checkpointing
-# no longer accepts); a plain optimizer's state_dict is saved with torch.save (its model-space sharded form cannot
-# describe frozen layers inside megatron's stacked per-layer tensors).
+# The distributed optimizer's state is saved in megatron-core's ``fully_reshardable`` format (model-space tensors,
+# gathered over DP on save, sliced per rank on load), so a run resumes at any TP/PP/DP (the CPU/torch-Adam failure
+# of its loader is fixed in ``platform.install_cpu_compat``). A plain optimizer's state_dict is saved per rank with
+# torch.save (its model-space sharded form cannot describe frozen layers inside megatron's stacked per-layer
+# tensors), so it resumes only at the layout it was saved with; anything else is refused before loading.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest_checkpointed_iteration.txt"
 LOCK = ".lock"

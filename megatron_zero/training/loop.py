@@ -345,9 +345,12 @@ def train(
                 logger.pause()
             if interrupted:
                 print_rank0(f"exit signal received: stopped after iteration {iteration}")
-                if iteration < cfg.train_iters:
-                    raise Preempted(f"stopped early at iteration {iteration}/{cfg.train_iters}"
-                                    + (f", checkpoint saved to {cfg.save}" if cfg.save else " (no --save: nothing saved)"))
+                if iteration < cfg.train_iters and cfg.save:
+                    raise Preempted(f"stopped early at iteration {iteration}/{cfg.train_iters}, checkpoint saved to "
+                                    f"{cfg.save}")
+                if iteration < cfg.train_iters:  # exit 1: nothing to resume from
+                    raise SystemExit(f"stopped by a signal at iteration {iteration}/{cfg.train_iters}; no --save was "
+                                     f"given, so nothing was saved")
                 break
     finally:
         exit_signal.restore()

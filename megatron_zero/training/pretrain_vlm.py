@@ -172,11 +172,11 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    parser = build_parser()
+    args = arguments.parse(parser, argv)
     from megatron_zero.training.loop import install_exit_signals
 
     install_exit_signals()  # a preemption signal during set-up is honoured after the first step
-    parser = build_parser()
-    args = arguments.parse(parser, argv)
 
     from megatron.core import parallel_state as ps
 
@@ -228,6 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     vlm_cfg = VLMConfig(dec.cfg, enc.vision, int(image_token_id))
     if args.seq_length % (16 if args.fp8_format else 1):
         parser.error(f"--seq-length {args.seq_length} must be a multiple of 16 with --fp8-format")
+    dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)  # bad data fails here, fast
 
     dp = initialize_from_args(args)
     print_rank0(f"megatron_zero pretrain_vlm stage {args.stage}: {platform.summary()} | "
@@ -250,7 +251,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     print_rank0(report)
 
     chunks, optimizer, scheduler, start = setup_optimization(args, chunks, vlm_cfg.to_dict())
-    dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
     image_size = enc.vision.image_size
     batches = VLMBatches(
         dataset, image_token_id=vlm_cfg.image_token_id, num_image_embeddings=vlm_cfg.num_image_embeddings,
