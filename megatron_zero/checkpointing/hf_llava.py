@@ -28,8 +28,8 @@ def export_problems(cfg: VLMConfig) -> list[str]:
     return [
         "its image features are the last CLIP layer after post_layernorm, class token included; transformers' LLaVA "
         "feeds hidden_states[vision_feature_layer] (before post_layernorm)",
-        "each image is wrapped in learned start/end-of-image embeddings (579 positions per image), which "
-        "LlavaForConditionalGeneration cannot represent",
+        f"each image is wrapped in learned start/end-of-image embeddings ({cfg.num_image_embeddings} positions per "
+        f"image: {cfg.vision.num_image_tokens} features + 2), which LlavaForConditionalGeneration cannot represent",
     ]
 
 
@@ -74,6 +74,7 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
     from megatron_zero import platform
     from megatron_zero.checkpointing.hf_writer import (ShardedSafetensorsWriter, atomic_directory, check_save_dir,
                                                        copy_tokenizer_files, write_config)
+    from megatron_zero.checkpointing.hf_llava_processor import write_hf_processor_files
     from megatron_zero.checkpointing.resolve import VLM_KINDS, iter_decoder_canonical, resolve_checkpoint
     from megatron_zero.checkpointing.vlm_checkpoint import load_image_encoder
     from megatron_zero.parallel.initialize import init_process_group
@@ -94,5 +95,7 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
         for name, t in iter_llava_tensors(cfg, encoder, iter_decoder_canonical(ckpt)):
             writer.add(name, t)
         writer.close()
-        copy_tokenizer_files(ckpt.tokenizer_dir or ckpt.decoder.path, tmp)
+        tokenizer_dir = ckpt.tokenizer_dir or ckpt.decoder.path
+        copy_tokenizer_files(tokenizer_dir, tmp)
+        write_hf_processor_files(tmp, tokenizer_dir, cfg)
         write_config(tmp, llava_config(cfg, encoder["vision_model.class_embedding"].dtype))

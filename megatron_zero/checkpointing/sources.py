@@ -51,8 +51,9 @@ class DecoderSource:
     getter: Optional[Callable[[str], torch.Tensor]] = None
     path: str = ""
 
-    def load_into(self, chunks: list) -> None:
-        """Copy the weights into this rank's decoder chunks (``language_model`` of VLM chunks)."""
+    def load_into(self, chunks: list, skip: Optional[Callable[[str], bool]] = None) -> None:
+        """Copy the weights into this rank's decoder chunks (``language_model`` of VLM chunks); tensors whose
+        canonical key ``skip`` accepts are left as built (fresh LoRA adapters on a base decoder)."""
         from megatron.core import parallel_state as ps
 
         from megatron_zero.parallel import sharding
@@ -61,7 +62,7 @@ class DecoderSource:
         if self.kind == "mcore":
             from megatron_zero.checkpointing import mcore_checkpoint
 
-            mcore_checkpoint.load_model(decoders, self.path)
+            mcore_checkpoint.load_model(decoders, self.path, skip=skip)
             return
         if self.kind == "training":
             from megatron_zero.checkpointing.resolve import _load_training_weights
@@ -70,7 +71,7 @@ class DecoderSource:
             return
         for d in decoders:
             sharding.load_canonical(d, self.getter, ps.get_tensor_model_parallel_rank(),
-                                    ps.get_tensor_model_parallel_world_size(), source=self.path)
+                                    ps.get_tensor_model_parallel_world_size(), source=self.path, skip=skip)
 
 
 def resolve_decoder(path: str, flag: str = "--decoder-load") -> DecoderSource:

@@ -43,6 +43,7 @@ _BASE = {
 # order of the parts inside a fused column-parallel output (per group)
 _PARTS = {"self_attention.linear_qkv": ("q", "k", "v"), "mlp.linear_fc1": ("gate", "up")}
 SUFFIX = "_lora"
+INIT_SEED = 20250419
 
 
 class LoraError(UserError, ValueError):
@@ -113,7 +114,8 @@ def num_trainable_parameters(cfg) -> int:
 class LoraAdapter(torch.nn.Module):
     """The adapters of one base linear (one or more targets), this TP rank's slices."""
 
-    def __init__(self, base_path: str, targets: Sequence[str], cfg, lcfg: LoraConfig, tp_size: int, dtype):
+    def __init__(self, base_path: str, targets: Sequence[str], cfg, lcfg: LoraConfig, tp_size: int, dtype,
+                 layer: int = 0, tp_rank: int = 0):
         super().__init__()
         self.base_path, self.targets, self.scale = base_path, tuple(targets), lcfg.scale
         self.kind = _BASE[self.targets[0]][1]
@@ -129,11 +131,16 @@ class LoraAdapter(torch.nn.Module):
         self.split = {}
         for t in self.targets:
             (r, i), (o, _) = target_shapes(cfg, t)
+            # PEFT's (and nn.Linear's) init of A, drawn at full size from a generator seeded by (layer, target) and
+            # sliced: the same adapters at every TP/PP layout, identical replicas on every TP rank
+            a = torch.empty(r, i)
+            gen = torch.Generator().manual_seed(INIT_SEED + 16 * layer + TARGETS.index(t))
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
             if self.kind == "column":
-                a, b, split = torch.empty(r, i, dtype=dtype), torch.zeros(o // tp_size, r, dtype=dtype), ("B", 0)
+                a, b, split = a.to(dtype), torch.zeros(o // tp_size, r, dtype=dtype), ("B", 0)
             else:
-                a, b, split = torch.empty(r, i // tp_size, dtype=dtype), torch.zeros(o, r, dtype=dtype), ("A", 1)
-            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's (and nn.Linear's) init of A
+                a = a.chunk(tp_size, dim=1)[tp_rank].contiguous().to(dtype)
+                b, split = torch.zeros(o, r, dtype=dtype), ("A", 1)
             self.register_parameter(f"A_{t}", torch.nn.Parameter(a))
             self.register_parameter(f"B_{t}", torch.nn.Parameter(b))
             self.split[t] = split
@@ -197,7 +204,8 @@ def apply_lora(model, cfg) -> None:
             parent_name, linear_name = base_path.split(".")
             parent = getattr(layer, parent_name)
             base = getattr(parent, linear_name)
-            adapter = LoraAdapter(base_path, targets, cfg, lcfg, tp, model.config.params_dtype)
+            adapter = LoraAdapter(base_path, targets, cfg, lcfg, tp, model.config.params_dtype,
+                                  layer=layer.layer_number - 1, tp_rank=ps.get_tensor_model_parallel_rank())
             if hasattr(base, "layer_norm_weight"):  # TE fuses the pre-norm into the linear: normalise here too
                 adapter.layer_norm = (base.layer_norm_weight, model.config.layernorm_epsilon)
             device = base.weight.device
