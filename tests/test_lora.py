@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megatron_zero.checkpointing import hf_llama
-from megatron_zero.models.lora import LoraConfig, LoraError, is_lora_key, merge_canonical, num_trainable_parameters
+from megatron_zero.checkpointing.lora_merge import merge_canonical
+from megatron_zero.models.lora import LoraConfig, LoraError, is_lora_key, num_trainable_parameters
 from megatron_zero.models.llama_config import get_preset
 from megatron_zero.parallel import sharding
 

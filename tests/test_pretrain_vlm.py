@@ -86,6 +86,18 @@ def test_stage1_tp2_then_stage2_from_export(tmp_path):
     m1 = _metrics(tmp_path / "m1.jsonl")
     assert len(m1) == 3 and all(torch.isfinite(torch.tensor(m["loss"])) for m in m1)
 
+    # the run's export (its decoder a torch_dist checkpoint saved at TP=2) generates with tools/generate.py at TP=1
+    image = sorted((tmp_path / "images").iterdir())[0]
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"id": "q", "prompt": "what shape is it", "images": [str(image)]})
+                                            + "\n")
+    gen = subprocess.run([sys.executable, "tools/generate.py", "--checkpoint", str(s1 / "export"), "--prompts",
+                          str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "3", "--output",
+                          str(tmp_path / "answers.jsonl")], cwd=REPO, env=subprocess_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert gen.returncode == 0, (gen.stdout + gen.stderr)[-4000:]
+    (answer,) = [json.loads(x) for x in open(tmp_path / "answers.jsonl")]
+    assert answer["id"] == "q" and isinstance(answer["text"], str)
+
     # stage 1 changed the translator (layer 2) and nothing else of the decoder
     from megatron_zero.checkpointing.sources import resolve_decoder
 

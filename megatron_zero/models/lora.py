@@ -20,13 +20,14 @@ The adapters are sibling modules of the base linears (``self_attention.linear_qk
 forward hook, so every base tensor keeps its name and the canonical/HF mappings are unchanged; the adapters'
 canonical keys are ``decoder.layers.N.<linear>_lora.{A,B}_<target>``. The LoRA settings are part of the decoder
 config (``DecoderConfig.lora``), written with every checkpoint, so any loader rebuilds the adapters;
-:func:`merge_canonical` folds them into the base weights (``convert_checkpoint --merge-lora``).
+:func:`megatron_zero.checkpointing.lora_merge.merge_canonical` folds them into the base weights
+(``convert_checkpoint --merge-lora``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -221,59 +222,3 @@ def lora_keys(cfg, layer: int) -> list[str]:
 
 def is_lora_key(ckey: str) -> bool:
     return f"{SUFFIX}." in ckey
-
-
-def merge_canonical(stream: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterator[tuple[str, torch.Tensor]]:
-    """Canonical tensors with every adapter folded into its base weight (``W_t += alpha/r * B_t A_t``).
-
-    ``stream`` holds a layer's adapter keys after that layer's base keys or before (any order within the
-    layer); tensors are yielded once their layer is complete, so memory stays at one layer.
-    """
-    from megatron_zero.checkpointing import hf_llama
-
-    lcfg = LoraConfig.from_dict(cfg.lora)
-    pending: dict[str, torch.Tensor] = {}
-    current = None
-
-    def flush(layer_keys: dict[str, torch.Tensor]):
-        adapters = {k: v for k, v in layer_keys.items() if is_lora_key(k)}
-        base = {k: v for k, v in layer_keys.items() if not is_lora_key(k)}
-        for ckey in list(base):
-            suffix = ckey.split(".", 3)[3]
-            path = suffix.rsplit(".", 1)[0]
-            if not suffix.endswith(".weight") or path not in {b for b, _ in _BASE.values()}:
-                continue
-            prefix = ckey[: -len(suffix)]
-            deltas = {t: lcfg.scale * (adapters[f"{prefix}{path}{SUFFIX}.B_{t}"].double()
-                                       @ adapters[f"{prefix}{path}{SUFFIX}.A_{t}"].double())
-                      for t in lcfg.targets if _BASE[t][0] == path}
-            if not deltas:
-                continue
-            w = base[ckey]
-            if path == "self_attention.linear_qkv":
-                q, k, v = hf_llama.split_qkv(w, cfg)
-                parts = {"q": q, "k": k, "v": v}
-                parts = {n: (p.double() + deltas[n]).to(w.dtype) if n in deltas else p for n, p in parts.items()}
-                base[ckey] = hf_llama.fuse_qkv(parts["q"], parts["k"], parts["v"], cfg)
-            elif path == "mlp.linear_fc1":
-                gate, up = w.chunk(2, dim=0)
-                parts = {"gate": gate, "up": up}
-                parts = {n: (p.double() + deltas[n]).to(w.dtype) if n in deltas else p for n, p in parts.items()}
-                base[ckey] = torch.cat([parts["gate"], parts["up"]], dim=0)
-            else:
-                (delta,) = deltas.values()
-                base[ckey] = (w.double() + delta).to(w.dtype)
-        yield from base.items()
-
-    for ckey, t in stream:
-        layer = ckey.split(".")[2] if ckey.startswith("decoder.layers.") else None
-        if layer != current and pending:
-            yield from flush(pending)
-            pending = {}
-        current = layer
-        if layer is None:
-            yield ckey, t
-        else:
-            pending[ckey] = t
-    if pending:
-        yield from flush(pending)

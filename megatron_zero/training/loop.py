@@ -107,6 +107,12 @@ def setup_optimization(args, chunks: list, model_config: Optional[dict] = None):
     optimizer = build_optimizer(chunks, oopts)
     scheduler = build_scheduler(optimizer, args.lr, args.min_lr, args.train_iters, args.lr_warmup_fraction,
                                 args.lr_decay_style, args.weight_decay)
+    from megatron_zero.checkpointing.resolve import CheckpointResolveError, check_resume_dir
+
+    try:
+        check_resume_dir(args.load)
+    except CheckpointResolveError as e:
+        raise SystemExit(f"error: {e}") from None
     start = 0
     if args.load and ckpt.latest_iteration(args.load) is not None:
         start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, model_config=model_config,
