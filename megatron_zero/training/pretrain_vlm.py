@@ -25,6 +25,7 @@ checkpoint), which the next stage's ``--decoder-load``/``--encoder-load`` and ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Optional, Sequence
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
+    from megatron_zero.models.lora import add_lora_arguments
+
+    add_lora_arguments(p)  # stage 3 with LoRA adapters on the frozen decoder (the paper's Fig. 2 baseline)
     return p
 
 
@@ -198,6 +202,20 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         enc = resolve_encoder(args.encoder_load, args.vision_model, args.feature_convention)
     except WeightSourceError as e:
         parser.error(str(e))
+    from megatron_zero.models.lora import LoraConfig, LoraError, is_lora_key
+
+    try:
+        lora = LoraConfig.from_args(args)
+    except LoraError as e:
+        parser.error(str(e))
+    fresh_adapters = None
+    if lora is not None:
+        if args.stage != 3:
+            parser.error(f"--lora-rank trains the decoder: stage 3 only (got --stage {args.stage})")
+        if dec.cfg.lora:
+            parser.error(f"--lora-rank: --decoder-load {args.decoder_load} already has LoRA adapters {dec.cfg.lora}")
+        dec.cfg = dataclasses.replace(dec.cfg, lora=lora.to_dict())
+        fresh_adapters = is_lora_key
     apply_stage_presets(args, dec.cfg.num_layers)
     if args.train_iters is None:
         parser.error("--train-iters is required")
@@ -240,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                      f"= {args.micro_batch_size * dp}")
 
     chunks = build_vlm_chunks(vlm_cfg, opts)
-    dec.load_into(chunks)
+    dec.load_into(chunks, skip=fresh_adapters)
     enc.load_into(chunks, seed=args.seed)
     try:
         apply_freezing(chunks, f"stage{args.stage}", args.encoder_trainable_layers, args.translator_layer,
