@@ -103,8 +103,9 @@ def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log,
     save, metrics = os.path.join(d, "ckpt"), os.path.join(d, "metrics.jsonl")
     common = config_args(cfg, iters) + ["--save", save, "--load", save, "--save-interval", "1", "--metrics-file",
                                         metrics]
-    p = subprocess.Popen(launcher(kind) + common, env=env(), cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    # output to a file, not a pipe: after kill -9 a helper process of a rank may keep a pipe open
+    log_file = open(os.path.join(d, "interrupted.log"), "w")
+    p = subprocess.Popen(launcher(kind) + common, env=env(), cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
     at = rng.randint(1, iters - 2)
     while count_lines(metrics) < at and p.poll() is None:
         time.sleep(0.02)
@@ -118,7 +119,10 @@ def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log,
                 pass
     else:
         p.send_signal(getattr(signal, how))
-    out, _ = p.communicate(timeout=600)
+    try:
+        p.wait(timeout=600)
+    finally:
+        log_file.close()
     deadline = time.time() + 60
     while pids_mentioning(save) and time.time() < deadline:
         time.sleep(0.2)

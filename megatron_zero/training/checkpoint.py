@@ -580,7 +580,12 @@ def load_checkpoint(
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None and _is_distributed(optimizer):
         _ensure_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
+        saved_opt = (manifest.get("layout") or {}).get("optimizer") or ""
+        # checkpoints written before the manifest recorded the layout used the DP-only reshardable format
+        sharding = saved_opt.split(":", 1)[1] if saved_opt.startswith("distributed:") else (
+            OPTIMIZER_METADATA["distrib_optim_sharding_type"] if manifest.get("layout") else "dp_reshardable")
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata={"distrib_optim_sharding_type": sharding})
     state["common"] = {"iteration": 0, "scheduler": None, "extra": {}}
     try:
         loaded = dist_checkpointing.load(state, path)
