@@ -142,7 +142,7 @@ def test_stage3_lora_trains_only_adapters_and_encoder_side(tmp_path, capsys):
     save = tmp_path / "s3lora"
     out = _run(["--stage", "3", "--decoder-load", str(tmp_path / "decoder"), "--vision-model", "tiny-clip",
                 "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q,v,down", "--lr", "1e-2",
-                "--encoder-trainable-layers", "1",
+                "--encoder-trainable-layers", "1", "--feature-convention", "llava",
                 "--tokenizer", str(tmp_path / "tok"), "--data-path", str(tmp_path / "llava.json"),
                 "--image-root", str(tmp_path / "images"), "--seq-length", "48", "--micro-batch-size", "2",
                 "--global-batch-size", "4", "--train-iters", "2", "--save", str(save)])
@@ -162,6 +162,27 @@ def test_stage3_lora_trains_only_adapters_and_encoder_side(tmp_path, capsys):
         assert torch.equal(after[k], v), f"LoRA must not change the decoder's weights: {k}"
     adapters = {k: v for k, v in after.items() if is_lora_key(k)}
     assert len(adapters) == 4 * 3 * 2 and all(v.abs().max() > 0 for k, v in adapters.items() if ".B_" in k)
+    # HF LLaVA export folds the adapters in (--merge-lora) and gives the LoRA decoder's text logits
+    import transformers
+
+    from megatron_zero.checkpointing import mcore_checkpoint
+    from megatron_zero.checkpointing.hf_llava import LlavaExportError, export_hf_llava
+    from megatron_zero.models.llama import build_llama_model
+    from megatron_zero.parallel.initialize import initialize_parallel
+
+    with pytest.raises(LlavaExportError, match="--merge-lora"):
+        export_hf_llava(str(save), str(tmp_path / "llava"))
+    export_hf_llava(str(save), str(tmp_path / "llava"), merge_lora=True)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    initialize_parallel(1, 1)
+    decoder = build_llama_model(src.cfg).eval()
+    mcore_checkpoint.load_model([decoder], src.path)
+    tokens = torch.randint(0, src.cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = decoder(tokens, torch.arange(10).unsqueeze(0), None)[..., : src.cfg.vocab_size]
+        theirs = hf(input_ids=tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
     from megatron_zero.training import pretrain_vlm
 
     capsys.readouterr()
