@@ -142,7 +142,7 @@ def test_stage3_lora_trains_only_adapters_and_encoder_side(tmp_path, capsys):
     save = tmp_path / "s3lora"
     out = _run(["--stage", "3", "--decoder-load", str(tmp_path / "decoder"), "--vision-model", "tiny-clip",
                 "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q,v,down", "--lr", "1e-2",
-                "--encoder-trainable-layers", "1",
+                "--encoder-trainable-layers", "1", "--feature-convention", "llava",
                 "--tokenizer", str(tmp_path / "tok"), "--data-path", str(tmp_path / "llava.json"),
                 "--image-root", str(tmp_path / "images"), "--seq-length", "48", "--micro-batch-size", "2",
                 "--global-batch-size", "4", "--train-iters", "2", "--save", str(save)])
@@ -162,6 +162,15 @@ def test_stage3_lora_trains_only_adapters_and_encoder_side(tmp_path, capsys):
         assert torch.equal(after[k], v), f"LoRA must not change the decoder's weights: {k}"
     adapters = {k: v for k, v in after.items() if is_lora_key(k)}
     assert len(adapters) == 4 * 3 * 2 and all(v.abs().max() > 0 for k, v in adapters.items() if ".B_" in k)
+    # HF LLaVA export refuses a LoRA decoder without --merge-lora, before writing anything (the merged export
+    # itself needs a Llama-3 tokenizer for the HF processor files; the merge is the decoder export's, tested in
+    # tests/test_lora.py)
+    from megatron_zero.checkpointing.hf_llava import LlavaExportError, export_hf_llava
+
+    with pytest.raises(LlavaExportError, match="LoRA adapters .*--merge-lora"):
+        export_hf_llava(str(save), str(tmp_path / "llava"))
+    assert not (tmp_path / "llava").exists()
+
     from megatron_zero.training import pretrain_vlm
 
     capsys.readouterr()

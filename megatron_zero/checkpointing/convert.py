@@ -134,7 +134,7 @@ def convert_checkpoint(load_dir: str, save_dir: str, source_format: str, target_
     if model_type == "vlm":
         from megatron_zero.checkpointing.hf_llava import export_hf_llava
 
-        export_hf_llava(load_dir, save_dir, overwrite, max_shard_bytes)
+        export_hf_llava(load_dir, save_dir, overwrite, max_shard_bytes, merge_lora=merge_lora)
     elif model_type == "clip":
         if pp != 1 or stage_layers is not None:
             raise ModelConfigError("--model-type clip: the vision encoder is not pipelined; "

@@ -68,9 +68,11 @@ def iter_llava_tensors(cfg: VLMConfig, encoder: dict, decoder):
             yield (name if name == "lm_head.weight" else "model.language_model." + name[len("model."):]), t
 
 
-def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9) -> None:
+def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+                    merge_lora: bool = False) -> None:
     """Write a VLM as an HF LLaVA directory. ``vlm_dir``: anything that resolves to a VLM (``tools/graft.py``
-    output, a training run or its ``<save>/export``, whose decoder is a torch_dist checkpoint)."""
+    output, a training run or its ``<save>/export``, whose decoder is a torch_dist checkpoint). A decoder with LoRA
+    adapters (stage 3 with ``--lora-rank``) needs ``merge_lora``: the adapters are folded into its weights."""
     from megatron_zero import platform
     from megatron_zero.checkpointing.hf_writer import (ShardedSafetensorsWriter, atomic_directory, check_save_dir,
                                                        copy_tokenizer_files, write_config)
@@ -85,6 +87,9 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
     if problems:
         raise LlavaExportError(f"{vlm_dir}: cannot export as HF LLaVA: " + "; ".join(problems)
                                + " (train with --feature-convention llava for a transformers-compatible VLM)")
+    if cfg.decoder.lora and not merge_lora:
+        raise LlavaExportError(f"{vlm_dir}: the decoder holds LoRA adapters (rank {cfg.decoder.lora['rank']}); "
+                               f"pass --merge-lora to fold them into the exported decoder")
     _, encoder = load_image_encoder(ckpt.encoder_dir)
     check_save_dir(save_dir, overwrite)
     if ckpt.decoder.format != "hf":  # torch_dist reads are collective: a world of one
@@ -92,7 +97,15 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
         init_process_group()
     with atomic_directory(save_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, log=lambda m: None)
-        for name, t in iter_llava_tensors(cfg, encoder, iter_decoder_canonical(ckpt)):
+        decoder = iter_decoder_canonical(ckpt)
+        if cfg.decoder.lora:
+            import dataclasses
+
+            from megatron_zero.checkpointing.lora_merge import merge_canonical
+
+            decoder = merge_canonical(decoder, cfg.decoder)
+            cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, lora=None))
+        for name, t in iter_llava_tensors(cfg, encoder, decoder):
             writer.add(name, t)
         writer.close()
         tokenizer_dir = ckpt.tokenizer_dir or ckpt.decoder.path
