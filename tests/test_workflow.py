@@ -50,12 +50,17 @@ def metrics(path: str) -> list[float]:
     return [json.loads(line)["loss"] for line in open(path)]
 
 
+def first_lr(path: str) -> float:
+    return json.loads(open(path).readline())["lr"]
+
+
 class Workflow:
     """The steps, each run once (cached) in the order the README gives them."""
 
     def __init__(self, root: str):
         self.root = root
         self.w = build_world(root)
+        self.outputs: dict[str, str] = {}
 
     def p(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -83,14 +88,14 @@ class Workflow:
         return self.p("srgt")
 
     def _stage1(self, name: str, layout: list, nproc: int) -> list[float]:
-        run(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "1", "--decoder-load", self.surrogate,
+        self.outputs[name] = run(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "1", "--decoder-load", self.surrogate,
              "--encoder-load", self.w["clip"], "--feature-convention", "llava", "--data-path", self.w["llava_json"],
              "--image-root", self.w["images"], "--text-data-path", self.w["text_jsonl"], *TRAIN, *layout,
              "--save", self.p(name), "--metrics-file", self.p(f"{name}.jsonl")], nproc=nproc)
         return metrics(self.p(f"{name}.jsonl"))
 
     def _stage2(self, name: str, layout: list, nproc: int) -> list[float]:
-        run(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "2", "--decoder-load", self.p("stage1"),
+        self.outputs[name] = run(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "2", "--decoder-load", self.p("stage1"),
              "--encoder-load", self.p("stage1"), "--encoder-trainable-layers", "2", "--loss-on-special-tokens",
              "--data-path", self.w["llava_json"], "--image-root", self.w["images"], *TRAIN, *layout,
              "--save", self.p(name), "--metrics-file", self.p(f"{name}.jsonl")], nproc=nproc)
@@ -215,6 +220,13 @@ def wf(tmp_path_factory):
     return Workflow(str(tmp_path_factory.mktemp("workflow")))
 
 
+def test_converted_target_back_to_hf_keeps_token_ids_and_dtype(wf):
+    run(["tools/convert_checkpoint.py", "--source-format", "mcore", "--target-format", "hf",
+         "--load-dir", wf.converted, "--save-dir", wf.p("llama-back")])
+    cfg = json.load(open(wf.p("llama-back/config.json")))
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (128000, 128009) and cfg["torch_dtype"] == "float32"
+
+
 def test_trajectory_and_surrogate_from_the_converted_target(wf):
     assert json.load(open(os.path.join(wf.converted, "checkpoint_meta.json")))
     traj = wf.trajectory
@@ -232,6 +244,10 @@ def test_stage1_in_the_slurm_layout_gives_the_pp1_losses(wf):
     ref, par = wf.stage1, wf.stage1_slurm_layout
     assert len(ref) == len(par) == 3
     assert all(abs(a - b) < LOSS_TOL for a, b in zip(ref, par)), (ref, par)
+    # the logged lr is the one the step used (no warmup at 3 iterations: the peak), not the next step's
+    assert first_lr(wf.p("stage1.jsonl")) == pytest.approx(1e-3)
+    # saving into a fresh directory does not make megatron warn about overwriting a corrupted checkpoint
+    assert all("Overwriting old incomplete" not in out for out in wf.outputs.values())
 
 
 def test_stage2_in_the_slurm_layout_gives_the_pp1_losses(wf):
@@ -246,6 +262,31 @@ def test_graft_and_generate(wf):
     assert [a["id"] for a in answers] == ["chelsea", "coffee"] and all(a["text"] for a in answers)
     vlm_cfg = json.load(open(os.path.join(wf.grafted, "vlm_config.json")))
     assert vlm_cfg["decoder"]["num_layers"] == 6  # the target's decoder, not the surrogate's
+
+
+def test_graft_onto_a_moved_copy_of_the_target(wf):
+    """A byte-identical copy of the target at another path is the target: grafted without --force, with a note."""
+    import shutil
+
+    shutil.copytree(wf.w["llama"], wf.p("moved/llama-copy"))
+    out = run(["tools/graft.py", "--encoder", wf.p("stage2/export"), "--target", wf.p("moved/llama-copy"),
+               "--output", wf.p("grafted-moved")])
+    record = json.load(open(wf.p("grafted-moved/vlm_config.json")))
+    graft_record = record.get("graft", record)
+    assert '"forced": false' in out and "note:" in out and "is now at" in out
+    assert not graft_record.get("problems")
+
+
+def test_generate_bad_requests_are_one_line_errors(wf):
+    bad = wf.p("bad.jsonl")
+    with open(bad, "w") as f:
+        f.write(json.dumps({"id": "x", "prompt": "hi", "images": [wf.p("no-such.png")]}) + "\n")
+    for prompts, extra, expected in ((bad, [], "no-such.png"),
+                                     (wf.p("prompts.jsonl"), ["--max-new-tokens", "100000"], "--max-new-tokens 100000")):
+        assert wf.answers  # prompts.jsonl written
+        p = subprocess.run([sys.executable, "tools/generate.py", "--checkpoint", wf.grafted, "--prompts", prompts,
+                            *extra], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
 def test_vlm_evaluation_through_lmms_eval(wf):
