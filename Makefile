@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint kernels-check clean
+.PHONY: install test demo lint kernels-check gpu-check clean
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 kernels-check:
 	nvcc -c -std=c++17 -arch=sm_80 -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm80.o
 	nvcc -c -std=c++17 -arch=sm_90 -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm90.o
+
+# The GPU acceptance run (one H100/H200, ~8 minutes): JSON + Markdown in gpu_check_results/, non-zero on a mismatch.
+gpu-check:
+	python tools/gpu_check.py --output-dir gpu_check_results
 
 lint: $(STAMP)
 	$(PY) -m ruff check megatron_zero tools tests examples

@@ -11,6 +11,17 @@ import argparse
 from typing import Optional, Sequence
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 1 (``--batch-size 0`` is refused as an argument error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.replace(",", " ").split()]
@@ -69,15 +80,25 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--load", default=None, help="checkpoint directory to resume from")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last-checkpoints", type=int, default=2)
+    g.add_argument("--overwrite", action="store_true",
+                   help="start from scratch into a --save directory holding another run's checkpoints (deletes "
+                        "them); without it such a run is refused (resuming with --load <save> needs no flag)")
+    g.add_argument("--checkpoint-verify", choices=["hash", "size"], default="hash",
+                   help="on resume, check every checkpoint file against the SHA-256 (hash) or only the size "
+                        "(size: for huge checkpoints) recorded when it was saved")
     g.add_argument("--tensorboard-dir", default=None)
     return parser
 
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size: Optional[int] = None) -> None:
     """Check flag combinations that don't need the model; errors name the flag."""
-    for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        if getattr(args, flag, 1) < 1:
+    for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size", "seq_length",
+                 "log_interval"):
+        if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("global_batch_size", "train_iters", "save_interval", "keep_last_checkpoints"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if getattr(args, "sequence_parallel", False) and args.tensor_model_parallel_size == 1:
         parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)

@@ -88,6 +88,16 @@ def _where(exc: BaseException) -> str:
     return f" [{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}]"
 
 
+def _raised_by_us(exc: BaseException) -> bool:
+    tb = traceback.extract_tb(exc.__traceback__)
+    if not tb:
+        return False
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    last = os.path.abspath(tb[-1].filename)
+    return last.startswith(os.path.join(here, "megatron_zero") + os.sep) or \
+        last.startswith(os.path.join(here, "tools") + os.sep) or last.startswith(os.path.join(here, "examples") + os.sep)
+
+
 def describe(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code for ``exc``."""
     if isinstance(exc, UserError):
@@ -99,6 +109,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
         return f"{name}: {exc.strerror or exc}", EXIT_USER_ERROR
     if isinstance(exc, (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return str(exc), EXIT_USER_ERROR  # raised by our own checks, the message names the path
+    if isinstance(exc, ValueError) and _raised_by_us(exc):
+        return str(exc), EXIT_USER_ERROR  # the library's convention for bad input (the message names it)
     if isinstance(exc, MemoryError):
         return "out of memory (host RAM); use a smaller model/batch or more nodes", EXIT_INTERNAL_ERROR
     msg = str(exc).strip().splitlines()
@@ -140,6 +152,7 @@ def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
             print(f"{prog}: {e.message} (exit {EXIT_PREEMPTED}: resume with the same --load)", file=sys.stderr,
                   flush=True)
         code = EXIT_PREEMPTED
+        _ignore_preemption_signals()
     except SystemExit as e:
         if isinstance(e.code, str):  # raise SystemExit("error: ...") - already one line
             text = e.code.strip()
@@ -161,6 +174,18 @@ def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
         _teardown()
     sys.stdout.flush()
     sys.exit(code)
+
+
+def _ignore_preemption_signals() -> None:
+    """After the save: ignore further SIGTERM/SIGUSR1 (torchrun's shutdown of the other ranks), also during
+    interpreter finalisation, which resets Python-level handlers to the default (terminate) action."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            signal.signal(s, signal.SIG_IGN)
+        except ValueError:
+            pass
 
 
 def _teardown() -> None:

@@ -88,12 +88,30 @@ def provenance_problems(encoder_meta: dict, target: HFDecoder, target_identity: 
     return provenance_check(encoder_meta, target, target_identity)[0]
 
 
+def resolve_target(path: str, flag: str = "--target") -> str:
+    """The HF Llama directory a graft target names (grafting links its files unchanged, so it must be HF)."""
+    from megatron_zero.checkpointing.resolve import DECODER_KINDS, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path, flag, accept=DECODER_KINDS)
+    if ckpt.kind != "hf-llama":
+        raise GraftingError(f"{flag} {path}: is {ckpt.describe()}; grafting places the target's HF Llama files "
+                            f"unchanged, so it needs an HF Llama directory (convert a torch_dist checkpoint with "
+                            f"tools/convert_checkpoint.py --source-format mcore --target-format hf)")
+    return ckpt.root
+
+
 def graft(encoder_path: str, target_path: str, output: str, force: bool = False, overwrite: bool = False) -> dict:
     """Write a VLM checkpoint: the encoder (+adapter, start/end embeddings) unchanged, the target decoder unchanged.
 
-    Refuses (:class:`GraftingError`, listing every problem) when the provenance does not match, unless ``force``.
+    ``encoder_path``: an image-encoder checkpoint, or a VLM / training run / training export holding one;
+    ``target_path``: the target's HF Llama directory. Refuses (:class:`GraftingError`, listing every problem)
+    when the provenance does not match, unless ``force``.
     Returns the graft record stored in ``vlm_config.json``.
     """
+    from megatron_zero.checkpointing.resolve import ENCODER_KINDS, resolve_checkpoint
+
+    encoder_path = resolve_checkpoint(encoder_path, "--encoder", accept=ENCODER_KINDS).encoder_dir
+    target_path = resolve_target(target_path)
     meta = read_image_encoder_meta(encoder_path)
     target = HFDecoder(target_path)
     identity = target.identity()

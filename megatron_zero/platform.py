@@ -157,6 +157,37 @@ def _patch_empty_distributed_optimizer_state() -> None:
     DistributedOptimizer.state_dict = state_dict
 
 
+def _patch_distributed_optimizer_reshardable_load() -> None:
+    """Let the distributed optimizer load its fully reshardable checkpoint format with torch's Adam.
+
+    Without apex/TE, megatron-core 0.16 falls back to ``torch.optim.Adam``, which keeps a per-parameter ``step``
+    tensor in its state. ``load_parameter_state_from_fully_reshardable`` leaves ``step`` out of the tensors it
+    restores (the count lives in the param groups) but ``_set_main_param_and_optimizer_states`` copies every
+    state key of the destination, so loading died with ``KeyError: 'step'``. Keys the checkpoint does not carry
+    are left as they are (``step`` is then set from the param group after the load, see
+    ``megatron_zero.training.checkpoint``).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_megatron_zero_patched", False):
+        return
+
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            if key not in dst:
+                raise KeyError(f"optimizer state {key!r} in the checkpoint is not in this optimizer")
+            dst[key].copy_(value)
+
+    set_states._megatron_zero_patched = True
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 def install_cpu_compat() -> bool:
     """Patch ``torch.cuda`` entry points used by megatron-core so it runs on CPU. No-op with CUDA.
 
@@ -213,6 +244,7 @@ def install_cpu_compat() -> bool:
     )
 
     _patch_empty_distributed_optimizer_state()
+    _patch_distributed_optimizer_reshardable_load()
 
     mode = _CudaToCpuMode()
     mode.__enter__()  # stays active for the life of the process

@@ -304,3 +304,22 @@ def test_sampler_epochs_and_state_checks():
 def test_sample_dataclass_labels():
     s = Sample(np.array([5, 6, 7]), np.array([False, True, True]), [])
     assert s.labels().tolist() == [-100, 6, 7] and s.num_images == 0
+
+
+def test_pack_rows_fills_rows_better_than_first_fit():
+    """pack_rows: a partition of the samples into rows within max_len, never more rows than first-fit, and fewer
+    on a mix with a large minimum sample size (image samples)."""
+    import numpy as np
+
+    from megatron_zero.data.packing import pack_greedy, pack_rows
+
+    rng = np.random.default_rng(0)
+    lengths = (40 + rng.integers(0, 30, 128)).tolist() + [250, 200, 130]
+    rows = pack_rows(lengths, 256)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 256 for r in rows)
+    assert len(rows) < len(pack_greedy(lengths, 256))
+    assert len(rows) <= -(-sum(lengths) // 256) + 1
+    assert pack_rows(lengths, 256) == rows  # deterministic
+    with pytest.raises(ValueError, match="longer than max_len=256"):
+        pack_rows([10, 300], 256)

@@ -1,5 +1,7 @@
 """Qwen3 and Qwen2.5 decoders: presets, HF config mapping, logits vs transformers, HF <-> canonical round trip."""
 import dataclasses
+import json
+import os
 
 import pytest
 import torch
@@ -101,3 +103,104 @@ def test_logits_match_transformers_and_round_trip(single_process, preset):
     assert back.keys() == expected.keys()
     for k in expected:
         assert torch.equal(back[k], expected[k]), k
+
+
+def _read_all(path):
+    import glob
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def test_tp2_pp2_conversion_logits_and_bit_exact_export(tmp_path):
+    """One torchrun launch (4 processes): for tiny Qwen3 and Qwen2 HF checkpoints, hf -> mcore at TP=2/PP=2 gives
+    transformers' logits, and mcore -> hf gives back the original tensors bit for bit (reloadable by
+    transformers with the same logits). The LoRA TP=2 == TP=1 check rides in the same launch (tests/test_lora.py
+    builds its reference; here it is run when that reference exists)."""
+    import transformers
+
+    from tests.conftest import run_worker
+
+    cases, refs = [], {}
+    tokens = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(2))
+    for preset in ("tiny-qwen3", "tiny-qwen2"):
+        cfg = dataclasses.replace(get_preset(preset), vocab_size=250)
+        ref = hf_model(cfg, seed=1)
+        hf_dir = tmp_path / preset
+        ref.save_pretrained(hf_dir)
+        with torch.no_grad():
+            logits = ref(tokens).logits
+        torch.save({"tokens": tokens, "logits": logits}, tmp_path / f"{preset}.pt")
+        cases += ["--case", preset, str(hf_dir), str(tmp_path / f"{preset}.pt")]
+        refs[preset] = (type(ref), logits)
+    from tests.test_lora import write_lora_reference
+
+    write_lora_reference(tmp_path / "lora.pt")
+    out = run_worker("qwen_parallel.py", *cases, "--work", str(tmp_path), "--lora", str(tmp_path / "lora.pt"),
+                     nproc=4)
+    assert "ALL QWEN CHECKS PASSED" in out, out[-4000:]
+    for preset, (cls, logits) in refs.items():
+        assert f"{preset}: hf -> mcore TP=2 PP=2" in out
+        original, back = _read_all(str(tmp_path / preset)), _read_all(str(tmp_path / f"{preset}_hf_out"))
+        assert back.keys() == original.keys()
+        for name in original:
+            assert torch.equal(back[name], original[name]), (preset, name)
+        reloaded = cls.from_pretrained(str(tmp_path / f"{preset}_hf_out"), attn_implementation="eager").eval()
+        with torch.no_grad():
+            assert torch.equal(reloaded(tokens).logits, logits)
+    assert "LoRA TP=2 vs TP=1" in out
+
+
+def test_trajectory_matches_transformers(single_process):
+    """The trajectory analyzer on a Qwen3 decoder (QK-norm, head_dim != hidden/heads) equals the computation from
+    transformers' hidden states (both metrics, padded batch)."""
+    from megatron_zero.analysis.trajectory import TrajectoryAnalyzer, pad_batch
+    from megatron_zero.models.llama import build_llama_model
+    from tests.test_trajectory import hf_trajectory
+
+    cfg = dataclasses.replace(get_preset("tiny-qwen3"), vocab_size=250, tie_word_embeddings=False)
+    ref = hf_model(cfg, seed=4)
+    with torch.no_grad():  # sharper, more distinct per-layer predictions
+        ref.lm_head.weight.mul_(20)
+    model = build_llama_model(cfg)
+    sharding.load_canonical(model, hf_llama.canonical_getter(ref.state_dict().__getitem__, cfg))
+    sequences = [torch.randint(0, 250, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (12, 7)]
+    tokens, lengths = pad_batch(sequences)
+    for metric in ("position-kl", "vocab-kl"):
+        ours = TrajectoryAnalyzer(model, cfg.vocab_size)(tokens, lengths, metric)
+        expected = hf_trajectory(ref, sequences, metric)
+        assert expected[:, :-1].min() > 1e-3
+        torch.testing.assert_close(ours, expected.float(), rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen2"])
+def test_build_surrogate_keeps_layers_bit_exact(tmp_path, preset):
+    """tools/build_surrogate.py on an HF Qwen checkpoint: T(1, 2) keeps layers 0, 1 (translator), 3 bit for bit
+    (q/k norms and q/k/v biases included) and is a model of the same family transformers loads."""
+    import transformers
+
+    from tools import build_surrogate
+
+    cfg = get_preset(preset)
+    target = hf_model(cfg, seed=5)
+    target.save_pretrained(tmp_path / "target")
+    from megatron_zero.data.tokenizers import WordTokenizer
+
+    WordTokenizer([f"w{i}" for i in range(100)]).save(tmp_path / "target" / "tokenizer.json")
+    assert build_surrogate.main(["--load-dir", str(tmp_path / "target"), "--save-dir", str(tmp_path / "srgt"),
+                                 "--translator-start", "1", "--translator-end", "2"]) == 0
+    hf_cfg = json.loads((tmp_path / "srgt" / "config.json").read_text())
+    assert hf_cfg["model_type"] == cfg.to_hf_config()["model_type"] and hf_cfg["num_hidden_layers"] == 3
+    sur = type(target).from_pretrained(tmp_path / "srgt")
+    t, s = target.state_dict(), sur.state_dict()
+    per_layer = sorted({k.split(".", 3)[3] for k in t if k.startswith("model.layers.0.")})
+    assert ("self_attn.q_norm.weight" in per_layer) == cfg.qk_layernorm
+    assert ("self_attn.q_proj.bias" in per_layer) == cfg.add_qkv_bias
+    for i, j in enumerate([0, 1, 3]):
+        for name in per_layer:
+            assert torch.equal(s[f"model.layers.{i}.{name}"], t[f"model.layers.{j}.{name}"]), (i, name)
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])

@@ -47,6 +47,9 @@ def build_parser():
     g.add_argument("--samples", default="1165000,665000,665000,133000",
                    help="samples of: surrogate stage 1, surrogate stage 2, baseline stage 3 (full data), ours stage 3 "
                         "(20%% of the data); baseline pre-training uses the stage-3 data size")
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="also time LoRA training of the target (adapters only, base frozen) next to full fine-tuning")
+    g.add_argument("--lora-targets", default="q,v", help="LoRA targets for --lora-rank (subset of q,k,v,o,gate,up,down)")
     g.add_argument("--output-json", default=None)
     return p
 
@@ -68,7 +71,13 @@ def main(argv=None):
     cfg = load_model_config(args.model)
     opts = RuntimeOptions.from_args(args)
     try:
-        configs = benchmark_configs(cfg, args.surrogate)
+        from megatron_zero.models.lora import LoraConfig, LoraError
+
+        lora = LoraConfig(args.lora_rank, targets=tuple(args.lora_targets.split(","))).to_dict() if args.lora_rank else None
+    except LoraError as e:
+        raise SystemExit(f"error: {e}")
+    try:
+        configs = benchmark_configs(cfg, args.surrogate, lora)
     except ValueError as e:
         raise SystemExit(f"error: --surrogate {args.surrogate}: {e}")
     for c, _, _ in configs:

@@ -64,4 +64,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

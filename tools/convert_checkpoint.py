@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch  # noqa: E402
 
+from megatron_zero.arguments import positive_int  # noqa: E402
 from megatron_zero.checkpointing.convert import (  # noqa: E402
     DTYPES, PROG, USER_ERRORS, convert_checkpoint, log, peak_rss_mb,
 )
@@ -59,14 +60,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--target-format", choices=("hf", "mcore"), required=True)
     p.add_argument("--model-type", choices=("llama", "clip", "vlm"), default="llama",
                    help="vlm: VLM checkpoint -> HF LlavaForConditionalGeneration (LLaVA feature convention only)")
-    p.add_argument("--target-tensor-parallel-size", type=int, default=1)
-    p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    p.add_argument("--target-tensor-parallel-size", type=positive_int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=positive_int, default=1)
     p.add_argument("--target-pipeline-stage-layers", type=int, nargs="+", default=None,
                    help="decoder layers per pipeline stage, for uneven splits (e.g. 10 11 11 10)")
     p.add_argument("--params-dtype", choices=("auto", *DTYPES), default="auto",
                    help="dtype of the mcore checkpoint (auto: that of the HF weights)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="largest HF safetensors shard (e.g. 5GB, 500MB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="(mcore -> hf) fold the checkpoint's LoRA adapters into the decoder weights")
     args = p.parse_args(argv)
     if args.source_format == args.target_format == "hf":
         p.error("--source-format hf --target-format hf: nothing to convert")
@@ -82,7 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         start_rss = peak_rss_mb()
         convert_checkpoint(args.load_dir, args.save_dir, args.source_format, args.target_format, args.model_type,
                            args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                           args.target_pipeline_stage_layers, args.params_dtype, args.max_shard_size, args.overwrite)
+                           args.target_pipeline_stage_layers, args.params_dtype, args.max_shard_size, args.overwrite,
+                           merge_lora=args.merge_lora)
     except USER_ERRORS as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -9,6 +9,8 @@ Tokenizer files are carried along; writes are atomic.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import sys
 
@@ -102,7 +104,8 @@ def hf_config_for_export(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
     return hf
 
 
-def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9) -> None:
+def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+                merge_lora: bool = False) -> None:
     """megatron-core checkpoint -> HF Llama, streaming one layer at a time.
 
     Collective when ``torch.distributed`` is initialised (every rank reads, rank 0 writes); the tool itself runs
@@ -115,10 +118,17 @@ def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard
     from megatron_zero.parallel.initialize import init_process_group, is_rank0
 
     cfg = mcore_checkpoint.load_model_config(load_dir)
+    if cfg.lora and not merge_lora:
+        raise CheckpointFormatError(f"{load_dir}: the checkpoint holds LoRA adapters (rank {cfg.lora['rank']}); "
+                                    f"pass --merge-lora to fold them into the exported decoder")
     check_save_dir(save_dir, overwrite)
     platform.install_cpu_compat()
     init_process_group()
     stream = mcore_checkpoint.iter_llama_canonical(load_dir, cfg)
+    if cfg.lora:
+        from megatron_zero.checkpointing.lora_merge import merge_canonical
+
+        stream, cfg = merge_canonical(stream, cfg), dataclasses.replace(cfg, lora=None)
     bar = tqdm(total=len(hf_llama.canonical_keys(cfg)), desc="exporting tensors", unit="tensor",
                disable=not is_rank0(), file=sys.stdout)
     if not is_rank0():

@@ -54,6 +54,10 @@ def canonical_keys(cfg: LlamaConfig, layers: range | None = None) -> list[str]:
             keys += [p + "self_attention.q_layernorm.weight", p + "self_attention.k_layernorm.weight"]
         keys += [p + "self_attention.linear_proj.weight", p + "pre_mlp_layernorm.weight",
                  p + "mlp.linear_fc1.weight", p + "mlp.linear_fc2.weight"]
+        if cfg.lora:  # adapters (no HF name: merged into the base weights on export)
+            from megatron_zero.models.lora import lora_keys
+
+            keys += lora_keys(cfg, i)
     keys.append("decoder.final_layernorm.weight")
     if not cfg.tie_word_embeddings:
         keys.append("output_layer.weight")

@@ -50,16 +50,74 @@ def check_save_dir(path: str, overwrite: bool) -> None:
 
 
 def temp_dir_for(path: str, pid: Optional[int] = None) -> str:
+    """``<path>.tmp-<pid>``; first removes the temp dirs that killed writers of ``path`` left behind."""
+    remove_stale_temp_dirs(path)
     return f"{os.path.abspath(path).rstrip(os.sep)}.tmp-{os.getpid() if pid is None else pid}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(path: str) -> list[str]:
+    """Delete ``<path>.tmp-<pid>`` (and ``.old``) directories whose writer process no longer runs on this host."""
+    base = os.path.abspath(path).rstrip(os.sep)
+    parent, name = os.path.split(base)
+    removed = []
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(name + ".tmp-"):
+            continue
+        pid = entry[len(name) + 5:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def fsync_tree(root: str) -> None:
+    """fsync every file and directory under ``root`` (before the rename that publishes it)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for n in files:
+            fd = os.open(os.path.join(dirpath, n), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def publish(tmp: str, path: str) -> None:
-    """Move finished ``tmp`` to ``path``, replacing an existing directory there."""
+    """Move finished ``tmp`` to ``path`` (after fsyncing it), replacing an existing directory there."""
+    fsync_tree(tmp)
     old = None
     if os.path.lexists(path):
         old = f"{tmp}.old"
         os.replace(path, old)
     os.replace(tmp, path)
+    parent = os.path.dirname(os.path.abspath(path))
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -172,16 +172,21 @@ def save_model(
     return save_dir
 
 
-def load_model(chunks: list, load_dir: str) -> dict[str, Any]:
-    """Load a checkpoint into this rank's chunks (collective), resharding from whatever layout saved it."""
+def load_model(chunks: list, load_dir: str, skip=None) -> dict[str, Any]:
+    """Load a checkpoint into this rank's chunks (collective), resharding from whatever layout saved it.
+
+    ``skip(name)``: model tensors not to read (left as built, e.g. fresh LoRA adapters on a base checkpoint)."""
     from megatron.core import dist_checkpointing
 
     meta = read_meta(load_dir)
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), load_dir)
+    request = model_sharded_state_dict(chunks)
+    if skip is not None:
+        request = {c: {k: v for k, v in sd.items() if not skip(k)} for c, sd in request.items()}
+    loaded = dist_checkpointing.load(request, load_dir)
     for i, chunk in enumerate(chunks):
         state = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
         missing, unexpected = _unwrap(chunk).load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in missing if not k.endswith("_extra_state") and not (skip and skip(k))]
         if missing or unexpected:
             raise CheckpointError(f"{load_dir}: checkpoint does not fit the model (missing {missing[:3]}, "
                                   f"unexpected {unexpected[:3]})")

@@ -149,10 +149,12 @@ def read_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | Non
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected a UTF-8 JSON file") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+        raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")  # noqa: TRY004 (bad file)
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")  # noqa: TRY004 (bad file)
     out = []
     for i, rec in enumerate(records):
         try:
@@ -166,7 +168,7 @@ def read_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | Non
                 raise _RecordError(f"'image' must be a path or a list of paths, got {image!r}")
             messages = _attach_images(_messages_from_turns(rec["conversations"]), images)
         except _RecordError as exc:
-            raise ValueError(f"{path}: record {i} (id {_record_id(rec)}): {exc}") from None
+            raise DataError(f"{path}: record {i} (id {_record_id(rec)}): {exc}") from None
         out.append(Conversation(messages, [str(root / p) for p in images], str(rec.get("id", i))))
     return out
 
@@ -179,19 +181,23 @@ def read_instruction_jsonl(path: str | os.PathLike) -> list[Conversation]:
     """Read a text-only instruction JSONL file (formats in the module docstring)."""
     path = Path(path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); expected a UTF-8 JSONL file") from None
+        for line_no, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {line_no}: invalid JSON: {exc.msg}") from exc
+                raise DataError(f"{path}: line {line_no}: invalid JSON: {exc.msg}") from exc
             try:
                 messages = _instruction_messages(rec)
                 _attach_images(messages, [])
             except _RecordError as exc:
-                raise ValueError(f"{path}: line {line_no} (id {_record_id(rec)}): {exc}") from None
+                raise DataError(f"{path}: line {line_no} (id {_record_id(rec)}): {exc}") from None
             out.append(Conversation(messages, [], str(rec.get("id", line_no))))
     return out
 

@@ -28,6 +28,7 @@ __all__ = [
     "collate_packed",
     "expand_image_placeholders",
     "pack_greedy",
+    "pack_rows",
     "padding_fraction",
 ]
 
@@ -54,6 +55,41 @@ def pack_greedy(lengths: Sequence[int], max_len: int) -> list[list[int]]:
             row = len(rows) - 1
         rows[row].append(i)
         free[row] -= lengths[i]
+    return rows
+
+
+def pack_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
+    """Rows filled one at a time as full as possible: each row takes the longest remaining sample, then the
+    subset of the remaining samples that fills the rest best (an exact subset sum over lengths, bit-parallel).
+
+    Fewer rows than :func:`pack_greedy` when samples have a large minimum size (every image sample is at least
+    ``num_image_tokens`` long, so first-fit leaves gaps no sample fits): on the LLaVA-1.5-shaped mix of
+    :mod:`megatron_zero.training.packing_benchmark` 97-98% of positions are real instead of 93%. Deterministic
+    (ties go to the lower index); indices within a row in placement order.
+    """
+    lengths = [int(x) for x in lengths]
+    too_long = [i for i, n in enumerate(lengths) if n > max_len]
+    if too_long:
+        raise ValueError(f"{len(too_long)} sample(s) longer than max_len={max_len} (first: index {too_long[0]}, "
+                         f"length {lengths[too_long[0]]}); truncate samples before packing")
+    remaining = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    mask = (1 << (max_len + 1)) - 1
+    rows: list[list[int]] = []
+    while remaining:
+        first, rest = remaining[0], remaining[1:]
+        space = max_len - lengths[first]
+        reach = [1]  # reach[j]: bit t set <=> some subset of rest[:j] sums to t
+        for i in rest:
+            reach.append((reach[-1] | (reach[-1] << lengths[i])) & mask)
+        t = min(space, (reach[-1] & ((1 << (space + 1)) - 1)).bit_length() - 1)
+        chosen = []
+        for j in range(len(rest) - 1, -1, -1):
+            if not (reach[j] >> t) & 1:
+                chosen.append(rest[j])
+                t -= lengths[rest[j]]
+        taken = set(chosen)
+        rows.append([first] + sorted(chosen, key=lambda i: (-lengths[i], i)))
+        remaining = [i for i in rest if i not in taken]
     return rows
 
 

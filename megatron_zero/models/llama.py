@@ -200,7 +200,15 @@ def build_llama_model(
     model.llama_config = cfg
     if not opts.initialize_weights:
         mark_tensor_parallel_weights(model)
+    if not platform.HAVE_CUDA and opts.tensor_model_parallel_size == 1:
+        import types
+
+        model.compute_language_model_loss = types.MethodType(_whole_vocab_cross_entropy, model)
     zero_vocab_padding(model, cfg.vocab_size)
+    if cfg.lora:
+        from megatron_zero.models.lora import apply_lora
+
+        apply_lora(model, cfg)
     if platform.HAVE_CUDA:
         model.cuda(torch.cuda.current_device())
     return model
@@ -214,7 +222,11 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
     from megatron.core.tensor_parallel.layers import (
         ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes,
     )
+    from megatron.core.transformer.mlp import MLP
 
+    # megatron's MLP builds a gated (SwiGLU) fc1 with stride 2: each TP rank holds interleaved [gate, up] pieces
+    strides = {id(m.linear_fc1): 2 for m in model.modules() if isinstance(m, MLP) and m.config.gated_linear_unit
+               and not getattr(m.config, "use_kitchen", False)}
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
             dim = 0
@@ -224,10 +236,20 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             continue
         weight = getattr(module, "weight", None)
         if weight is not None and not hasattr(weight, "tensor_model_parallel"):
-            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+            set_tensor_model_parallel_attributes(weight, True, dim, strides.get(id(module), 1))
         bias = getattr(module, "bias", None)
         if dim == 0 and isinstance(bias, torch.Tensor) and not hasattr(bias, "tensor_model_parallel"):
             set_tensor_model_parallel_attributes(bias, True, 0, 1)
+
+
+def _whole_vocab_cross_entropy(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``GPTModel.compute_language_model_loss`` when one rank holds the whole vocabulary (TP=1 on CPU): torch's
+    fused log-softmax + NLL instead of megatron's vocab-parallel cross-entropy, which makes several extra passes
+    over the ``[s, b, vocab]`` logits for its TP all-reduces. Same function (padded vocabulary rows included),
+    per-token losses ``[b, s]``."""
+    s, b, v = logits.shape
+    loss = F.cross_entropy(logits.reshape(s * b, v).float(), labels.transpose(0, 1).reshape(s * b), reduction="none")
+    return loss.view(s, b).transpose(0, 1).contiguous()
 
 
 def zero_vocab_padding(model, vocab_size: int) -> None:

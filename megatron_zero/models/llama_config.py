@@ -77,6 +77,8 @@ class DecoderConfig:
     family: str = "llama"  # one of FAMILIES
     qk_layernorm: bool = False  # Qwen3: RMSNorm over each query/key head (weights of size head_dim)
     add_qkv_bias: bool = False  # Qwen2/2.5: biases on q/k/v (not on o_proj or the MLP)
+    # LoRA adapters on the decoder (megatron_zero.models.lora.LoraConfig.to_dict()); None = none
+    lora: Optional[dict] = None
     # Set on surrogates T(a, b): target checkpoint, a, b and the surrogate-layer -> target-layer mapping.
     surrogate: Optional[dict] = None
 

@@ -26,11 +26,16 @@ def parse_span(span: str) -> tuple[int, int]:
     return a, b
 
 
-def benchmark_configs(cfg, span: Optional[str] = None) -> list[tuple]:
-    """``(config, mode, translator layer)`` to time: the target full/frozen, and T(a, b) translator/frozen."""
+def benchmark_configs(cfg, span: Optional[str] = None, lora: Optional[dict] = None) -> list[tuple]:
+    """``(config, mode, translator layer)`` to time: the target full/frozen (and ``lora``: LoRA adapters on the
+    frozen target, ``LoraConfig.to_dict()``), and T(a, b) translator/frozen."""
+    import dataclasses
+
     from megatron_zero.surrogate import surrogate_config
 
     configs = [(cfg, "full", None), (cfg, "frozen", None)]
+    if lora:
+        configs.append((dataclasses.replace(cfg, lora=lora), "lora", None))
     if span:
         a, b = parse_span(span)
         scfg = surrogate_config(cfg, a, b)
@@ -39,7 +44,10 @@ def benchmark_configs(cfg, span: Optional[str] = None) -> list[tuple]:
 
 
 def freeze(model, mode: str, translator: int | None):
-    """mode: full | frozen (embedding only) | translator (embedding + one decoder layer)."""
+    """mode: full | frozen (embedding only) | translator (embedding + one decoder layer) | lora (the adapters
+    only, as built)."""
+    if mode == "lora":
+        return
     from megatron_zero.parallel.sharding import layer_index_map
 
     gmap = layer_index_map(model)
@@ -67,7 +75,9 @@ def run_config(cfg, opts, mode, translator, args, dp):
     chunks = build_llama_chunks(cfg, opts)
     for c in chunks:
         freeze(c, mode, translator)
-    trainable_layers = {"full": cfg.num_layers, "frozen": 0, "translator": 1}[mode]
+    trainable_params = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    trainable_layers = {"full": cfg.num_layers, "frozen": 0, "translator": 1, "lora": 0}[mode]  # (adapter
+    # GEMMs are left out of the FLOPs: r << hidden)
     oo = OptimizerOptions(lr=1e-5, bf16=opts.bf16, use_distributed_optimizer=True)
     chunks = wrap_ddp(chunks, oo)
     opt = build_optimizer(chunks, oo)
@@ -126,6 +136,7 @@ def run_config(cfg, opts, mode, translator, args, dp):
             f"timing noise dominates, the backward time is meaningless; use more --iters"),
         "tokens_per_s_per_device": gbs * seq / step / world, "tflops_per_device": tflops,
         "mfu": util if peak else None, "peak_memory_gb": mem, "global_batch": gbs, "seq_length": seq,
+        "trainable_params_this_rank": trainable_params,
     }
 
 

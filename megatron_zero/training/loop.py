@@ -1,8 +1,10 @@
 """The training loop shared by every entry point: steps, LR schedule, logging, checkpoints, exit signals.
 
 SLURM sends SIGTERM (or the ``--signal`` of ``sbatch``, commonly SIGUSR1) before the time limit: the loop
-finishes the current step, saves a checkpoint and exits cleanly, so ``--load`` continues the exact loss
-curve (model, optimizer, scheduler, RNG and data position are all restored).
+finishes the current step, saves a checkpoint and exits with status 75 (:data:`megatron_zero.errors.EXIT_PREEMPTED`,
+"stopped early, resumable"), so ``--load`` continues the exact loss curve (model, optimizer, scheduler, RNG and
+data position are all restored). ``python -m megatron_zero.launcher`` (torchrun + signal forwarding) delivers
+the signal to every rank and exits 75 itself.
 """
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_zero.errors import Preempted
 from megatron_zero.parallel.initialize import print_rank0
 from megatron_zero.training import checkpoint as ckpt
 from megatron_zero.training.flops import mfu
@@ -39,6 +43,7 @@ class LoopConfig:
     exit_after_iters: Optional[int] = None  # stop early (tests/debugging), saving first when --save is set
     metrics_file: Optional[str] = None  # JSON lines {"iteration", "loss", "lr", "grad_norm", "real_tokens",
     #                                     "computed_tokens"} written by rank 0
+    model_config: Optional[dict] = None  # the architecture, recorded in every checkpoint and checked on resume
 
     @property
     def num_microbatches(self) -> int:
@@ -84,9 +89,17 @@ def build_scheduler(optimizer, lr: float, min_lr: float, train_iters: int, warmu
     )
 
 
-def setup_optimization(args, chunks: list):
+def prepare_run(args) -> bool:
+    """First thing after parsing: lock and check ``--save``, warn about a missing ``--load`` (see
+    :func:`megatron_zero.training.checkpoint.prepare_save_dir`); returns whether the run resumes."""
+    return ckpt.prepare_save_dir(getattr(args, "save", None), getattr(args, "load", None),
+                                 getattr(args, "overwrite", False))
+
+
+def setup_optimization(args, chunks: list, model_config: Optional[dict] = None):
     """DDP-wrap ``chunks``, build the optimizer and LR schedule from the flags, and resume from ``--load`` if it
-    holds a checkpoint. Returns ``(chunks, optimizer, scheduler, start_iteration)``."""
+    holds a checkpoint (of the architecture ``model_config``). Returns ``(chunks, optimizer, scheduler,
+    start_iteration)``."""
     from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
 
     oopts = OptimizerOptions.from_args(args)
@@ -94,17 +107,31 @@ def setup_optimization(args, chunks: list):
     optimizer = build_optimizer(chunks, oopts)
     scheduler = build_scheduler(optimizer, args.lr, args.min_lr, args.train_iters, args.lr_warmup_fraction,
                                 args.lr_decay_style, args.weight_decay)
+    from megatron_zero.checkpointing.resolve import CheckpointResolveError, check_resume_dir
+
+    try:
+        check_resume_dir(args.load)
+    except CheckpointResolveError as e:
+        raise SystemExit(f"error: {e}") from None
     start = 0
     if args.load and ckpt.latest_iteration(args.load) is not None:
-        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler)
+        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, model_config=model_config,
+                                        verify=getattr(args, "checkpoint_verify", "hash"))
         print_rank0(f"resumed from {args.load} at iteration {start}")
     return chunks, optimizer, scheduler, start
 
 
-class _ExitSignal:
-    """Remembers that SIGTERM/SIGUSR1 arrived; the loop checks it between steps (agreed over all ranks)."""
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
+
+class _ExitSignal:
+    """Remembers that SIGTERM/SIGUSR1 arrived; the loop checks it between steps (agreed over all ranks).
+
+    Once a signal has arrived the handler stays installed (a second signal during the save must not kill the
+    process with the default action).
+    """
+
+    def __init__(self, signals=PREEMPTION_SIGNALS):
         self.received: Optional[int] = None
         self._previous = {}
         for s in signals:
@@ -114,6 +141,9 @@ class _ExitSignal:
                 pass
 
     def _handle(self, signum, _frame):
+        if self.received is None:
+            print(f"[rank {dist.get_rank() if dist.is_initialized() else 0}] got "
+                  f"{signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
         self.received = signum
 
     def any_rank(self) -> bool:
@@ -123,8 +153,42 @@ class _ExitSignal:
         return bool(flag.item())
 
     def restore(self):
+        if self.received is not None:
+            return
         for s, h in self._previous.items():
             signal.signal(s, h)
+        global _EXIT_SIGNAL
+        if _EXIT_SIGNAL is self:
+            _EXIT_SIGNAL = None
+
+
+_EXIT_SIGNAL: Optional[_ExitSignal] = None
+
+
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Under torchrun: ask the kernel for ``sig`` when the launcher dies (a plain torchrun killed by SIGUSR1,
+    which it does not handle, would otherwise leave this rank training as an orphan)."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before we asked
+        os.kill(os.getpid(), sig)
+
+
+def install_exit_signals() -> _ExitSignal:
+    """Catch the preemption signals from now on (call it first thing in an entry point; idempotent)."""
+    global _EXIT_SIGNAL
+    if _EXIT_SIGNAL is None:
+        _EXIT_SIGNAL = _ExitSignal()
+        _die_with_parent()
+    return _EXIT_SIGNAL
 
 
 class ProgressLogger:
@@ -166,8 +230,8 @@ class ProgressLogger:
         parts += [f"lr {lr:.3e}"]
         if result.grad_norm is not None:
             parts.append(f"grad-norm {result.grad_norm:.3f}")
-        parts += [f"{dt * 1000:.0f} ms/step", f"{real_per_s / world:,.0f} real tok/s/dev",
-                  f"real {100 * real / computed:.1f}% of {tokens_per_s / world:,.0f} tok/s/dev"]
+        parts += [f"{dt * 1000:.0f} ms/step", f"{real_per_s / world:,.0f} real tok/s/dev "
+                  f"({100 * real / computed:.1f}% of {tokens_per_s / world:,.0f} computed)"]
         scalars = {"lr": lr, "step_time_s": dt, "tokens_per_s_per_device": tokens_per_s / world,
                    "real_tokens_per_s_per_device": real_per_s / world, "real_token_fraction": real / computed}
         if self.cfg.flops_per_step:
@@ -240,7 +304,7 @@ def train(
     (this rank's share), so resuming at any iteration replays exactly the same data.
     """
     losses: list[Optional[float]] = []
-    exit_signal = _ExitSignal()
+    exit_signal = install_exit_signals()
     logger = ProgressLogger(cfg, start_iteration)
     iteration = start_iteration
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -276,11 +340,18 @@ def train(
             periodic = cfg.save_interval and iteration % cfg.save_interval == 0
             if cfg.save and (periodic or interrupted or iteration == stop_at):
                 ckpt.save_checkpoint(cfg.save, iteration, model_chunks, optimizer, scheduler,
-                                     extra_state(iteration), keep_last=cfg.keep_last)
+                                     extra_state(iteration), keep_last=cfg.keep_last,
+                                     meta={"model_config": cfg.model_config} if cfg.model_config else None)
                 print_rank0(f"saved checkpoint iteration {iteration} to {cfg.save}")
                 logger.pause()
             if interrupted:
                 print_rank0(f"exit signal received: stopped after iteration {iteration}")
+                if iteration < cfg.train_iters and cfg.save:
+                    raise Preempted(f"stopped early at iteration {iteration}/{cfg.train_iters}, checkpoint saved to "
+                                    f"{cfg.save}")
+                if iteration < cfg.train_iters:  # exit 1: nothing to resume from
+                    raise SystemExit(f"stopped by a signal at iteration {iteration}/{cfg.train_iters}; no --save was "
+                                     f"given, so nothing was saved")
                 break
     finally:
         exit_signal.restore()

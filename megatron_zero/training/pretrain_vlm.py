@@ -25,8 +25,8 @@ checkpoint), which the next stage's ``--decoder-load``/``--encoder-load`` and ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import sys
 from typing import Optional, Sequence
 
 from megatron_zero import arguments
@@ -89,10 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default; --no-pack-sequences: one padded sample per row)")
     g.add_argument("--allow-dropped-samples", action="store_true",
                    help="train on without the conversations whose image does not fit in --seq-length")
-    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of skipping")
+    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of dropping its sample (replaced by the next one)")
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
+    from megatron_zero.models.lora import add_lora_arguments
+
+    add_lora_arguments(p)  # stage 3 with LoRA adapters on the frozen decoder (the paper's Fig. 2 baseline)
     return p
 
 
@@ -211,6 +214,9 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> list:
     parser = build_parser()
     args = arguments.parse(parser, argv)
+    from megatron_zero.training.loop import install_exit_signals
+
+    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
 
     from megatron.core import parallel_state as ps
 
@@ -232,6 +238,20 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         enc = resolve_encoder(args.encoder_load, args.vision_model, args.feature_convention)
     except WeightSourceError as e:
         parser.error(str(e))
+    from megatron_zero.models.lora import LoraConfig, LoraError, is_lora_key
+
+    try:
+        lora = LoraConfig.from_args(args)
+    except LoraError as e:
+        parser.error(str(e))
+    fresh_adapters = None
+    if lora is not None:
+        if args.stage != 3:
+            parser.error(f"--lora-rank trains the decoder: stage 3 only (got --stage {args.stage})")
+        if dec.cfg.lora:
+            parser.error(f"--lora-rank: --decoder-load {args.decoder_load} already has LoRA adapters {dec.cfg.lora}")
+        dec.cfg = dataclasses.replace(dec.cfg, lora=lora.to_dict())
+        fresh_adapters = is_lora_key
     apply_stage_presets(args, dec.cfg.num_layers)
     built = enc.vision.num_built_layers
     if args.encoder_trainable_layers is None:
@@ -242,6 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                      f"expected 0..{built}")
     if args.train_iters is None:
         parser.error("--train-iters is required")
+    from megatron_zero.training.loop import prepare_run
+
+    prepare_run(args)
     opts = RuntimeOptions.from_args(args)
     try:
         validate(dec.cfg, opts)
@@ -249,6 +272,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         parser.error(str(e))
     args.tokenizer = tokenizer_path(args.tokenizer, dec.path, parser)
     tokenizer = load_tokenizer(args.tokenizer)
+    if tokenizer.vocab_size > dec.cfg.vocab_size:
+        parser.error(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the decoder "
+                     f"(--decoder-load {args.decoder_load}) has a {dec.cfg.vocab_size}-token vocabulary: "
+                     f"use the decoder's own tokenizer")
     # an encoder trained before keeps the placeholder id it was trained with
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
     try:
@@ -262,8 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     vlm_cfg = VLMConfig(dec.cfg, enc.vision, int(image_token_id))
     if args.seq_length % (16 if args.fp8_format else 1):
         parser.error(f"--seq-length {args.seq_length} must be a multiple of 16 with --fp8-format")
-
-    # the data is checked before any model is built or weight is read
+    # the data is checked before any model is built or weight is read: bad data fails here, fast
     dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
     check_fills_a_batch(dataset, args)
     dp = initialize_from_args(args)
@@ -276,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                      f"= {args.micro_batch_size * dp}")
 
     chunks = build_vlm_chunks(vlm_cfg, opts)
-    dec.load_into(chunks)
+    dec.load_into(chunks, skip=fresh_adapters)
     enc.load_into(chunks, seed=args.seed)
     try:
         apply_freezing(chunks, f"stage{args.stage}", args.encoder_trainable_layers, args.translator_layer,
@@ -286,7 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     report = trainable_report(chunks, f"stage{args.stage}")
     print_rank0(report)
 
-    chunks, optimizer, scheduler, start = setup_optimization(args, chunks)
+    chunks, optimizer, scheduler, start = setup_optimization(args, chunks, vlm_cfg.to_dict())
     image_size = enc.vision.image_size
     batches = VLMBatches(
         dataset, image_token_id=vlm_cfg.image_token_id, num_image_embeddings=vlm_cfg.num_image_embeddings,
@@ -302,9 +328,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
     loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
                                     decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
+    loop_cfg.model_config = vlm_cfg.to_dict()
     losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
-    if batches.skipped_images:
-        print_rank0(f"warning: {batches.skipped_images} images could not be loaded and were replaced by blanks")
+    skipped = batches.total_skipped()
+    if skipped:
+        print_rank0(f"warning: {skipped} sample(s) with a missing or corrupt image were dropped and replaced by the "
+                    f"next ones (over all data-parallel ranks)")
     if args.save and not args.no_export:
         tok_dir = args.tokenizer if os.path.isdir(args.tokenizer) else os.path.dirname(args.tokenizer)
         export(chunks, vlm_cfg, os.path.join(args.save, "export"), tok_dir)

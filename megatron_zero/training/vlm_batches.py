@@ -2,9 +2,9 @@
 
 Two layouts of the same samples (a step always trains the ``--global-batch-size`` samples of its iteration):
 
-* **packed** (``--pack-sequences``, the default): this DP rank's samples of the step are packed first-fit
-  decreasing into rows of ``--seq-length`` positions (lengths measured after image expansion,
-  :mod:`megatron_zero.data.packing`), ``--micro-batch-size`` rows per micro-batch. A micro-batch is flattened to
+* **packed** (``--pack-sequences``, the default): this DP rank's samples of the step are packed into rows of
+  ``--seq-length`` positions, each row filled as full as possible (:func:`~megatron_zero.data.packing.pack_rows`,
+  lengths measured after image expansion), ``--micro-batch-size`` rows per micro-batch. A micro-batch is flattened to
   megatron's THD layout ``[1, rows * seq_length]`` with ``cu_seqlens`` (one segment per sample plus each row's
   padding tail), so attention stays inside each sample (TE's THD attention on GPU,
   :class:`~megatron_zero.models.attention.SDPACoreAttention` on CPU), RoPE positions restart per sample, labels are
@@ -21,7 +21,10 @@ authors' released variant takes a maximum over each *micro-batch*, so it depends
 
 The data of iteration ``i`` is a pure function of (seed, ``i``) through
 :class:`~megatron_zero.data.sampler.ResumableDistributedSampler` (and packing is deterministic), so resuming
-replays exactly. Each step reports its real (sample) and computed (row) positions over all DP ranks.
+replays exactly. Each step reports its real (sample) and computed (row) positions over all DP ranks. A sample
+whose image is missing or corrupt is dropped and replaced by the next loadable sample of the dataset (index + 1,
++ 2, ...), before anything is packed: still a pure function of (seed, ``i``) and the files, so the data position
+stays exact on resume; the dropped samples are counted over all DP ranks (``--strict-images`` fails instead).
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ from megatron_zero import platform
 from megatron_zero.data.datasets import Sample
 from megatron_zero.data.images import ImageLoadError
 from megatron_zero.data.sampler import ResumableDistributedSampler
-from megatron_zero.data.packing import collate_packed, expand_image_placeholders as expand_packed, pack_greedy
+from megatron_zero.errors import DataError
+from megatron_zero.data.packing import collate_packed, expand_image_placeholders as expand_packed, pack_rows
 from megatron_zero.loss.length_weighted import (DEFAULT_ORD, global_length_stats, released_segments,
                                                 released_token_weights, response_lengths, token_weights)
 from megatron_zero.models.vlm import expand_image_placeholders
@@ -101,7 +105,9 @@ class VLMBatches:
         self.microbatch_multiple = microbatch_multiple  # the interleaved schedule wants a multiple of PP
         if pack_sequences and seq_length % pad_to_multiple_of:
             raise ValueError(f"--seq-length {seq_length} must be a multiple of {pad_to_multiple_of}")
-        self.skipped_images = 0
+        self.skipped_samples = 0  # samples dropped on this rank for a missing/corrupt image
+        self.max_replacements = 1000
+        self._counted: set[int] = set()  # iterations whose drops are counted (VPP builds an iteration per chunk)
         self.sampler = ResumableDistributedSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank,
                                                    dp_size, seed=seed)
 
@@ -138,24 +144,33 @@ class VLMBatches:
         packed = collate_packed(samples, rows, self.pad_id)
         return expand_packed(packed, self.image_token_id, self.num_image_embeddings, self.pad_id, self.seq_length)
 
-    def _images(self, paths: Sequence[str]) -> Optional[torch.Tensor]:
-        if not paths:
-            return None
-        images = []
-        for p in paths:
+    def _resolve(self, index: int, cache: dict, dropped: list) -> int:
+        """The first dataset index from ``index`` on whose images all load (into ``cache``); drops go to
+        ``dropped``."""
+        n = len(self.dataset)
+        for k in range(min(n, self.max_replacements + 1)):
+            i = (index + k) % n
+            paths = self.dataset[i].image_paths
             try:
-                images.append(self.load_image(p))
+                for p in paths:
+                    if p not in cache:
+                        cache[p] = self.load_image(p)
+                return i
             except ImageLoadError as e:
                 if self.strict_images:
                     raise
-                # keep the batch's shape: a blank (zero, i.e. mean-coloured after normalisation) image
-                self.skipped_images += 1
-                log.warning("%s (skipped, using a blank image; %d so far)", e, self.skipped_images)
-                images.append(None)
-        template = next((x for x in images if x is not None), None)
-        if template is None:
-            raise ImageLoadError(paths[0], "no image of the micro-batch could be loaded")
-        return torch.stack([x if x is not None else torch.zeros_like(template) for x in images])
+                dropped.append((i, e))
+        raise DataError(f"samples {index}..{index + k} (of {n}) all have missing or corrupt images; check the "
+                        f"data's image paths and --image-root")
+
+    @staticmethod
+    def _images(paths: Sequence[str], cache: dict) -> Optional[torch.Tensor]:
+        return torch.stack([cache[p] for p in paths]) if paths else None
+
+    def total_skipped(self) -> int:
+        """Samples dropped for bad images, summed over the DP ranks (a collective over the DP group)."""
+        (total,) = self._dp_reduce([float(self.skipped_samples)], "sum")
+        return int(total)
 
     def _dp_reduce(self, values: list[float], op: str) -> list[float]:
         """``values`` reduced (``"max"`` | ``"sum"``) over the data-parallel ranks."""
@@ -171,14 +186,23 @@ class VLMBatches:
         return [float(x) for x in t.cpu()]
 
     def iteration(self, iteration: int) -> StepBatches:
-        """This rank's micro-batches of ``iteration`` (token tensors built first; images loaded lazily)."""
-        index_groups = self._indices(iteration)
+        """This rank's micro-batches of ``iteration`` (images are loaded first: a sample with a bad one is replaced
+        before anything is packed or counted)."""
+        cache: dict = {}  # path -> image tensor, loaded while choosing the samples
+        dropped: list = []
+        index_groups = [[self._resolve(i, cache, dropped) for i in idx] for idx in self._indices(iteration)]
+        if iteration not in self._counted:
+            self._counted.add(iteration)
+            for i, e in dropped:
+                self.skipped_samples += 1
+                log.warning("%s: sample %d dropped and replaced by the next one (%d dropped on this rank so far)",
+                            e, i, self.skipped_samples)
         groups = [[self.dataset[i] for i in idx] for idx in index_groups]
         mbs, seq = self.micro_batch_size, self.seq_length
         if self.pack_sequences:
             samples = [s for g in groups for s in g]
             indices = [i for idx in index_groups for i in idx]
-            rows = pack_greedy([s.expanded_length(self.num_image_embeddings) for s in samples], seq)
+            rows = pack_rows([s.expanded_length(self.num_image_embeddings) for s in samples], seq)
             local = -(-len(rows) // mbs)
             (n_mb,) = self._dp_reduce([float(local)], "max")
             n_mb = int(n_mb)
@@ -229,7 +253,7 @@ class VLMBatches:
                     batch["max_seqlen"] = e.max_seqlen
                 else:
                     batch["position_ids"] = torch.arange(seq).unsqueeze(0).expand_as(e.input_ids)
-                batch["images"] = self._images(image_paths)
+                batch["images"] = self._images(image_paths, cache)
                 if batch["token_weights"] is None:
                     del batch["token_weights"]
                 dev = platform.device()
