@@ -27,8 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lora_arguments(p)
     p.add_argument("--pretrained", default=None,
-                   help="start from these decoder weights (a torch_dist model checkpoint, e.g. from "
-                        "tools/convert_checkpoint.py); with --lora-rank the adapters start fresh")
+                   help="start from these decoder weights (HF directory, torch_dist model checkpoint from "
+                        "tools/convert_checkpoint.py, or VLM checkpoint); with --lora-rank the adapters start fresh")
+    p.add_argument("--export-model", action="store_true",
+                   help="at the end write <save>/export, a torch_dist model checkpoint (with the LoRA adapters when "
+                        "training LoRA) that tools/convert_checkpoint.py exports to HF (--merge-lora)")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None, help=".npy token ids, or text/JSONL ({'text': ...}) with --tokenizer")
     g.add_argument("--tokenizer", default=None, help="tokenizer file or directory (for text data)")
@@ -45,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_tokens(args) -> np.ndarray:
+def load_tokens(args, vocab_size: Optional[int] = None) -> np.ndarray:
     if args.mock_data:
         from megatron_zero.models.llama_config import load_model_config
 
-        vocab = load_model_config(args.model).vocab_size
+        vocab = vocab_size or load_model_config(args.model).vocab_size
         return np.random.default_rng(args.seed).integers(0, vocab, size=max(args.seq_length * 4096, 1 << 16))
     if not args.data_path:
         raise SystemExit("error: give --data-path or --mock-data")
@@ -116,13 +119,15 @@ def instruction_batches(args, cfg, gbs: int, dp: int, parser):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    parser = build_parser()
+    args = arguments.parse(parser, argv)
     from megatron_zero.training.loop import install_exit_signals
 
     install_exit_signals()  # a preemption signal during set-up is honoured after the first step
-    parser = build_parser()
-    args = arguments.parse(parser, argv)
-    if args.model is None:
+    if args.model is None and not args.pretrained:
         parser.error("--model is required (a preset name or model_config.json)")
+    if args.export_model and not args.save:
+        parser.error("--export-model writes <save>/export: give --save")
     if args.train_iters is None:
         parser.error("--train-iters is required")
     from megatron_zero.training.loop import prepare_run
@@ -140,7 +145,22 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     from megatron_zero.training.loop import LoopConfig, setup_optimization, train
     from megatron_zero.training.train_step import lm_forward_step
 
-    cfg = load_model_config(args.model)
+    if args.model is None and args.pretrained:
+        args.model = args.pretrained
+    if args.model is None:
+        parser.error("--model: give a preset, a model_config.json or a checkpoint directory (or --pretrained)")
+    if os.path.isdir(args.model):  # the architecture of any checkpoint the resolver reads
+        from megatron_zero.checkpointing.resolve import DECODER_KINDS, resolve_checkpoint
+
+        try:
+            cfg = resolve_checkpoint(args.model, "--model", DECODER_KINDS).decoder.cfg
+        except ValueError as e:
+            try:  # a directory holding just a model_config.json / config.json
+                cfg = load_model_config(args.model)
+            except (FileNotFoundError, ValueError):
+                parser.error(str(e))
+    else:
+        cfg = load_model_config(args.model)
     from megatron_zero.models.lora import LoraConfig, LoraError
 
     try:
@@ -158,6 +178,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         validate(cfg, opts)
     except ModelConfigError as e:
         parser.error(str(e))
+    if not args.instruction_data_path:  # bad data fails here, before anything is built
+        tokens = load_tokens(args, cfg.vocab_size)
+        if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
+            raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
+                             f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
     dp = initialize_from_args(args)
     print_rank0(f"megatron_zero pretrain_lm: {platform.summary()} | TP={opts.tensor_model_parallel_size} "
                 f"PP={opts.pipeline_model_parallel_size} DP={dp} | model {cfg.name} ({cfg.num_parameters():,} params)")
@@ -167,10 +192,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
 
     chunks = build_llama_chunks(cfg, opts)
     if args.pretrained:
-        from megatron_zero.checkpointing import mcore_checkpoint
+        from megatron_zero.checkpointing.sources import resolve_decoder
         from megatron_zero.models.lora import is_lora_key
 
-        mcore_checkpoint.load_model(chunks, args.pretrained, skip=is_lora_key if cfg.lora else None)
+        source = resolve_decoder(args.pretrained, "--pretrained")
+        base = dataclasses.replace(cfg, lora=None, name=source.cfg.name, surrogate=source.cfg.surrogate)
+        if dataclasses.replace(source.cfg, lora=None) != base:
+            parser.error(f"--pretrained {args.pretrained}: its architecture differs from --model {args.model}")
+        source.load_into(chunks, skip=is_lora_key if cfg.lora else None)
         print_rank0(f"loaded decoder weights from {args.pretrained}")
     if cfg.lora:
         from megatron_zero.models.lora import num_trainable_parameters
@@ -189,10 +218,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         batches = instruction_batches(args, cfg, gbs, dp, parser)
         return train(loop_cfg, chunks, optimizer, scheduler, lm_forward_step, batches.iteration,
                      start_iteration=start)
-    tokens = load_tokens(args)
-    if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
-        raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
-                         f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
     data = TokenWindows(tokens, args.seq_length, seed=args.seed)
     dp_rank = ps.get_data_parallel_rank()
     losses = train(
@@ -200,6 +225,15 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         lambda it: data.iteration_microbatches(it, gbs, args.micro_batch_size, dp_rank, dp),
         start_iteration=start,
     )
+    if args.export_model:
+        from megatron_zero.checkpointing import mcore_checkpoint
+
+        out = os.path.join(args.save, "export")
+        mcore_checkpoint.save_model([getattr(c, "module", c) for c in chunks], out, cfg, overwrite=True,
+                                    copy_files_from=args.pretrained if args.pretrained and os.path.isdir(args.pretrained)
+                                    else None)
+        print_rank0(f"exported the model to {out}" + (" (with its LoRA adapters: convert_checkpoint --merge-lora)"
+                                                     if cfg.lora else ""))
     return losses
 
 
