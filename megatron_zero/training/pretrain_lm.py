@@ -215,16 +215,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         os.makedirs(args.save, exist_ok=True)
         cfg.save(os.path.join(args.save, "model_config.json"))
     if args.instruction_data_path:
-        batches = instruction_batches(args, cfg, gbs, dp, parser)
-        return train(loop_cfg, chunks, optimizer, scheduler, lm_forward_step, batches.iteration,
-                     start_iteration=start)
-    data = TokenWindows(tokens, args.seq_length, seed=args.seed)
-    dp_rank = ps.get_data_parallel_rank()
-    losses = train(
-        loop_cfg, chunks, optimizer, scheduler, lm_forward_step,
-        lambda it: data.iteration_microbatches(it, gbs, args.micro_batch_size, dp_rank, dp),
-        start_iteration=start,
-    )
+        make_iterator = instruction_batches(args, cfg, gbs, dp, parser).iteration
+    else:
+        data = TokenWindows(tokens, args.seq_length, seed=args.seed)
+        dp_rank = ps.get_data_parallel_rank()
+
+        def make_iterator(it):
+            return data.iteration_microbatches(it, gbs, args.micro_batch_size, dp_rank, dp)
+    losses = train(loop_cfg, chunks, optimizer, scheduler, lm_forward_step, make_iterator, start_iteration=start)
     if args.export_model:
         from megatron_zero.checkpointing import mcore_checkpoint
 
