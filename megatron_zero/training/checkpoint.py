@@ -394,7 +394,7 @@ def save_checkpoint(
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "rng"))
+        os.makedirs(tmp)  # empty: megatron warns "Overwriting old incomplete / corrupted checkpoint" otherwise
     _barrier()
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None and _is_distributed(optimizer):
@@ -405,6 +405,7 @@ def save_checkpoint(
         "extra": extra or {},
     }
     dist_checkpointing.save(state, tmp)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     if optimizer is not None and not _is_distributed(optimizer):
         torch.save(optimizer.state_dict(), os.path.join(tmp, "rng", f"optimizer_rank_{_rank():05d}.pt"))

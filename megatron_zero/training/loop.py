@@ -322,16 +322,17 @@ def train(
             logger.count(real, computed)
             result = train_step(forward_step_func, data if len(data) > 1 else data[0], model_chunks, optimizer,
                                 num_mb, seq, mbs)
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it on)
             if result.update_successful:
                 scheduler.step(increment=1)
             iteration += 1
             loss = _last_stage_loss(result)
             losses.append(loss)
             if iteration % cfg.log_interval == 0 or iteration == stop_at:
-                logger.log(iteration, result, optimizer.param_groups[0]["lr"], loss)
+                logger.log(iteration, result, lr, loss)
             if metrics is not None:
                 metrics.write(json.dumps({"iteration": iteration, "loss": loss, "grad_norm": result.grad_norm,
-                                          "lr": optimizer.param_groups[0]["lr"], "real_tokens": real,
+                                          "lr": lr, "real_tokens": real,
                                           "computed_tokens": computed}) + "\n")
                 metrics.flush()
             _maybe_test_signal(iteration)
