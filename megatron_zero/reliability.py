@@ -85,10 +85,11 @@ def config_args(cfg: dict, iters: int) -> list[str]:
     return a + (["--use-distributed-optimizer"] if cfg["distopt"] else [])
 
 
-def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log) -> dict:
+def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log,
+          interruptions=("kill9", "SIGUSR1", "SIGTERM")) -> dict:
     cfg = {"tp": rng.choice([1, 2]), "distopt": rng.choice([True, False])}
     kind = rng.choice(["mz", "torchrun"])
-    how = rng.choice(["kill9", "SIGUSR1", "SIGTERM"])
+    how = rng.choice(list(interruptions))
     key = (cfg["tp"], cfg["distopt"])
     if key not in refs:
         ref_file = os.path.join(work, f"ref_tp{cfg['tp']}_{int(cfg['distopt'])}.jsonl")
@@ -102,8 +103,9 @@ def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log) ->
     save, metrics = os.path.join(d, "ckpt"), os.path.join(d, "metrics.jsonl")
     common = config_args(cfg, iters) + ["--save", save, "--load", save, "--save-interval", "1", "--metrics-file",
                                         metrics]
-    p = subprocess.Popen(launcher(kind) + common, env=env(), cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    # output to a file, not a pipe: after kill -9 a helper process of a rank may keep a pipe open
+    log_file = open(os.path.join(d, "interrupted.log"), "w")
+    p = subprocess.Popen(launcher(kind) + common, env=env(), cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
     at = rng.randint(1, iters - 2)
     while count_lines(metrics) < at and p.poll() is None:
         time.sleep(0.02)
@@ -117,7 +119,10 @@ def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log) ->
                 pass
     else:
         p.send_signal(getattr(signal, how))
-    out, _ = p.communicate(timeout=600)
+    try:
+        p.wait(timeout=600)
+    finally:
+        log_file.close()
     deadline = time.time() + 60
     while pids_mentioning(save) and time.time() < deadline:
         time.sleep(0.2)
@@ -153,18 +158,20 @@ def bad_inputs(work: str) -> list[tuple[str, list[str]]]:
     np.save(npy, np.arange(0, 100000, dtype=np.int64))
     afile = os.path.join(work, "a_file")
     open(afile, "w").close()
-    llava = os.path.join(work, "bad.json")
-    with open(llava, "w") as f:
-        json.dump([{"id": 1, "image": "x.png", "conversations": [
-            {"from": "human", "value": "<image><image> hi"}, {"from": "gpt", "value": "ok"}]}], f)
+    try:
+        import llama_models
+
+        tokenizer = os.path.join(os.path.dirname(llama_models.__file__), "llama3", "tokenizer.model")
+    except ImportError:
+        tokenizer = os.path.join(work, "no_tokenizer")
     py = [sys.executable]
     lm = py + LM + TINY
     return [
         ("train-iters 0", lm + ["--train-iters", "0"]),
         ("no data", py + LM + ["--model", "tiny", "--train-iters", "2"]),
         ("unknown model", py + LM + ["--model", "nosuch", "--mock-data", "--train-iters", "2"]),
-        ("non-UTF-8 text data", lm[:-len(TINY)] + ["--model", "tiny", "--train-iters", "2", "--data-path", text,
-                                                   "--tokenizer", os.path.join(work, "nosuch_tok")]),
+        ("non-UTF-8 text data", py + LM + ["--model", "tiny", "--train-iters", "2", "--data-path", text,
+                                           "--tokenizer", tokenizer]),
         ("token ids beyond the vocabulary", py + LM + ["--model", "tiny", "--train-iters", "2", "--seq-length", "32",
                                                        "--data-path", npy]),
         ("--save is a file", lm + ["--train-iters", "2", "--save", afile]),
@@ -179,9 +186,12 @@ def bad_inputs(work: str) -> list[tuple[str, list[str]]]:
                                       "--source-format", "mcore", "--target-format", "hf"]),
         ("graft missing encoder", py + ["tools/graft.py", "--encoder", os.path.join(work, "none"), "--target", work,
                                         "--output", os.path.join(work, "out")]),
-        ("vlm: 2 <image> tags, 1 image", py + ["-m", "megatron_zero.training.pretrain_vlm", "--stage", "1",
-                                              "--decoder-load", work, "--tokenizer", work, "--data-path", llava,
-                                              "--train-iters", "1"]),
+        ("vlm: --decoder-load is not a checkpoint", py + ["-m", "megatron_zero.training.pretrain_vlm", "--stage",
+                                                         "1", "--decoder-load", work, "--tokenizer", tokenizer,
+                                                         "--data-path", afile, "--train-iters", "1"]),
+        ("--load-dir missing", py + ["tools/convert_checkpoint.py", "--load-dir", os.path.join(work, "none"),
+                                     "--save-dir", os.path.join(work, "o"), "--source-format", "hf",
+                                     "--target-format", "mcore"]),
     ]
 
 
@@ -198,14 +208,14 @@ def classify(proc: subprocess.CompletedProcess) -> str:
 
 
 def run_trials(trials: int, iters: int, workdir: str, seed: int = 0, with_bad_inputs: bool = True,
-               log=print) -> dict:
+               log=print, interruptions=("kill9", "SIGUSR1", "SIGTERM")) -> dict:
     """Run ``trials`` interruption trials (and the bad inputs) under ``workdir``; returns the summary figures."""
     rng = random.Random(seed)
     os.makedirs(workdir, exist_ok=True)
     results, refs = [], {}
     t0 = time.time()
     for n in range(trials):
-        results.append(trial(rng, workdir, n, iters, refs, log))
+        results.append(trial(rng, workdir, n, iters, refs, log, interruptions))
         log(f"trial {n + 1}/{trials} done, {time.time() - t0:.0f} s")
     kinds = {"clear": 0, "traceback": 0, "unclear": 0, "accepted": 0}
     if with_bad_inputs:

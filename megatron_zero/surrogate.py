@@ -265,6 +265,35 @@ def resolve_span(num_layers: int, translator_start: Optional[int] = None, transl
     return a, b
 
 
+def parse_range(text: str, flag: str = "--translator-range") -> tuple[int, int]:
+    """``"40:78"`` -> ``(40, 78)``: first and last replaced layer, inclusive (the authors' ``range(40, 79)``)."""
+    try:
+        s, e = (int(x) for x in str(text).split(":"))
+    except ValueError:
+        raise SurrogateError(f"{flag} {text!r}: expected S:E, the first and last replaced layer (e.g. 40:78 for "
+                             f"the authors' range(40, 79))") from None
+    return s, e
+
+
+def resolve_ranges(num_layers: int, translator_start: Optional[int] = None, translator_end: Optional[int] = None,
+                   from_trajectory: Optional[str] = None, translator_ranges=None,
+                   num_translators: int = 1) -> list[tuple[int, int]]:
+    """The replaced ranges: ``--translator-range S:E`` (repeatable) or the single span of :func:`resolve_span`;
+    checked with :func:`surviving_layers`."""
+    if translator_ranges:
+        if translator_start is not None or translator_end is not None or from_trajectory:
+            raise SurrogateError("give --translator-range, or --translator-start/--translator-end/--from-trajectory, "
+                                 "not both")
+        ranges = [parse_range(r) if isinstance(r, str) else (int(r[0]), int(r[1])) for r in translator_ranges]
+    else:
+        ranges = [resolve_span(num_layers, translator_start, translator_end, from_trajectory)]
+    try:
+        surviving_layers(num_layers, ranges, num_translators)
+    except ValueError as e:
+        raise SurrogateError(f"--translator-range/--num-translators: {e} (the target has {num_layers} layers)") from None
+    return ranges
+
+
 def compact(layers: list[int]) -> str:
     """[0, 1, 2, 5, 6] -> '0-2, 5-6'."""
     runs, start = [], layers[0]
@@ -282,8 +311,8 @@ def describe(cfg: LlamaConfig, scfg: LlamaConfig) -> list[str]:
             f"surrogate {scfg.name}: {scfg.num_layers} layers (target layers {compact(scfg.surrogate['layer_map'])}), "
             f"{n_s:,} parameters ({n_s / 1e9:.2f}B, {100 * n_s / n_t:.1f}% of the target); decoder compute per "
             f"token: {100 * compute_ratio(cfg, scfg):.1f}% of the target's",
-            f"stage 1 trains layers {scfg.surrogate['stage1_trainable_layers']} (translator at "
-            f"{scfg.surrogate['translator_index']})"]
+            f"stage 1 trains layers {scfg.surrogate['stage1_trainable_layers']} (translator(s) at "
+            f"{translator_indices(scfg.surrogate)})"]
 
 
 def _provenance_extra(load_dir: str) -> dict:
@@ -295,7 +324,8 @@ def _provenance_extra(load_dir: str) -> dict:
 def build_hf_surrogate(load_dir: str, save_dir: str, translator_start: Optional[int] = None,
                        translator_end: Optional[int] = None, from_trajectory: Optional[str] = None,
                        control_unfreeze_early: bool = False, max_shard_size: str = "5GB", overwrite: bool = False,
-                       log: Callable[[str], None] = print) -> LlamaConfig:
+                       log: Callable[[str], None] = print, translator_ranges=None,
+                       num_translators: int = 1) -> LlamaConfig:
     """HF -> HF in one process, streamed tensor by tensor (layer indices renamed), tokenizer files carried, the
     target's dtype kept. Returns the surrogate's config."""
     import os
@@ -315,8 +345,10 @@ def build_hf_surrogate(load_dir: str, save_dir: str, translator_start: Optional[
     check_save_dir(save_dir, overwrite)
     reader = HFCheckpoint(load_dir)
     cfg = LlamaConfig.from_hf_config(reader.config, name=os.path.basename(os.path.normpath(load_dir)))
-    a, b = resolve_span(cfg.num_layers, translator_start, translator_end, from_trajectory)
-    scfg = surrogate_config(cfg, a, b, os.path.abspath(load_dir), control_unfreeze_early, _provenance_extra(load_dir))
+    ranges = resolve_ranges(cfg.num_layers, translator_start, translator_end, from_trajectory, translator_ranges,
+                            num_translators)
+    scfg = surrogate_config(cfg, target_name=os.path.abspath(load_dir), control_unfreeze_early=control_unfreeze_early,
+                            extra=_provenance_extra(load_dir), ranges=ranges, num_translators=num_translators)
     keys = hf_llama.canonical_keys(scfg)
     mapping = scfg.surrogate["layer_map"]
     reader.validate([n for k in keys for n in hf_llama.hf_sources(surrogate_key(k, mapping))])  # before writing
@@ -344,7 +376,8 @@ def build_sharded_surrogate(load_dir: str, save_dir: str, translator_start: Opti
                             translator_end: Optional[int] = None, from_trajectory: Optional[str] = None,
                             control_unfreeze_early: bool = False, tp: int = 1, pp: int = 1,
                             stage_layers=None, overwrite: bool = False,
-                            log: Callable[[str], None] = print) -> LlamaConfig:
+                            log: Callable[[str], None] = print, translator_ranges=None,
+                            num_translators: int = 1) -> LlamaConfig:
     """Sharded -> sharded, the pipeline-stage pruner: the surrogate is built over ``pp`` stages (x ``tp``), and each
     rank reads from the target checkpoint only the pieces of the kept layers it holds (its stage's layers, its TP
     slice); dropped layers are never read. Tensors keep the target's dtype, so kept layers are bit-identical.
@@ -359,8 +392,10 @@ def build_sharded_surrogate(load_dir: str, save_dir: str, translator_start: Opti
     from megatron_zero.parallel.initialize import initialize_parallel
 
     cfg = mcore_checkpoint.load_model_config(load_dir)
-    a, b = resolve_span(cfg.num_layers, translator_start, translator_end, from_trajectory)
-    scfg = surrogate_config(cfg, a, b, os.path.abspath(load_dir), control_unfreeze_early, _provenance_extra(load_dir))
+    ranges = resolve_ranges(cfg.num_layers, translator_start, translator_end, from_trajectory, translator_ranges,
+                            num_translators)
+    scfg = surrogate_config(cfg, target_name=os.path.abspath(load_dir), control_unfreeze_early=control_unfreeze_early,
+                            extra=_provenance_extra(load_dir), ranges=ranges, num_translators=num_translators)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != tp * pp:
         raise SurrogateError(f"run under torchrun with --nproc-per-node {tp * pp} (= --tensor-model-parallel-size "

@@ -9,7 +9,7 @@ from tests.conftest import REPO, subprocess_env
 def test_benchmark_tiny_target_vs_surrogate(tmp_path):
     out_json = tmp_path / "bench.json"
     p = subprocess.run(
-        [sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--lora-rank", "4", "--iters", "2",
+        [sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--lora-rank", "4", "--iters", "3",
          "--warmup", "1", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--output-json", str(out_json)],
         cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -33,7 +33,7 @@ def test_pretrain_vlm_packed_curve_resume_and_token_metrics(tmp_path):
     _run([*common, "--no-pack-sequences", "--metrics-file", str(padded)])
     packed = tmp_path / "packed.jsonl"
     out = _run([*common, "--save", str(tmp_path / "run"), "--exit-after-iters", "2", "--metrics-file", str(packed)])
-    assert "real tok/s/dev" in out and "% of" in out
+    assert "real tok/s/dev (" in out and "% of" in out and " computed)" in out
     _run([*common, "--load", str(tmp_path / "run"), "--save", str(tmp_path / "run"), "--metrics-file", str(packed)])
     p, q = _metrics(padded), _metrics(packed)
     assert [m["iteration"] for m in q] == [1, 2, 3]

@@ -60,7 +60,9 @@ def main(argv=None):
     from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
     from megatron_zero.models.llama_config import load_model_config
     from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
-    from megatron_zero.training.benchmark import benchmark_configs, projected_table, run_config
+    from megatron_zero.training.benchmark import benchmark_configs, check_iterations, projected_table, run_config
+
+    check_iterations(args.iters, args.warmup)
 
     if args.model is None:
         raise SystemExit("error: --model is required (a preset such as tiny or llama-3.1-70b)")
@@ -98,6 +100,8 @@ def main(argv=None):
         print_rank0(f"{r['model']:28s} {mode:10s} fwd {r['forward_ms']:9.1f} ms  bwd {r['backward_ms']:9.1f} ms  "
                     f"opt {r['optimizer_ms']:8.1f} ms  {r['tokens_per_s_per_device']:10.1f} tok/s/dev  "
                     f"{r['tflops_per_device']:8.4g} TFLOP/s/dev  MFU {mfu_s}  peak mem {r['peak_memory_gb']:.2f} GB")
+        if r["warning"]:
+            print_rank0(f"warning: {r['model']} {mode}: {r['warning']}")
     import torch.distributed as dist
 
     if args.surrogate:

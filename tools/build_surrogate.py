@@ -40,6 +40,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--translator-start", type=int, default=None, help="a: the translator is a copy of layer a")
     p.add_argument("--translator-end", type=int, default=None, help="b: layers a+1..b are dropped (default L-2)")
     p.add_argument("--from-trajectory", default=None, help="trajectory.json: a = its transition layer")
+    p.add_argument("--translator-range", action="append", default=None, metavar="S:E",
+                   help="replace layers S..E (inclusive) by translators; repeat for several ranges (the authors' "
+                        "translators_range)")
+    p.add_argument("--num-translators", type=int, default=1,
+                   help="translators per range: layers S, S+2, ... (the authors' num_translators)")
     p.add_argument("--control-unfreeze-early", action="store_true",
                    help="record the T* control: stage 1 also trains every other layer before the translator")
     p.add_argument("--max-shard-size", default="5GB", help="(HF output) safetensors shard size")
@@ -68,6 +73,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    log=lambda m: print(f"[{PROG}] {m}"), translator_start=args.translator_start,
                                    translator_end=args.translator_end, from_trajectory=args.from_trajectory,
                                    control_unfreeze_early=args.control_unfreeze_early,
+                                   translator_ranges=args.translator_range, num_translators=args.num_translators,
                                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     except (SurrogateError, CheckpointFormatError, CheckpointError, SaveDirError, ValueError, KeyError) as e:
         raise SystemExit(f"{PROG}: error: {e}") from None

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # GraftingError, checkpoint and save-dir errors are ValueErrors
         print(f"graft.py: error: {e}", file=sys.stderr)
         return 2
+    for note in record.get("notes", []):
+        print(f"graft.py: note: {note}", file=sys.stderr)
     for problem in record["problems"]:
         print(f"graft.py: warning (forced): {problem}", file=sys.stderr)
     print(json.dumps({"output": args.output, "forced": record["forced"]}))

@@ -32,9 +32,10 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/megatron_zero_reliability")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bad-inputs", action="store_true")
+    p.add_argument("--interruptions", default="kill9,SIGUSR1,SIGTERM", help="drawn from (comma-separated)")
     args = p.parse_args(argv)
     summary = run_trials(args.trials, args.iters, args.workdir, args.seed, not args.no_bad_inputs,
-                         log=lambda msg: print(msg, flush=True))
+                         log=lambda msg: print(msg, flush=True), interruptions=args.interruptions.split(","))
     print(json.dumps(summary, indent=1))
     return 0 if summary["exact_resumes"] == summary["trials"] and not summary["tracebacks"] else 1
 

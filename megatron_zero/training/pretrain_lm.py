@@ -119,11 +119,11 @@ def instruction_batches(args, cfg, gbs: int, dp: int, parser):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    parser = build_parser()
+    args = arguments.parse(parser, argv)
     from megatron_zero.training.loop import install_exit_signals
 
     install_exit_signals()  # a preemption signal during set-up is honoured after the first step
-    parser = build_parser()
-    args = arguments.parse(parser, argv)
     if args.model is None and not args.pretrained:
         parser.error("--model is required (a preset name or model_config.json)")
     if args.export_model and not args.save:
@@ -178,6 +178,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         validate(cfg, opts)
     except ModelConfigError as e:
         parser.error(str(e))
+    if not args.instruction_data_path:  # bad data fails here, before anything is built
+        tokens = load_tokens(args, cfg.vocab_size)
+        if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
+            raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
+                             f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
     dp = initialize_from_args(args)
     print_rank0(f"megatron_zero pretrain_lm: {platform.summary()} | TP={opts.tensor_model_parallel_size} "
                 f"PP={opts.pipeline_model_parallel_size} DP={dp} | model {cfg.name} ({cfg.num_parameters():,} params)")
@@ -213,10 +218,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         batches = instruction_batches(args, cfg, gbs, dp, parser)
         return train(loop_cfg, chunks, optimizer, scheduler, lm_forward_step, batches.iteration,
                      start_iteration=start)
-    tokens = load_tokens(args, cfg.vocab_size)
-    if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
-        raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
-                         f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
     data = TokenWindows(tokens, args.seq_length, seed=args.seed)
     dp_rank = ps.get_data_parallel_rank()
     losses = train(
