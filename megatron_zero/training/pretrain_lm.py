@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instruction-data-path", default=None,
                    help="instruction JSONL (prompt/response or conversations) with --tokenizer: chat-formatted "
                         "samples, loss on the responses, packed into --seq-length rows (see --pack-sequences)")
-    g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
+    g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word | qwen3 | qwen3-no-thinking | qwen2 (default: detected)")
     g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
                    help="instruction data: several samples per row, attention and RoPE positions per sample "
                         "(default; --no-pack-sequences: one padded sample per row)")
