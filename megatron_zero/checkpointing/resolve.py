@@ -153,6 +153,7 @@ def _vlm(path: str, given: str, kind_hint: Optional[str] = None, **extra) -> Res
     cfg = read_vlm_config(path)
     read_image_encoder_meta(path)  # the encoder files are there and of our format
     decoder = _decoder_files(os.path.join(path, DECODER_DIR), given)
+    decoder = dataclasses.replace(decoder, cfg=cfg.decoder)  # as recorded (name included) when the VLM was written
     kind = kind_hint or ("training-export" if decoder.format == "mcore" else "vlm")
     return ResolvedCheckpoint(kind, given, path, decoder, encoder_dir=path, vlm_config=cfg,
                               tokenizer_dir=_tokenizer_dir(decoder.path), **extra)
