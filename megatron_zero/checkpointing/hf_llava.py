@@ -11,6 +11,8 @@ embeddings (579 positions per image) that have no place in ``LlavaForConditional
 """
 from __future__ import annotations
 
+import os
+
 
 import torch
 
@@ -110,5 +112,8 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
         writer.close()
         tokenizer_dir = ckpt.tokenizer_dir or ckpt.decoder.path
         copy_tokenizer_files(tokenizer_dir, tmp)
-        write_hf_processor_files(tmp, tokenizer_dir, cfg)
+        from megatron_zero.data.tokenizers import TOKENIZER_DIR_CANDIDATES
+
+        if tokenizer_dir and any(os.path.isfile(os.path.join(tokenizer_dir, c)) for c in TOKENIZER_DIR_CANDIDATES):
+            write_hf_processor_files(tmp, tokenizer_dir, cfg)  # else: weights + config only (no tokenizer to export)
         write_config(tmp, llava_config(cfg, encoder["vision_model.class_embedding"].dtype))
