@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-token-id", type=int, default=None, help="placeholder id (default: the chat template's)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer file or directory (default: the one --decoder-load holds)")
-    g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
+    g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word | qwen3 | qwen3-no-thinking | qwen2 (default: detected)")
     g.add_argument("--prompt-format", choices=["meta", "zero"], default="meta",
                    help="meta: the family's chat format; zero: the authors' Llama-3 format, random caption-template "
                         "image prompt and loss masks (special-token loss on by default in stages 1 and 2)")
@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default; --no-pack-sequences: one padded sample per row)")
     g.add_argument("--allow-dropped-samples", action="store_true",
                    help="train on without the conversations whose image does not fit in --seq-length")
-    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of dropping its sample (replaced by the next one)")
+    g.add_argument("--strict-images", action="store_true",
+                   help="fail on a missing/corrupt image instead of dropping its sample (replaced by the next one)")
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
@@ -289,7 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     vlm_cfg = VLMConfig(dec.cfg, enc.vision, int(image_token_id))
     if args.seq_length % (16 if args.fp8_format else 1):
         parser.error(f"--seq-length {args.seq_length} must be a multiple of 16 with --fp8-format")
-    # the data is checked before any model is built or weight is read: bad data fails here, fast
+
+    # the data is checked before any model is built or weight is read
     dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
     check_fills_a_batch(dataset, args)
     dp = initialize_from_args(args)
