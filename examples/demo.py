@@ -71,7 +71,8 @@ def parse_args(argv=None):
 # The toy world
 # ---------------------------------------------------------------------------------------------------------
 IMAGE_SIZE = 32
-SEQ = 24
+SEQ = 40  # image conversations: up to 16 text tokens + 19 image embeddings (16 patches, CLS, start, end)
+TEXT_SEQ = 24  # text conversations: up to 21 tokens
 WARMUP = 0.1  # fraction of each run's steps spent in linear LR warmup (then cosine to 0); gradients clipped at 1
 
 
@@ -109,13 +110,13 @@ def chat_samples(template, n: int, seed: int):
 
 
 def chat_rows(template, n: int, seed: int) -> dict:
-    """One conversation per row, padded to SEQ: tokens, next-token labels and the response loss mask."""
-    tokens = torch.zeros(n, SEQ, dtype=torch.long)
-    labels = torch.zeros(n, SEQ, dtype=torch.long)
-    mask = torch.zeros(n, SEQ)
+    """One conversation per row, padded to TEXT_SEQ: tokens, next-token labels and the response loss mask."""
+    tokens = torch.zeros(n, TEXT_SEQ, dtype=torch.long)
+    labels = torch.zeros(n, TEXT_SEQ, dtype=torch.long)
+    mask = torch.zeros(n, TEXT_SEQ)
     for i, enc in enumerate(chat_samples(template, n, seed)):
-        ids = torch.tensor(enc.input_ids[:SEQ + 1])
-        m = torch.tensor(enc.loss_mask[:SEQ + 1], dtype=torch.float)
+        ids = torch.tensor(enc.input_ids[:TEXT_SEQ + 1])
+        m = torch.tensor(enc.loss_mask[:TEXT_SEQ + 1], dtype=torch.float)
         tokens[i, :len(ids) - 1], labels[i, :len(ids) - 1], mask[i, :len(ids) - 1] = ids[:-1], ids[1:], m[1:]
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
 
@@ -131,7 +132,7 @@ def decoder_config(vocab: int, layers: int = 12, hidden: int = 96):
 def vision_config():
     from megatron_zero.models.clip_vit import ClipVisionConfig
 
-    return ClipVisionConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, patch_size=16,
+    return ClipVisionConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, patch_size=8,
                             image_size=IMAGE_SIZE, name="demo-vit")
 
 
@@ -142,7 +143,7 @@ def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _optimize(model, lr, steps, forward_step, micro_batches, batch):
+def _optimize(model, lr, steps, forward_step, micro_batches, batch, seq):
     """megatron DDP + optimizer (grad clipping 1.0) + warmup/cosine schedule + the library's training loop."""
     from megatron_zero.training.loop import LoopConfig, build_scheduler, train
     from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
@@ -151,7 +152,7 @@ def _optimize(model, lr, steps, forward_step, micro_batches, batch):
     chunks = wrap_ddp([model], oo)
     opt = build_optimizer(chunks, oo)
     sched = build_scheduler(opt, lr, 0.0, steps, WARMUP)
-    loop = LoopConfig(train_iters=steps, global_batch_size=batch, micro_batch_size=batch, seq_length=SEQ,
+    loop = LoopConfig(train_iters=steps, global_batch_size=batch, micro_batch_size=batch, seq_length=seq,
                       data_parallel_size=1, log_interval=max(steps // 4, 1))
     return train(loop, chunks, opt, sched, forward_step, micro_batches)
 
@@ -177,7 +178,7 @@ def train_lm(cfg, rows, steps, lr, seed, trainable=None, canonical=None, batch=3
         idx = order[torch.arange(it * batch, (it + 1) * batch) % n]
         yield {k: v[idx] for k, v in rows.items()}
 
-    losses = _optimize(model, lr, steps, lm_forward_step, micro_batches, batch)
+    losses = _optimize(model, lr, steps, lm_forward_step, micro_batches, batch, TEXT_SEQ)
     return sharding.gather_canonical([model], vocab_size=cfg.vocab_size), losses
 
 
@@ -234,7 +235,7 @@ def train_vlm(vlm_cfg, decoder_canonical, template, train_samples, steps, lr, se
     batches = VLMBatches(ds, image_token_id=vlm_cfg.image_token_id, num_image_embeddings=vlm_cfg.num_image_embeddings,
                          seq_length=SEQ, pad_id=template.tokenizer.pad_id, global_batch_size=batch,
                          micro_batch_size=batch, dp_rank=0, dp_size=1, seed=seed, load_image=store.__getitem__)
-    losses = _optimize(model, lr, steps, vlm_forward_step, batches.iteration, batch)
+    losses = _optimize(model, lr, steps, vlm_forward_step, batches.iteration, batch, SEQ)
     decoder = sharding.gather_canonical([model.language_model], vocab_size=vlm_cfg.decoder.vocab_size)
     return encoder_canonical_state(model), decoder, losses
 
@@ -497,7 +498,7 @@ def main(argv=None):
     from megatron_zero.parallel.initialize import initialize_parallel
     from megatron_zero.surrogate import compute_ratio, surrogate_config
 
-    torch.set_num_threads(args.workers)
+    torch.set_num_threads(1)  # one thread per process everywhere: no oversubscription, one reduction order
     initialize_parallel(1, 1, seed=args.seed)
     log(f"megatron_zero demo on {platform.summary()}")
     from megatron_zero.data.chat_template import chat_template_for
