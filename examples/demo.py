@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--encoder-lr", type=float, default=2e-3)
     p.add_argument("--stage3-steps", type=int, default=40, help="stage 3 steps (0: skip the stage-3 rows)")
     p.add_argument("--stage3-lr", type=float, default=5e-4)
-    p.add_argument("--eval-images", type=int, default=300)
+    p.add_argument("--train-images", type=int, default=4000, help="training images per seed (stages 2 and 3)")
+    p.add_argument("--eval-images", type=int, default=300, help="held-out images (the same for every row and seed)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; numbers meaningless)")
     args = p.parse_args(argv)
     if args.seeds < 1 or args.workers < 1:
@@ -333,7 +334,7 @@ def run_job(kind: str, seed: int) -> dict:
     args, cfg, target, target_dir = sh["args"], sh["cfg"], sh["target"], sh["target_dir"]
     template, test = _world(args)
     vision = vision_config()
-    train_samples = ss.vision_samples(4000, seed=seed * 1000 + 2, image_size=IMAGE_SIZE)
+    train_samples = ss.vision_samples(args.train_images, seed=seed * 1000 + 2, image_size=IMAGE_SIZE)
     out_dir = os.path.join(args.output_dir, f"seed{seed}")
     os.makedirs(out_dir, exist_ok=True)
     rows, curves = {}, {}
@@ -490,6 +491,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.quick:
         args.lm_steps, args.translator_steps, args.encoder_steps, args.eval_images = 20, 4, 12, 50
+        args.train_images = 400
         args.stage3_steps = min(args.stage3_steps, 4)
     t0, c0 = time.time(), time.process_time()
     args.output_dir = os.path.abspath(args.output_dir)
