@@ -33,17 +33,40 @@ def _same_target(recorded: Optional[str], target: HFDecoder) -> bool:
     return name in (os.path.basename(target.path), target.cfg.name) or recorded == target.cfg.name
 
 
-def provenance_problems(encoder_meta: dict, target: HFDecoder, target_identity: dict) -> list[str]:
-    """Every reason this encoder should not be grafted onto ``target`` (empty when it belongs)."""
+def provenance_check(encoder_meta: dict, target: HFDecoder, target_identity: dict) -> tuple[list[str], list[str]]:
+    """``(problems, notes)``: every reason this encoder should not be grafted onto ``target`` (empty when it
+    belongs), and what is worth saying but no reason to refuse.
+
+    Identity, not location: the surrogate's recorded target *architecture hash*, the word-embedding fingerprint
+    (the surrogate keeps the target's embeddings) and the tokenizer hash must match the target's. A target found at
+    another path than the one recorded (a moved or copied checkpoint) is a note. Surrogates built before the
+    architecture hash was recorded fall back to comparing the recorded target's path or name.
+    """
+    from megatron_zero.surrogate import architecture_sha256
+
     trained = encoder_meta.get("trained_with") or {}
-    problems = []
+    problems, notes = [], []
     prov = trained.get("surrogate")
     if not prov:
         problems.append(f"the encoder was trained with decoder {trained.get('name')!r}, which is not a surrogate "
                         f"(its config records no surrogate provenance)")
-    elif not _same_target(prov.get("target"), target):
-        problems.append(f"the encoder was trained on a surrogate of {prov.get('target')!r}, not of the target "
-                        f"{target.path} ({target.cfg.name!r})")
+    else:
+        recorded_arch = prov.get("target_config_sha256")
+        if recorded_arch is not None:
+            if recorded_arch != architecture_sha256(target.cfg):
+                problems.append(f"the encoder was trained on a surrogate of a different architecture than the target "
+                                f"{target.path} (recorded target architecture hash {recorded_arch[:12]}..., the "
+                                f"target's {architecture_sha256(target.cfg)[:12]}...)")
+            if not _same_target(prov.get("target"), target):
+                notes.append(f"the surrogate was built from {prov.get('target')!r}; the target is now at "
+                             f"{target.path} (architecture, embeddings and tokenizer match)")
+        elif not _same_target(prov.get("target"), target):
+            problems.append(f"the encoder was trained on a surrogate of {prov.get('target')!r}, not of the target "
+                            f"{target.path} ({target.cfg.name!r}), and its provenance records no architecture hash "
+                            f"to identify a moved target by")
+        recorded_tok, target_tok = prov.get("tokenizer_sha256"), target_identity.get("tokenizer_hash")
+        if recorded_tok and target_tok and recorded_tok != target_tok:
+            problems.append("the target's tokenizer files differ from those the surrogate was built with")
     if encoder_meta["decoder_hidden_size"] != target.cfg.hidden_size:
         problems.append(f"the adapter outputs {encoder_meta['decoder_hidden_size']} features but the target's hidden "
                         f"size is {target.cfg.hidden_size}")
@@ -57,25 +80,48 @@ def provenance_problems(encoder_meta: dict, target: HFDecoder, target_identity: 
         problems.append("the tokenizer files differ between the surrogate and the target")
     if not 0 <= encoder_meta["image_token_id"] < target.cfg.vocab_size:
         problems.append(f"image placeholder id {encoder_meta['image_token_id']} is outside the target vocabulary")
-    return problems
+    return problems, notes
+
+
+def provenance_problems(encoder_meta: dict, target: HFDecoder, target_identity: dict) -> list[str]:
+    """Every reason this encoder should not be grafted onto ``target`` (see :func:`provenance_check`)."""
+    return provenance_check(encoder_meta, target, target_identity)[0]
+
+
+def resolve_target(path: str, flag: str = "--target") -> str:
+    """The HF Llama directory a graft target names (grafting links its files unchanged, so it must be HF)."""
+    from megatron_zero.checkpointing.resolve import DECODER_KINDS, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path, flag, accept=DECODER_KINDS)
+    if ckpt.kind != "hf-llama":
+        raise GraftingError(f"{flag} {path}: is {ckpt.describe()}; grafting places the target's HF Llama files "
+                            f"unchanged, so it needs an HF Llama directory (convert a torch_dist checkpoint with "
+                            f"tools/convert_checkpoint.py --source-format mcore --target-format hf)")
+    return ckpt.root
 
 
 def graft(encoder_path: str, target_path: str, output: str, force: bool = False, overwrite: bool = False) -> dict:
     """Write a VLM checkpoint: the encoder (+adapter, start/end embeddings) unchanged, the target decoder unchanged.
 
-    Refuses (:class:`GraftingError`, listing every problem) when the provenance does not match, unless ``force``.
+    ``encoder_path``: an image-encoder checkpoint, or a VLM / training run / training export holding one;
+    ``target_path``: the target's HF Llama directory. Refuses (:class:`GraftingError`, listing every problem)
+    when the provenance does not match, unless ``force``.
     Returns the graft record stored in ``vlm_config.json``.
     """
+    from megatron_zero.checkpointing.resolve import ENCODER_KINDS, resolve_checkpoint
+
+    encoder_path = resolve_checkpoint(encoder_path, "--encoder", accept=ENCODER_KINDS).encoder_dir
+    target_path = resolve_target(target_path)
     meta = read_image_encoder_meta(encoder_path)
     target = HFDecoder(target_path)
     identity = target.identity()
-    problems = provenance_problems(meta, target, identity)
+    problems, notes = provenance_check(meta, target, identity)
     if problems and not force:
         raise GraftingError("refusing to graft {} onto {}:\n  - {}\n(pass --force to graft anyway)".format(
             encoder_path, target_path, "\n  - ".join(problems)))
     vlm_cfg = VLMConfig(target.cfg, ClipVisionConfig.from_dict(meta["vision"]), meta["image_token_id"])
     record = {"encoder": os.path.abspath(encoder_path), "target": target.path, "forced": bool(problems and force),
-              "problems": problems, "encoder_trained_with": meta["trained_with"], "target_identity": identity}
+              "problems": problems, "notes": notes, "encoder_trained_with": meta["trained_with"], "target_identity": identity}
 
     write_vlm_checkpoint(output, encoder_path, target_path, vlm_cfg, record, overwrite)
     return record

@@ -26,6 +26,12 @@ Llama-3.1-70B with ranges 16..26 and 40..78, k = 1: ``layer_map = 0..16, 27..40,
 at surrogate layers 16 and 30 -- the layer names in their checkpoints. Their *optimizer filter*
 (``train_llama.py::func_optim_filter``) computes these indices with offset ``sum_{q<r} len_q - 1``, which is right
 only for one range, or two ranges with ``k = 1``; stage 1 here trains every translator (``translator_indices``).
+
+Building a surrogate checkpoint (``tools/build_surrogate.py``): :func:`build_surrogate_checkpoint` takes an HF
+target to an HF surrogate (:func:`build_hf_surrogate`, streamed tensor by tensor, one process) and a ``torch_dist``
+target to a ``torch_dist`` surrogate over fewer pipeline stages (:func:`build_sharded_surrogate`, the pipeline-stage
+pruner: each rank reads only the kept layers it holds); ``a`` comes from ``--translator-start`` or a
+``trajectory.json`` (:func:`resolve_span`).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
+from megatron_zero.errors import UserError
 from megatron_zero.models.llama_config import LlamaConfig, translator_indices  # noqa: F401  (re-exported)
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -205,3 +212,236 @@ def load_surrogate_from_sharded(model, load_dir: str, target_cfg: LlamaConfig, m
         raise mcore_checkpoint.CheckpointError(
             f"{load_dir}: the target checkpoint does not fit the surrogate (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building surrogate checkpoints
+# ---------------------------------------------------------------------------------------------------------
+class SurrogateError(UserError, ValueError):
+    """Bad surrogate-building input (span, trajectory, layout)."""
+
+
+def read_transition(path: str, num_layers: int) -> int:
+    """The transition layer of a ``trajectory.json`` written by ``tools/analyze_trajectory.py`` for this target."""
+    try:
+        with open(path) as f:
+            traj = json.load(f)
+        a = int(traj["transition_layer"])
+    except FileNotFoundError:
+        raise SurrogateError(f"--from-trajectory {path}: no such file") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise SurrogateError(f"--from-trajectory {path}: not a trajectory.json with a transition_layer "
+                             f"({type(e).__name__}: {e})") from None
+    analysed = traj.get("num_layers")
+    if analysed is not None and analysed != num_layers:
+        raise SurrogateError(f"--from-trajectory {path} analysed a {analysed}-layer model, but the "
+                             f"target --load-dir has {num_layers} layers")
+    return a
+
+
+def resolve_span(num_layers: int, translator_start: Optional[int] = None, translator_end: Optional[int] = None,
+                 from_trajectory: Optional[str] = None) -> tuple[int, int]:
+    """(a, b): ``--translator-start`` or the trajectory's transition layer; ``--translator-end`` or L-2."""
+    a = translator_start
+    if from_trajectory:
+        a_traj = read_transition(from_trajectory, num_layers)
+        if a is not None and a != a_traj:
+            raise SurrogateError(f"--translator-start {a} contradicts --from-trajectory's transition layer "
+                                 f"{a_traj}; give one of them")
+        a = a_traj
+    if a is None:
+        raise SurrogateError("give --translator-start or --from-trajectory")
+    b = translator_end if translator_end is not None else num_layers - 2
+    if not 0 <= a < b < num_layers - 1:
+        a_src = (f"--from-trajectory {from_trajectory} detected transition layer {a}" if from_trajectory
+                 else f"--translator-start {a}")
+        b_src = f"--translator-end {b}" if translator_end is not None else f"the default end L-2 = {b}"
+        hint_a = min(max(a, 0), max(num_layers - 3, 0))
+        hint = (f"; e.g. --translator-start {hint_a} --translator-end {num_layers - 2}" if num_layers >= 3
+                else "; the target has too few layers for a surrogate")
+        raise SurrogateError(f"{a_src} and {b_src} leave no layer to drop: T(a,b) drops layers a+1..b and needs "
+                             f"0 <= a < b < L-1 = {num_layers - 1} (the target has {num_layers} layers; its last "
+                             f"one is kept){hint}")
+    return a, b
+
+
+def parse_range(text: str, flag: str = "--translator-range") -> tuple[int, int]:
+    """``"40:78"`` -> ``(40, 78)``: first and last replaced layer, inclusive (the authors' ``range(40, 79)``)."""
+    try:
+        s, e = (int(x) for x in str(text).split(":"))
+    except ValueError:
+        raise SurrogateError(f"{flag} {text!r}: expected S:E, the first and last replaced layer (e.g. 40:78 for "
+                             f"the authors' range(40, 79))") from None
+    return s, e
+
+
+def resolve_ranges(num_layers: int, translator_start: Optional[int] = None, translator_end: Optional[int] = None,
+                   from_trajectory: Optional[str] = None, translator_ranges=None,
+                   num_translators: int = 1) -> list[tuple[int, int]]:
+    """The replaced ranges: ``--translator-range S:E`` (repeatable) or the single span of :func:`resolve_span`;
+    checked with :func:`surviving_layers`."""
+    if translator_ranges:
+        if translator_start is not None or translator_end is not None or from_trajectory:
+            raise SurrogateError("give --translator-range, or --translator-start/--translator-end/--from-trajectory, "
+                                 "not both")
+        ranges = [parse_range(r) if isinstance(r, str) else (int(r[0]), int(r[1])) for r in translator_ranges]
+    else:
+        ranges = [resolve_span(num_layers, translator_start, translator_end, from_trajectory)]
+    try:
+        surviving_layers(num_layers, ranges, num_translators)
+    except ValueError as e:
+        raise SurrogateError(f"--translator-range/--num-translators: {e} (the target has {num_layers} layers)") from None
+    return ranges
+
+
+def compact(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 6] -> '0-2, 5-6'."""
+    runs, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur != prev + 1:
+            runs.append(f"{start}-{prev}" if prev != start else str(start))
+            start = cur
+    return ", ".join(runs)
+
+
+def describe(cfg: LlamaConfig, scfg: LlamaConfig) -> list[str]:
+    """Target and surrogate sizes, kept layers, compute ratio and what stage 1 trains, as report lines."""
+    n_t, n_s = cfg.num_parameters(), scfg.num_parameters()
+    return [f"target {cfg.name}: {cfg.num_layers} layers, {n_t:,} parameters ({n_t / 1e9:.2f}B)",
+            f"surrogate {scfg.name}: {scfg.num_layers} layers (target layers {compact(scfg.surrogate['layer_map'])}), "
+            f"{n_s:,} parameters ({n_s / 1e9:.2f}B, {100 * n_s / n_t:.1f}% of the target); decoder compute per "
+            f"token: {100 * compute_ratio(cfg, scfg):.1f}% of the target's",
+            f"stage 1 trains layers {scfg.surrogate['stage1_trainable_layers']} (translator(s) at "
+            f"{translator_indices(scfg.surrogate)})"]
+
+
+def _provenance_extra(load_dir: str) -> dict:
+    from megatron_zero.checkpointing.vlm_checkpoint import tokenizer_hash
+
+    return {"tokenizer_sha256": tokenizer_hash(load_dir)}
+
+
+def build_hf_surrogate(load_dir: str, save_dir: str, translator_start: Optional[int] = None,
+                       translator_end: Optional[int] = None, from_trajectory: Optional[str] = None,
+                       control_unfreeze_early: bool = False, max_shard_size: str = "5GB", overwrite: bool = False,
+                       log: Callable[[str], None] = print, translator_ranges=None,
+                       num_translators: int = 1) -> LlamaConfig:
+    """HF -> HF in one process, streamed tensor by tensor (layer indices renamed), tokenizer files carried, the
+    target's dtype kept. Returns the surrogate's config."""
+    import os
+    import sys
+
+    from tqdm import tqdm
+
+    from megatron_zero.checkpointing import hf_llama
+    from megatron_zero.checkpointing.hf_reader import HFCheckpoint
+    from megatron_zero.checkpointing.hf_writer import (
+        ShardedSafetensorsWriter, atomic_directory, check_save_dir, copy_tokenizer_files, parse_size, write_config,
+    )
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SurrogateError("an HF surrogate is built by one process; do not launch it with torchrun")
+    max_shard = parse_size(max_shard_size)
+    check_save_dir(save_dir, overwrite)
+    reader = HFCheckpoint(load_dir)
+    cfg = LlamaConfig.from_hf_config(reader.config, name=os.path.basename(os.path.normpath(load_dir)))
+    ranges = resolve_ranges(cfg.num_layers, translator_start, translator_end, from_trajectory, translator_ranges,
+                            num_translators)
+    scfg = surrogate_config(cfg, target_name=os.path.abspath(load_dir), control_unfreeze_early=control_unfreeze_early,
+                            extra=_provenance_extra(load_dir), ranges=ranges, num_translators=num_translators)
+    keys = hf_llama.canonical_keys(scfg)
+    mapping = scfg.surrogate["layer_map"]
+    reader.validate([n for k in keys for n in hf_llama.hf_sources(surrogate_key(k, mapping))])  # before writing
+    for line in describe(cfg, scfg):
+        log(line)
+    getter = hf_llama.canonical_getter(reader.get, cfg)
+    with atomic_directory(save_dir, overwrite) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard, log=log)
+        for ckey, tensor in tqdm(iter_surrogate(getter, scfg), total=len(keys), desc="surrogate tensors",
+                                 unit="tensor", file=sys.stdout):
+            for name, t in hf_llama.from_canonical(ckey, tensor, scfg).items():
+                writer.add(name, t)
+        writer.close()
+        copy_tokenizer_files(load_dir, tmp)
+        hf = scfg.to_hf_config()
+        for key in ("torch_dtype", "dtype"):  # the tensors are copied unchanged: keep the target's dtype
+            if key in reader.config:
+                hf[key] = reader.config[key]
+        write_config(tmp, hf)
+    log(f"wrote {save_dir}")
+    return scfg
+
+
+def build_sharded_surrogate(load_dir: str, save_dir: str, translator_start: Optional[int] = None,
+                            translator_end: Optional[int] = None, from_trajectory: Optional[str] = None,
+                            control_unfreeze_early: bool = False, tp: int = 1, pp: int = 1,
+                            stage_layers=None, overwrite: bool = False,
+                            log: Callable[[str], None] = print, translator_ranges=None,
+                            num_translators: int = 1) -> LlamaConfig:
+    """Sharded -> sharded, the pipeline-stage pruner: the surrogate is built over ``pp`` stages (x ``tp``), and each
+    rank reads from the target checkpoint only the pieces of the kept layers it holds (its stage's layers, its TP
+    slice); dropped layers are never read. Tensors keep the target's dtype, so kept layers are bit-identical.
+    Collective: run under torchrun with ``tp * pp`` processes."""
+    import os
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from megatron_zero.checkpointing import mcore_checkpoint
+    from megatron_zero.models.llama import RuntimeOptions, build_llama_model, validate
+    from megatron_zero.parallel.initialize import initialize_parallel
+
+    cfg = mcore_checkpoint.load_model_config(load_dir)
+    ranges = resolve_ranges(cfg.num_layers, translator_start, translator_end, from_trajectory, translator_ranges,
+                            num_translators)
+    scfg = surrogate_config(cfg, target_name=os.path.abspath(load_dir), control_unfreeze_early=control_unfreeze_early,
+                            extra=_provenance_extra(load_dir), ranges=ranges, num_translators=num_translators)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != tp * pp:
+        raise SurrogateError(f"run under torchrun with --nproc-per-node {tp * pp} (= --tensor-model-parallel-size "
+                             f"{tp} x --target-pipeline-parallel-size {pp}); this launch has {world} process(es)")
+    stored = dist_checkpointing.load_tensors_metadata(load_dir)
+    dtype = stored["embedding.word_embeddings.weight"].dtype
+    opts = RuntimeOptions(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                          pipeline_stage_layers=stage_layers, params_dtype=dtype, initialize_weights=False)
+    stage_split = validate(scfg, opts)
+    initialize_parallel(tp, pp)
+    if dist.get_rank() == 0:
+        for line in describe(cfg, scfg):
+            log(line)
+        log(f"surrogate layers per pipeline stage: {stage_split}")
+    model = build_llama_model(scfg, opts)
+    load_surrogate_from_sharded(model, load_dir, cfg, scfg.surrogate["layer_map"])
+    mcore_checkpoint.save_model([model], save_dir, scfg, overwrite=overwrite, copy_files_from=load_dir,
+                                extra_meta={"pipeline_stage_layers": stage_split})
+    if dist.get_rank() == 0:
+        log(f"wrote {save_dir} (PP={pp}, stages {stage_split})")
+    return scfg
+
+
+def build_surrogate_checkpoint(load_dir: str, save_dir: str, *, sharded_layout: Optional[dict] = None,
+                               log: Callable[[str], None] = print, **span) -> LlamaConfig:
+    """T(a, b) of the target ``load_dir`` (anything the checkpoint resolver reads as an HF Llama directory or a
+    torch_dist decoder checkpoint) written to ``save_dir`` in the target's format. ``span``: ``translator_start``,
+    ``translator_end``, ``from_trajectory``, ``control_unfreeze_early``, ``overwrite`` (and ``max_shard_size`` for
+    HF); ``sharded_layout``: ``tp``, ``pp``, ``stage_layers`` (torch_dist only; None: not given)."""
+    import os
+
+    from megatron_zero.checkpointing.resolve import resolve_checkpoint
+
+    if os.path.isfile(os.path.join(load_dir, "config.json")) and os.path.isfile(
+            os.path.join(load_dir, "checkpoint_meta.json")):
+        raise SurrogateError(f"--load-dir {load_dir} holds both an HF config.json and a megatron_zero "
+                             f"checkpoint_meta.json; point it at one checkpoint")
+    ckpt = resolve_checkpoint(load_dir, "--load-dir", accept=("hf-llama", "mcore-llama"))
+    layout = {k: v for k, v in (sharded_layout or {}).items() if v is not None}
+    if ckpt.kind == "hf-llama":
+        flags = {"pp": "--target-pipeline-parallel-size", "stage_layers": "--target-pipeline-stage-layers",
+                 "tp": "--tensor-model-parallel-size"}
+        if layout:
+            raise SurrogateError(f"{flags[next(iter(layout))]} is for sharded (torch_dist) targets; --load-dir "
+                                 f"{load_dir} is an HF checkpoint, which gives an HF surrogate")
+        return build_hf_surrogate(load_dir, save_dir, log=log, **span)
+    span.pop("max_shard_size", None)
+    return build_sharded_surrogate(ckpt.root, save_dir, tp=layout.get("tp", 1), pp=layout.get("pp", 1),
+                                   stage_layers=layout.get("stage_layers"), log=log, **span)

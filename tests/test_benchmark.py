@@ -9,7 +9,7 @@ from tests.conftest import REPO, subprocess_env
 def test_benchmark_tiny_target_vs_surrogate(tmp_path):
     out_json = tmp_path / "bench.json"
     p = subprocess.run(
-        [sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--iters", "2",
+        [sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--lora-rank", "4", "--iters", "3",
          "--warmup", "1", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
          "--output-json", str(out_json)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -17,12 +17,14 @@ def test_benchmark_tiny_target_vs_surrogate(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(out_json.read_text())
     assert [(r["model"], r["mode"]) for r in results] == [
-        ("tiny", "full"), ("tiny", "frozen"), ("tiny-T(1,2)", "translator"), ("tiny-T(1,2)", "frozen")]
+        ("tiny", "full"), ("tiny", "frozen"), ("tiny", "lora"), ("tiny-T(1,2)", "translator"),
+        ("tiny-T(1,2)", "frozen")]
     for r in results:
         assert r["forward_ms"] > 0 and r["step_s"] > 0
         # throughput is tokens of the global batch over the step time
         assert abs(r["tokens_per_s_per_device"] - 4 * 64 / r["step_s"]) < 1e-6 * r["tokens_per_s_per_device"]
-    assert results[2]["layers"] == 3  # T(1,2) of a 4-layer model keeps 4 - 1 layers
+    assert results[3]["layers"] == 3  # T(1,2) of a 4-layer model keeps 4 - 1 layers
+    assert "lora" in p.stdout
     assert "Projected training hours" in p.stdout and "baseline" in p.stdout and "ours" in p.stdout
 
 

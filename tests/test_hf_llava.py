@@ -70,7 +70,8 @@ def test_default_convention_is_refused_with_reasons(tmp_path, world_of_one):
     from megatron_zero.checkpointing.hf_llava import LlavaExportError, export_hf_llava
 
     _vlm_checkpoint(tmp_path / "vlm", "zero")
-    with pytest.raises(LlavaExportError, match="post_layernorm.*start/end-of-image"):
+    # tiny-clip: 16 patches + the class token + start/end = 19 positions (not ViT-L/14-336's 579)
+    with pytest.raises(LlavaExportError, match=r"post_layernorm.*start/end-of-image embeddings \(19 positions"):
         export_hf_llava(str(tmp_path / "vlm"), str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists()
     # the same through the conversion tool: one line on stderr, exit status 2, nothing written

@@ -9,6 +9,8 @@
 import ast
 import os
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "megatron_zero")
 FORBIDDEN_FROM_MODELS = ("megatron_zero.checkpointing", "megatron_zero.training", "megatron_zero.evaluation",
@@ -60,3 +62,11 @@ def test_models_import_no_checkpointing_training_evaluation_inference():
             if module.startswith(FORBIDDEN_FROM_MODELS):
                 edges.append(f"{rel}:{line} imports {module}")
     assert not edges, "models/ must hold modules and specs only:\n" + "\n".join(edges)
+
+
+@pytest.mark.parametrize("tool", sorted(f for f in os.listdir(os.path.join(REPO, "tools")) if f.endswith(".py")
+                                        and f != "__init__.py"))
+def test_tools_are_thin(tool):
+    with open(os.path.join(REPO, "tools", tool)) as f:
+        lines = len(f.read().splitlines())
+    assert lines <= MAX_TOOL_LINES, f"tools/{tool} has {lines} lines (> {MAX_TOOL_LINES}): move its logic to the library"

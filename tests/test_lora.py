@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from megatron_zero.checkpointing import hf_llama
-from megatron_zero.models.lora import LoraConfig, LoraError, is_lora_key, merge_canonical, num_trainable_parameters
+from megatron_zero.checkpointing.lora_merge import merge_canonical
+from megatron_zero.models.lora import LoraConfig, LoraError, is_lora_key, num_trainable_parameters
 from megatron_zero.models.llama_config import get_preset
 from megatron_zero.parallel import sharding
 
@@ -115,3 +116,61 @@ def test_merged_weights_give_the_lora_logits(single_process, preset):
         sharding.load_canonical(base_only, canonical.__getitem__)
         assert (with_lora - base_only(tokens, pos, None)).abs().max() > 1e-2  # the adapters matter
     torch.testing.assert_close(with_merged, with_lora, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_training_cli_end_to_end(single_process, tmp_path):
+    """What a user runs: pretrain_lm --pretrained <HF Qwen3 dir> --lora-* trains the adapters only (base frozen),
+    --export-model writes the model with its adapters; convert_checkpoint refuses it without --merge-lora and with
+    it writes an HF Qwen3 whose transformers logits equal the LoRA model's."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    from megatron_zero.checkpointing import mcore_checkpoint
+    from megatron_zero.models.llama import build_llama_model
+    from tests.conftest import REPO, subprocess_env
+    from tests.qwen_models import hf_model
+
+    cfg = get_preset("tiny-qwen3")
+    target = hf_model(cfg, seed=11)
+    target.save_pretrained(tmp_path / "hf")
+    save = tmp_path / "run"
+    train = subprocess.run(
+        [sys.executable, "-m", "megatron_zero.training.pretrain_lm", "--pretrained", str(tmp_path / "hf"),
+         "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.05", "--lora-targets", "q,k,v,o,gate,up,down",
+         "--mock-data", "--train-iters", "3", "--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e-2",
+         "--lr-warmup-fraction", "0", "--save", str(save), "--export-model"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
+    assert f"{num_trainable_parameters(lora_cfg()):,} trainable parameters" in train.stdout
+
+    export = str(save / "export")
+    lcfg = mcore_checkpoint.load_model_config(export)
+    assert lcfg.lora == LoraConfig(4, 8.0, 0.05, ("q", "k", "v", "o", "gate", "up", "down")).to_dict()
+    stored = dict(mcore_checkpoint.iter_llama_canonical(export, lcfg))
+    original = hf_llama.canonical_getter(target.state_dict().__getitem__, cfg)
+    for k, t in stored.items():  # frozen base: bit-identical; adapters: B trained away from zero
+        if is_lora_key(k):
+            assert not k.rsplit(".", 1)[1].startswith("B") or t.abs().max() > 0, k
+        else:
+            assert torch.equal(t, original(k)), k
+
+    convert = [sys.executable, "tools/convert_checkpoint.py", "--source-format", "mcore", "--target-format", "hf",
+               "--load-dir", export, "--save-dir", str(tmp_path / "merged")]
+    refused = subprocess.run(convert, cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert refused.returncode == 2 and "--merge-lora" in refused.stderr and "Traceback" not in refused.stderr
+    merged = subprocess.run(convert + ["--merge-lora"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=subprocess_env())
+    assert merged.returncode == 0, merged.stderr[-3000:]
+
+    model = build_llama_model(lcfg).eval()
+    mcore_checkpoint.load_model([model], export)
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(str(tmp_path / "merged"), attn_implementation="eager").eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = model(tokens, torch.arange(12).unsqueeze(0).expand(2, -1), None)[..., : cfg.vocab_size]
+        base = target(tokens).logits
+        theirs = hf(tokens).logits
+    assert (ours - base).abs().max() > 1e-3  # training moved the model
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)

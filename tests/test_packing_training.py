@@ -33,7 +33,7 @@ def test_pretrain_vlm_packed_curve_resume_and_token_metrics(tmp_path):
     _run([*common, "--no-pack-sequences", "--metrics-file", str(padded)])
     packed = tmp_path / "packed.jsonl"
     out = _run([*common, "--save", str(tmp_path / "run"), "--exit-after-iters", "2", "--metrics-file", str(packed)])
-    assert "real tok/s/dev" in out and "% of" in out
+    assert "real tok/s/dev (" in out and "% of" in out and " computed)" in out
     _run([*common, "--load", str(tmp_path / "run"), "--save", str(tmp_path / "run"), "--metrics-file", str(packed)])
     p, q = _metrics(padded), _metrics(packed)
     assert [m["iteration"] for m in q] == [1, 2, 3]
@@ -43,3 +43,33 @@ def test_pretrain_vlm_packed_curve_resume_and_token_metrics(tmp_path):
         assert a["real_tokens"] == b["real_tokens"] > 0
         assert a["computed_tokens"] == 8 * 96
         assert b["real_tokens"] <= b["computed_tokens"] < a["computed_tokens"], json.dumps(q)
+
+
+@pytest.mark.timeout(900)
+def test_pretrain_lm_instruction_data_packed_equals_padded(tmp_path):
+    import subprocess
+    import sys
+
+    from megatron_zero.data.tokenizers import load_tokenizer
+    from megatron_zero.models.llama_config import LlamaConfig
+    from tests.conftest import REPO, subprocess_env
+
+    _world(tmp_path)
+    vocab = load_tokenizer(str(tmp_path / "tok")).vocab_size
+    LlamaConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                vocab_size=vocab, max_position_embeddings=128, rope_theta=10000.0, rope_scaling_factor=None,
+                name="tiny-lm").save(str(tmp_path / "model_config.json"))
+    runs = {}
+    for flag in ("--pack-sequences", "--no-pack-sequences"):
+        metrics = tmp_path / f"{flag}.jsonl"
+        cmd = [sys.executable, "-m", "megatron_zero.training.pretrain_lm", "--model", str(tmp_path / "model_config.json"),
+               "--instruction-data-path", str(tmp_path / "text.jsonl"), "--tokenizer", str(tmp_path / "tok"),
+               "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "2",
+               "--lr", "1e-3", "--log-interval", "1", flag, "--metrics-file", str(metrics)]
+        p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        runs[flag] = _metrics(metrics)
+    packed, padded = runs["--pack-sequences"], runs["--no-pack-sequences"]
+    for a, b in zip(packed, padded):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, b["loss"]), (packed, padded)
+        assert a["real_tokens"] == b["real_tokens"] and a["computed_tokens"] < b["computed_tokens"] == 8 * 64

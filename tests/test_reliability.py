@@ -320,3 +320,26 @@ def test_bad_images_drop_their_sample_replaced_by_the_next(tmp_path):
         assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["images"], b["images"])
     with pytest.raises(ImageLoadError, match="missing.png|corrupt.png"):
         list(make(strict=True).iteration(0))
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    """The bad inputs of tools/reliability.py, through the real entry points: each exits non-zero with one
+    ``error:`` line naming what was wrong, no traceback and no usage dump."""
+    from megatron_zero import reliability
+
+    wanted = {"train-iters 0", "non-UTF-8 text data", "token ids beyond the vocabulary", "--save is a file",
+              "generate --batch-size 0", "convert TP 0", "graft missing encoder",
+              "vlm: --decoder-load is not a checkpoint"}
+    cases = [c for c in reliability.bad_inputs(str(tmp_path)) if c[0] in wanted]
+    assert len(cases) == len(wanted)
+    procs = []
+    for i in range(0, len(cases), 2):  # two at a time (CI has 2 cores)
+        batch = [(name, subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)) for name, cmd in cases[i:i + 2]]
+        procs += [(name, p, *p.communicate(timeout=300)) for name, p in batch]
+    for name, p, out, err in procs:
+        kind = reliability.classify(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        assert kind == "clear", (name, p.returncode, err[-3000:])
+        assert "usage:" not in err, (name, err)
+        error_lines = [x for x in err.splitlines() if "error:" in x]
+        assert len(error_lines) == 1, (name, err)

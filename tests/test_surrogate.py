@@ -83,7 +83,7 @@ def test_build_surrogate_hf(tmp_path):
     # bad input: one-line errors naming the flag
     target_dir, out = str(tmp_path / "target"), str(tmp_path / "x")
     for extra, message in [
-        (["--translator-start", "5", "--translator-end", "5"], "--translator-start < --translator-end"),
+        (["--translator-start", "5", "--translator-end", "5"], "--translator-start 5 and --translator-end 5 leave no layer"),
         (["--translator-start", "2", "--translator-end", "5"], "L-1 = 5"),  # b >= L-1: the last layer is kept
         (["--translator-start", "2", "--target-pipeline-parallel-size", "2"], "is for sharded"),
         (["--from-trajectory", str(tmp_path / "missing.json")], "no such file"),

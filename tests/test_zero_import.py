@@ -215,3 +215,44 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
     assert not (tmp_path / "e").exists() and not (tmp_path / "s").exists()
+
+
+def test_multi_range_surrogate_their_translators_and_graft(setup, tmp_path):
+    """Their translators_range=(range(0, 2), range(2, 5)) on the 6-layer target: the HF builder keeps target
+    layers 0 | 2 | 5 (translators at surrogate 0 and 1); their translator file names those layers; the encoder's
+    provenance from --target + both ranges lets it graft without --force."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from tools import build_surrogate, graft, import_zero_checkpoint
+
+    root = setup["root"]
+    srgt = tmp_path / "srgt2"
+    for bad, message in ((["--translator-range", "0:2", "--translator-range", "3:4", "--num-translators", "2"],
+                          "need >= 3"), (["--translator-range", "0:2", "--translator-range", "3:5"], "L-1 = 5"),
+                         (["--translator-range", "0:2", "--translator-start", "1"], "not both")):
+        with pytest.raises(SystemExit, match=message):
+            build_surrogate.main(["--load-dir", str(root / "target"), "--save-dir", str(srgt)] + bad)
+    assert build_surrogate.main(["--load-dir", str(root / "target"), "--save-dir", str(srgt),
+                                 "--translator-range", "0:1", "--translator-range", "2:4"]) == 0
+    prov = json.loads((srgt / "config.json").read_text())["megatron_zero_surrogate"]
+    assert prov["layer_map"] == [0, 2, 5] and prov["translator_indices"] == [0, 1]
+    theirs_model = transformers.LlamaForCausalLM.from_pretrained(root / "target")
+    gen = torch.Generator().manual_seed(9)
+    state = _their_adapter_tensors(gen)
+    for j in (0, 1):  # their surrogate's layer names
+        state.update({f"decoder.model.layers.{j}.{n[len('model.layers.0.'):]}": _bf16(p.shape, gen)
+                      for n, p in theirs_model.state_dict().items() if n.startswith("model.layers.0.")})
+    _save_theirs(tmp_path / "t2.pth", state, 10)
+    assert import_zero_checkpoint.main(["--translator-file", str(tmp_path / "t2.pth"), "--surrogate", str(srgt),
+                                        "--output-surrogate", str(tmp_path / "srgt2z")]) == 0
+    ref = transformers.LlamaForCausalLM.from_pretrained(srgt)
+    ref.load_state_dict({k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}, strict=False)
+    ours = load_file(tmp_path / "srgt2z" / "model.safetensors")
+    assert all(torch.equal(ours[k], v) for k, v in ref.state_dict().items())
+    enc = tmp_path / "enc2"
+    assert import_zero_checkpoint.main(["--clip", str(root / "clip"), "--translator-file", str(tmp_path / "t2.pth"),
+                                        "--target", str(root / "target"), "--translator-range", "0:1",
+                                        "--translator-range", "2:4", "--image-token-id", str(IMG_ID),
+                                        "--output-encoder", str(enc)]) == 0
+    assert graft.main(["--encoder", str(enc), "--target", str(root / "target"), "--output", str(tmp_path / "v")]) == 0

@@ -47,6 +47,9 @@ def build_parser():
     g.add_argument("--samples", default="1165000,665000,665000,133000",
                    help="samples of: surrogate stage 1, surrogate stage 2, baseline stage 3 (full data), ours stage 3 "
                         "(20%% of the data); baseline pre-training uses the stage-3 data size")
+    g.add_argument("--lora-rank", type=int, default=None,
+                   help="also time LoRA training of the target (adapters only, base frozen) next to full fine-tuning")
+    g.add_argument("--lora-targets", default="q,v", help="LoRA targets for --lora-rank (subset of q,k,v,o,gate,up,down)")
     g.add_argument("--output-json", default=None)
     return p
 
@@ -57,7 +60,9 @@ def main(argv=None):
     from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
     from megatron_zero.models.llama_config import load_model_config
     from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
-    from megatron_zero.training.benchmark import benchmark_configs, projected_table, run_config
+    from megatron_zero.training.benchmark import benchmark_configs, check_iterations, projected_table, run_config
+
+    check_iterations(args.iters, args.warmup)
 
     if args.model is None:
         raise SystemExit("error: --model is required (a preset such as tiny or llama-3.1-70b)")
@@ -66,7 +71,13 @@ def main(argv=None):
     cfg = load_model_config(args.model)
     opts = RuntimeOptions.from_args(args)
     try:
-        configs = benchmark_configs(cfg, args.surrogate)
+        from megatron_zero.models.lora import LoraConfig, LoraError
+
+        lora = LoraConfig(args.lora_rank, targets=tuple(args.lora_targets.split(","))).to_dict() if args.lora_rank else None
+    except LoraError as e:
+        raise SystemExit(f"error: {e}")
+    try:
+        configs = benchmark_configs(cfg, args.surrogate, lora)
     except ValueError as e:
         raise SystemExit(f"error: --surrogate {args.surrogate}: {e}")
     for c, _, _ in configs:
@@ -89,6 +100,8 @@ def main(argv=None):
         print_rank0(f"{r['model']:28s} {mode:10s} fwd {r['forward_ms']:9.1f} ms  bwd {r['backward_ms']:9.1f} ms  "
                     f"opt {r['optimizer_ms']:8.1f} ms  {r['tokens_per_s_per_device']:10.1f} tok/s/dev  "
                     f"{r['tflops_per_device']:8.4g} TFLOP/s/dev  MFU {mfu_s}  peak mem {r['peak_memory_gb']:.2f} GB")
+        if r["warning"]:
+            print_rank0(f"warning: {r['model']} {mode}: {r['warning']}")
     import torch.distributed as dist
 
     if args.surrogate:

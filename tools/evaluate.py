@@ -17,14 +17,13 @@ loaded before any model, and a task whose data cannot be had offline stops the r
 Prints the results table (rows: checkpoints, columns: benchmarks + average; with ``--compare-load`` a third row
 gives the difference, the paper's side-by-side comparison) and writes ``results.json`` (scores, settings and
 the harness's full metrics) and ``results.md`` to ``--output-dir``. Under torchrun every rank runs the models;
-rank 0 prints and writes. Exit status 2 on bad input.
+rank 0 prints and writes. Exit status 2 on bad input. The logic is :mod:`megatron_zero.evaluation`
+(``compare``: per-checkpoint runs, scores, outputs).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -65,62 +64,10 @@ def _label(path: str, given: Optional[str]) -> str:
     return given or os.path.basename(os.path.normpath(path))
 
 
-def _evaluate_text(args, benchmarks, path: str, tasks) -> Optional[dict]:
-    from megatron_zero.evaluation.lm_eval_adapter import MegatronZeroLM
-    from megatron_zero.evaluation.runner import run_text
-
-    lm = MegatronZeroLM(load=path, tp=args.tp, pp=args.pp, dtype=args.dtype, tokenizer=args.tokenizer,
-                        batch_size=args.batch_size, seed=args.seed)
-    results = run_text(lm, tasks, args.limit)
-    del lm
-    gc.collect()
-    return None if results is None else {"results": results["results"]}
-
-
-def _evaluate_vlm(args, benchmarks, path: str, manager) -> Optional[dict]:
-    from megatron_zero.evaluation.runner import run_vlm
-    from megatron_zero.evaluation.vlm_adapter import MegatronZeroVLM
-
-    if args.pp != 1:
-        raise ValueError("--pp: the VLM suite runs the decoder on one pipeline stage (generation needs it)")
-    lm = MegatronZeroVLM(load=path, tp=args.tp, dtype=args.dtype, tokenizer=args.tokenizer,
-                         chat_family=args.chat_family, batch_size=args.batch_size, seed=args.seed,
-                         prompt_format=args.prompt_format)
-    per_benchmark = run_vlm(lm, benchmarks, manager, args.limit)
-    del lm
-    gc.collect()
-    if any(r is None for r in per_benchmark.values()):
-        return None
-    return {name: {"results": r["results"]} for name, r in per_benchmark.items()}
-
-
-def _scores(suite: str, benchmarks, harness: dict) -> dict:
-    from megatron_zero.evaluation.suites import score
-
-    if suite == "text":
-        return {b.name: score(harness, b) for b in benchmarks}
-    return {b.name: score(harness[b.name], b) for b in benchmarks}
-
-
-def write_outputs(out_dir: str, suite: str, benchmarks, rows: dict, harness: dict, paths: dict) -> str:
-    """``results.json`` + ``results.md``; returns the Markdown."""
-    from megatron_zero.evaluation.suites import markdown_table, settings_table
-
-    os.makedirs(out_dir, exist_ok=True)
-    table = markdown_table(benchmarks, rows)
-    markdown = f"# {suite} suite\n\n{table}\n\n## Settings\n\n{settings_table(benchmarks)}\n"
-    record = {"suite": suite, "benchmarks": [dataclasses.asdict(b) for b in benchmarks],
-              "checkpoints": {label: {"load": paths[label], "scores": rows[label], "harness": harness[label]}
-                              for label in rows}}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown)
-    return table
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_zero.checkpointing.resolve import DECODER_KINDS, VLM_KINDS, resolve_checkpoint
+    from megatron_zero.evaluation.compare import evaluate_text, evaluate_vlm, scores, write_outputs
     from megatron_zero.evaluation.runner import DataUnavailableError
     from megatron_zero.evaluation.suites import SuiteError, select
     from megatron_zero.evaluation.text_model import EvaluationError
@@ -140,27 +87,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             compare += " (compare)"
         checkpoints[compare] = args.compare_load
     try:
-        for path in checkpoints.values():
+        for path in checkpoints.values():  # before any task data is loaded
             if not os.path.isdir(path):
                 raise EvaluationError(f"--load {path}: no such checkpoint directory")
+            flag = "--load" if path == args.load else "--compare-load"
+            resolve_checkpoint(path, flag, accept=DECODER_KINDS if args.suite == "text" else VLM_KINDS)
         benchmarks = [dataclasses.replace(b, binary=True) if b.task in args.binary_tasks else b
                       for b in select(args.suite, args.tasks)]
         if args.suite == "text":
             from megatron_zero.evaluation.runner import load_text_tasks
 
             tasks = load_text_tasks(benchmarks, args.include_path)
-            raw = {label: _evaluate_text(args, benchmarks, path, tasks) for label, path in checkpoints.items()}
+            raw = {label: evaluate_text(path, tasks, args.limit, args.tp, args.pp, args.dtype, args.tokenizer,
+                                        args.batch_size, args.seed) for label, path in checkpoints.items()}
         else:
             from megatron_zero.evaluation.runner import load_vlm_task_manager
 
             manager = load_vlm_task_manager(benchmarks, args.include_path)
-            raw = {label: _evaluate_vlm(args, benchmarks, path, manager) for label, path in checkpoints.items()}
+            raw = {label: evaluate_vlm(path, benchmarks, manager, args.limit, args.tp, args.pp, args.dtype,
+                                       args.tokenizer, args.chat_family, args.batch_size, args.seed,
+                                       args.prompt_format)
+                   for label, path in checkpoints.items()}
     except (EvaluationError, SuiteError, DataUnavailableError, ValueError, FileNotFoundError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     if not is_rank0() or any(r is None for r in raw.values()):
         return 0
-    rows = {label: _scores(args.suite, benchmarks, r) for label, r in raw.items()}
+    rows = {label: scores(args.suite, benchmarks, r) for label, r in raw.items()}
     table = write_outputs(args.output_dir, args.suite, benchmarks, rows, raw, checkpoints)
     print(table)
     print(f"\nwrote {os.path.join(args.output_dir, 'results.json')} and results.md")

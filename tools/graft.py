@@ -17,11 +17,11 @@ import sys
 
 
 def main(argv=None) -> int:
-    from megatron_zero.checkpointing.hf_writer import SaveDirError
-    from megatron_zero.grafting import VLMCheckpointError, graft
+    from megatron_zero.grafting import graft
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoder", required=True, help="image-encoder checkpoint directory (trained on a surrogate)")
+    p.add_argument("--encoder", required=True,
+                   help="image-encoder checkpoint (trained on a surrogate), or the training run / export holding it")
     p.add_argument("--target", required=True, help="target decoder: HF Llama directory (config.json + safetensors)")
     p.add_argument("--output", required=True, help="VLM checkpoint directory to write")
     p.add_argument("--force", action="store_true", help="graft even if the provenance checks fail")
@@ -29,9 +29,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         record = graft(args.encoder, args.target, args.output, force=args.force, overwrite=args.overwrite)
-    except (VLMCheckpointError, SaveDirError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # GraftingError, checkpoint and save-dir errors are ValueErrors
         print(f"graft.py: error: {e}", file=sys.stderr)
         return 2
+    for note in record.get("notes", []):
+        print(f"graft.py: note: {note}", file=sys.stderr)
     for problem in record["problems"]:
         print(f"graft.py: warning (forced): {problem}", file=sys.stderr)
     print(json.dumps({"output": args.output, "forced": record["forced"]}))

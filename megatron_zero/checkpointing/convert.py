@@ -22,6 +22,7 @@ from megatron_zero.checkpointing.hf_reader import CheckpointFormatError
 from megatron_zero.checkpointing.hf_writer import SaveDirError
 from megatron_zero.checkpointing.hf_llava import LlavaExportError
 from megatron_zero.checkpointing.mcore_checkpoint import CheckpointError
+from megatron_zero.checkpointing.resolve import CheckpointResolveError
 from megatron_zero.checkpointing.vlm_checkpoint import VLMCheckpointError
 from megatron_zero.models.llama import ModelConfigError, RuntimeOptions
 from megatron_zero.models.llama_config import LlamaConfig
@@ -30,7 +31,7 @@ from megatron_zero.parallel.initialize import ParallelConfigError
 PROG = "convert_checkpoint.py"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 USER_ERRORS = (CheckpointFormatError, CheckpointError, SaveDirError, ModelConfigError, ParallelConfigError,
-               LlavaExportError, VLMCheckpointError)
+               LlavaExportError, VLMCheckpointError, CheckpointResolveError)
 # validate()/split_layers() speak in training flags; the conversion flags say "target".
 _FLAG_NAMES = {
     "--tensor-model-parallel-size": "--target-tensor-parallel-size",
@@ -123,14 +124,17 @@ def convert_checkpoint(load_dir: str, save_dir: str, source_format: str, target_
     ``load_dir`` may be anything :func:`~megatron_zero.checkpointing.resolve.resolve_checkpoint` recognises that
     holds the requested model (e.g. a training run or its ``export`` for ``--source-format mcore``/``vlm``)."""
     from megatron_zero.checkpointing import convert_clip, convert_llama
+    from megatron_zero.checkpointing.resolve import conversion_source
 
+    if model_type != "vlm":
+        load_dir = conversion_source(load_dir, source_format, model_type)
     if target_format == "hf" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ParallelConfigError("--target-format hf runs in one process (it streams from the checkpoint); "
                                   "launch it without torchrun")
     if model_type == "vlm":
         from megatron_zero.checkpointing.hf_llava import export_hf_llava
 
-        export_hf_llava(load_dir, save_dir, overwrite, max_shard_bytes)
+        export_hf_llava(load_dir, save_dir, overwrite, max_shard_bytes, merge_lora=merge_lora)
     elif model_type == "clip":
         if pp != 1 or stage_layers is not None:
             raise ModelConfigError("--model-type clip: the vision encoder is not pipelined; "

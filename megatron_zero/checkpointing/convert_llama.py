@@ -126,7 +126,7 @@ def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard
     init_process_group()
     stream = mcore_checkpoint.iter_llama_canonical(load_dir, cfg)
     if cfg.lora:
-        from megatron_zero.models.lora import merge_canonical
+        from megatron_zero.checkpointing.lora_merge import merge_canonical
 
         stream, cfg = merge_canonical(stream, cfg), dataclasses.replace(cfg, lora=None)
     bar = tqdm(total=len(hf_llama.canonical_keys(cfg)), desc="exporting tensors", unit="tensor",

@@ -11,7 +11,6 @@ embeddings (579 positions per image) that have no place in ``LlavaForConditional
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -29,8 +28,8 @@ def export_problems(cfg: VLMConfig) -> list[str]:
     return [
         "its image features are the last CLIP layer after post_layernorm, class token included; transformers' LLaVA "
         "feeds hidden_states[vision_feature_layer] (before post_layernorm)",
-        "each image is wrapped in learned start/end-of-image embeddings (579 positions per image), which "
-        "LlavaForConditionalGeneration cannot represent",
+        f"each image is wrapped in learned start/end-of-image embeddings ({cfg.num_image_embeddings} positions per "
+        f"image: {cfg.vision.num_image_tokens} features + 2), which LlavaForConditionalGeneration cannot represent",
     ]
 
 
@@ -47,8 +46,9 @@ def llava_config(cfg: VLMConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def iter_llava_tensors(cfg: VLMConfig, encoder: dict, decoder_get):
-    """(HF LLaVA name, tensor) pairs, one at a time."""
+def iter_llava_tensors(cfg: VLMConfig, encoder: dict, decoder):
+    """(HF LLaVA name, tensor) pairs, one at a time. ``decoder``: a canonical getter, or an iterable of canonical
+    ``(key, tensor)`` pairs (streamed from a torch_dist decoder)."""
     from megatron_zero.checkpointing import hf_clip, hf_llama
 
     v = cfg.vision
@@ -62,27 +62,53 @@ def iter_llava_tensors(cfg: VLMConfig, encoder: dict, decoder_get):
     for ours, theirs in (("linear_fc1", "linear_1"), ("linear_fc2", "linear_2")):
         for p in ("weight", "bias"):
             yield f"model.multi_modal_projector.{theirs}.{p}", encoder[f"adapter.{ours}.{p}"]
-    for ckey in hf_llama.canonical_keys(cfg.decoder):
-        for name, t in hf_llama.from_canonical(ckey, decoder_get(ckey), cfg.decoder).items():
+    pairs = ((k, decoder(k)) for k in hf_llama.canonical_keys(cfg.decoder)) if callable(decoder) else decoder
+    for ckey, tensor in pairs:
+        for name, t in hf_llama.from_canonical(ckey, tensor, cfg.decoder).items():
             yield (name if name == "lm_head.weight" else "model.language_model." + name[len("model."):]), t
 
 
-def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9) -> None:
-    """Write the VLM checkpoint ``vlm_dir`` (``tools/graft.py`` output) as an HF LLaVA directory."""
+def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+                    merge_lora: bool = False) -> None:
+    """Write a VLM as an HF LLaVA directory. ``vlm_dir``: anything that resolves to a VLM (``tools/graft.py``
+    output, a training run or its ``<save>/export``, whose decoder is a torch_dist checkpoint). A decoder with LoRA
+    adapters (stage 3 with ``--lora-rank``) needs ``merge_lora``: the adapters are folded into its weights."""
+    from megatron_zero import platform
     from megatron_zero.checkpointing.hf_writer import (ShardedSafetensorsWriter, atomic_directory, check_save_dir,
                                                        copy_tokenizer_files, write_config)
-    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR, load_vlm_checkpoint
+    from megatron_zero.checkpointing.hf_llava_processor import write_hf_processor_files
+    from megatron_zero.checkpointing.resolve import VLM_KINDS, iter_decoder_canonical, resolve_checkpoint
+    from megatron_zero.checkpointing.vlm_checkpoint import load_image_encoder
+    from megatron_zero.parallel.initialize import init_process_group
 
-    cfg, encoder, decoder_get = load_vlm_checkpoint(vlm_dir)
+    ckpt = resolve_checkpoint(vlm_dir, "--load-dir", accept=VLM_KINDS)
+    cfg = ckpt.vlm_config
     problems = export_problems(cfg)
     if problems:
         raise LlavaExportError(f"{vlm_dir}: cannot export as HF LLaVA: " + "; ".join(problems)
                                + " (train with --feature-convention llava for a transformers-compatible VLM)")
+    if cfg.decoder.lora and not merge_lora:
+        raise LlavaExportError(f"{vlm_dir}: the decoder holds LoRA adapters (rank {cfg.decoder.lora['rank']}); "
+                               f"pass --merge-lora to fold them into the exported decoder")
+    _, encoder = load_image_encoder(ckpt.encoder_dir)
     check_save_dir(save_dir, overwrite)
+    if ckpt.decoder.format != "hf":  # torch_dist reads are collective: a world of one
+        platform.install_cpu_compat()
+        init_process_group()
     with atomic_directory(save_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, log=lambda m: None)
-        for name, t in iter_llava_tensors(cfg, encoder, decoder_get):
+        decoder = iter_decoder_canonical(ckpt)
+        if cfg.decoder.lora:
+            import dataclasses
+
+            from megatron_zero.checkpointing.lora_merge import merge_canonical
+
+            decoder = merge_canonical(decoder, cfg.decoder)
+            cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, lora=None))
+        for name, t in iter_llava_tensors(cfg, encoder, decoder):
             writer.add(name, t)
         writer.close()
-        copy_tokenizer_files(os.path.join(vlm_dir, DECODER_DIR), tmp)
+        tokenizer_dir = ckpt.tokenizer_dir or ckpt.decoder.path
+        copy_tokenizer_files(tokenizer_dir, tmp)
+        write_hf_processor_files(tmp, tokenizer_dir, cfg)
         write_config(tmp, llava_config(cfg, encoder["vision_model.class_embedding"].dtype))

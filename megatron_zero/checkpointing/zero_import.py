@@ -322,10 +322,10 @@ def import_translator(translator_file: str, surrogate: str, output: str, overwri
 
 
 def parse_range(text: str) -> tuple[int, int]:
-    """``"40:78"`` -> ``(40, 78)``: their ``translators_range`` ``range(40, 79)``, inclusive ends."""
+    """``"40:78"`` -> ``(40, 78)`` (:func:`megatron_zero.surrogate.parse_range`)."""
+    from megatron_zero.surrogate import SurrogateError, parse_range as _parse
+
     try:
-        a, b = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise ZeroImportError(f"--translator-range {text!r}: expected a:b (first and last replaced layer, "
-                              f"e.g. 40:78 for their range(40, 79))") from None
-    return a, b
+        return _parse(text)
+    except SurrogateError as e:
+        raise ZeroImportError(str(e)) from None

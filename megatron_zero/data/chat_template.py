@@ -50,6 +50,8 @@ __all__ = [
     "Llama2ChatTemplate",
     "Llama3ChatTemplate",
     "Message",
+    "Qwen3ChatTemplate",
+    "QwenChatTemplate",
     "WordChatTemplate",
     "chat_template_for",
 ]
@@ -324,6 +326,63 @@ class ZeroLlama3ChatTemplate(Llama3ChatTemplate):
             yield _Segment(_Kind.TEXT, "\n")
 
 
+class QwenChatTemplate(ChatTemplate):
+    """Qwen2.5's ChatML: per turn ``<|im_start|>{role}\n{content}<|im_end|>\n``; generation prompt
+    ``<|im_start|>assistant\n``. Without a system message Qwen2.5 inserts its default one (as its HF template does).
+
+    Loss (default): the assistant's content and its ``<|im_end|>``; the ``\n`` after it and the role lines carry
+    none. With ``loss_on_special_tokens`` every ``<|im_start|>`` / ``<|im_end|>`` as well.
+    """
+
+    family = "qwen2"
+    image_token_candidates = ("<|image_pad|>", "<|vision_pad|>")
+    default_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.tokenizer.special_token_id(t) for t in ("<|im_end|>", "<|endoftext|>")
+                if self.tokenizer.has_special_token(t)]
+
+    def _assistant_prefix(self) -> str:
+        return ""
+
+    def _segments(self, messages, add_generation_prompt):
+        if self.default_system and messages[0].role != "system":
+            messages = [Message("system", self.default_system), *messages]
+        for m in messages:
+            yield _Segment(_Kind.SPECIAL, "<|im_start|>")
+            yield _Segment(_Kind.TEXT, f"{m.role}\n" + (self._assistant_prefix() if m.role == "assistant" else ""))
+            yield _Segment(_content_kind(m.role), m.content)
+            yield _Segment(_Kind.TURN_END if m.role == "assistant" else _Kind.SPECIAL, "<|im_end|>")
+            yield _Segment(_Kind.TEXT, "\n")
+        if add_generation_prompt:
+            yield _Segment(_Kind.SPECIAL, "<|im_start|>")
+            yield _Segment(_Kind.TEXT, "assistant\n" + self._assistant_prefix())
+
+
+class Qwen3ChatTemplate(QwenChatTemplate):
+    """Qwen3's ChatML (no default system message) with its thinking switch.
+
+    ``enable_thinking=True`` (Qwen3's default): the generation prompt is ``<|im_start|>assistant\n`` and the model
+    writes its own ``<think>...</think>``; assistant contents are taken as written (a response that includes its
+    reasoning carries loss on it). ``enable_thinking=False``: the generation prompt ends with the empty block
+    ``<think>\n\n</think>\n\n`` (as ``apply_chat_template(..., enable_thinking=False)`` renders it), and every
+    assistant turn is laid out the same way, the block as template text without loss, so training matches
+    inference.
+    """
+
+    family = "qwen3"
+    default_system = None
+    EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+    def __init__(self, tokenizer: Tokenizer, image_placeholder: int | str | None = None, enable_thinking: bool = True):
+        super().__init__(tokenizer, image_placeholder)
+        self.enable_thinking = enable_thinking
+
+    def _assistant_prefix(self) -> str:
+        return "" if self.enable_thinking else self.EMPTY_THINK
+
+
 class Llama2ChatTemplate(ChatTemplate):
     """Meta's Llama-2 chat layout: ``<s>[INST] {user} [/INST] {answer} </s>`` per exchange.
 
@@ -413,14 +472,16 @@ def _fold_system(messages: Sequence[Message], render_system) -> list[Message]:
     return [first, *messages[2:]]
 
 
-_TEMPLATES = {t.family: t for t in (Llama3ChatTemplate, Llama2ChatTemplate, GemmaChatTemplate, WordChatTemplate)}
+_TEMPLATES = {t.family: t for t in (Llama3ChatTemplate, Llama2ChatTemplate, GemmaChatTemplate, WordChatTemplate,
+                                     QwenChatTemplate, Qwen3ChatTemplate)}
 
 
 def chat_template_for(
     tokenizer: Tokenizer, family: str | None = None, image_placeholder: int | str | None = None,
-    prompt_format: str = "meta",
+    prompt_format: str = "meta", enable_thinking: bool = True,
 ) -> ChatTemplate:
-    """The chat template of ``family`` (``llama3``, ``llama2``, ``gemma``, ``word``), or detected from the
+    """The chat template of ``family`` (``llama3``, ``llama2``, ``gemma``, ``word``, ``qwen3``, ``qwen2`` for
+    Qwen2/2.5; ``enable_thinking`` is Qwen3's thinking switch), or detected from the
     tokenizer's special tokens when ``family`` is None; ``prompt_format="zero"`` gives the authors' Llama-3 format
     (:class:`ZeroLlama3ChatTemplate`, Llama-3 only)."""
     if prompt_format not in PROMPT_FORMATS:
@@ -428,6 +489,8 @@ def chat_template_for(
     if family is None:
         if tokenizer.has_special_token("<|start_header_id|>"):
             family = "llama3"
+        elif tokenizer.has_special_token("<|im_start|>"):  # Qwen3 and Qwen2.5 share the vocabulary: Qwen3 unless told
+            family = "qwen3"
         elif tokenizer.has_special_token("<start_of_turn>"):
             family = "gemma"
         elif isinstance(tokenizer, WordTokenizer):
@@ -446,4 +509,6 @@ def chat_template_for(
             raise ValueError(f"--prompt-format zero is the authors' Llama-3 format; the tokenizer's chat family is "
                              f"{family!r}")
         return ZeroLlama3ChatTemplate(tokenizer, image_placeholder)
+    if family == "qwen3":
+        return Qwen3ChatTemplate(tokenizer, image_placeholder, enable_thinking=enable_thinking)
     return _TEMPLATES[family](tokenizer, image_placeholder)

@@ -263,6 +263,7 @@ class ChatDataset:
               source: str = "") -> ChatDataset:
         """Apply ``template`` to every conversation, cap lengths, drop what cannot be trained on."""
         ids, masks, lengths, images, record_ids = [], [], [], [], []
+        needed = []  # every conversation's full length, images expanded (for the error a too-short cap gives)
         skipped: collections.Counter = collections.Counter()
         truncated = 0
         placeholder = template.image_placeholder_id
@@ -275,6 +276,8 @@ class ChatDataset:
                 raise ValueError(f"{source}: conversation {conv.id!r}: {exc}") from None
             tok = np.asarray(enc.input_ids, dtype=np.int64)
             mask = np.asarray(enc.loss_mask, dtype=bool)
+            needed.append(len(tok) + int((tok == placeholder).sum()) * (config.num_image_tokens - 1)
+                          if placeholder is not None else len(tok))
             tok, mask, kept = truncate_sample(tok, mask, conv.image_paths, placeholder, config.num_image_tokens,
                                               config.max_seq_len)
             if conv.image_paths and not kept:
@@ -295,7 +298,9 @@ class ChatDataset:
         offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         flat_ids = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, np.int32)
         flat_masks = np.concatenate(masks) if masks else np.zeros(0, bool)
-        return cls(source, flat_ids, flat_masks, offsets, images, record_ids, placeholder, skipped, truncated)
+        ds = cls(source, flat_ids, flat_masks, offsets, images, record_ids, placeholder, skipped, truncated)
+        ds.needed_lengths = np.asarray(needed, dtype=np.int64)
+        return ds
 
     def __len__(self) -> int:
         return len(self._images)

@@ -290,8 +290,8 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizer.json``; BOS/EOS/PAD from ``tokenizer_config.json`` beside it when present."""
 
     _BOS_GUESSES = ("<|begin_of_text|>", "<bos>", "<s>")
-    _EOS_GUESSES = ("<|end_of_text|>", "<eos>", "</s>")
-    _PAD_GUESSES = ("<|finetune_right_pad_id|>", "<pad>")
+    _EOS_GUESSES = ("<|end_of_text|>", "<eos>", "</s>", "<|im_end|>", "<|endoftext|>")  # Qwen: <|im_end|> (chat)
+    _PAD_GUESSES = ("<|finetune_right_pad_id|>", "<pad>", "<|endoftext|>")
 
     def __init__(self, tokenizer_json: str | os.PathLike):
         from tokenizers import Tokenizer as _HFTokenizer

@@ -15,7 +15,6 @@ same alone or in any batch.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -32,12 +31,14 @@ class EvaluationError(UserError, ValueError):
 
 
 def default_tokenizer_path(load: str) -> str:
-    """Where a checkpoint keeps its tokenizer: a VLM checkpoint's ``decoder/``, else the directory itself."""
-    from megatron_zero.checkpointing.sources import vlm_checkpoint_dir
-    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR
+    """Where a checkpoint keeps its tokenizer (a VLM's ``decoder/``, a run's export, ...), else ``load`` itself."""
+    from megatron_zero.checkpointing.resolve import resolve_checkpoint
 
-    vlm = vlm_checkpoint_dir(load)
-    return os.path.join(vlm, DECODER_DIR) if vlm is not None else load
+    try:
+        found = resolve_checkpoint(load).tokenizer_dir
+    except ValueError:
+        found = None
+    return found or load
 
 
 def open_tokenizer(load: str, tokenizer: Optional[str], vocab_size: int):

@@ -100,20 +100,19 @@ class VLMEvaluator:
     def __init__(self, load: str, tp: int = 1, dtype: str = "fp32", tokenizer: Optional[str] = None,
                  chat_family: Optional[str] = None, yes_words: Sequence[str] = ("yes", "Yes"),
                  no_words: Sequence[str] = ("no", "No"), seed: int = 1234, prompt_format: str = "meta"):
-        from megatron_zero.checkpointing.sources import (WeightSourceError, resolve_decoder, resolve_encoder,
-                                                         vlm_checkpoint_dir)
+        from megatron_zero.checkpointing.resolve import VLM_KINDS, load_vlm, resolve_checkpoint
         from megatron_zero.data.chat_template import chat_template_for
         from megatron_zero.evaluation.text_model import open_tokenizer
         from megatron_zero.models.llama import RuntimeOptions
-        from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig, build_vlm
         from megatron_zero.parallel.initialize import initialize_parallel
 
         if dtype not in DTYPES:
             raise EvaluationError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-        vlm_dir = vlm_checkpoint_dir(load)
-        if vlm_dir is None:
-            raise EvaluationError(f"load={load}: not a VLM checkpoint (no {VLM_CONFIG_FILE} here or in export/)")
-        self.cfg = VLMConfig.load(os.path.join(vlm_dir, VLM_CONFIG_FILE))
+        try:
+            ckpt = resolve_checkpoint(load, "load=", accept=VLM_KINDS)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
+        self.cfg = ckpt.vlm_config
         self.tokenizer = open_tokenizer(load, tokenizer, self.cfg.decoder.vocab_size)
         try:
             self.template = chat_template_for(self.tokenizer, chat_family, image_placeholder=self.cfg.image_token_id,
@@ -124,12 +123,10 @@ class VLMEvaluator:
         if dp != 1:
             raise EvaluationError(f"launch exactly tp = {tp} processes (data parallelism is not used)")
         self.dtype = DTYPES[dtype]
-        self.model = build_vlm(self.cfg, RuntimeOptions(tensor_model_parallel_size=tp, params_dtype=self.dtype,
-                                                     bf16=self.dtype == torch.bfloat16, initialize_weights=False))
         try:
-            resolve_decoder(load, flag="load=").load_into([self.model])
-            resolve_encoder(load, flag="load=").load_into([self.model])
-        except WeightSourceError as e:
+            self.model = load_vlm(ckpt, RuntimeOptions(tensor_model_parallel_size=tp, params_dtype=self.dtype,
+                                                       bf16=self.dtype == torch.bfloat16))
+        except ValueError as e:
             raise EvaluationError(str(e)) from None
         self.model.eval()
         self.yes_ids = sorted({self.tokenizer.encode(w)[0] for w in yes_words})

@@ -27,7 +27,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_zero.errors import UserError
 from megatron_zero.models.vlm import VisionLanguageModel, expand_image_placeholders
+
+
+class GenerationRequestError(UserError, ValueError):
+    """A request the model cannot serve (too long for its context, ...)."""
 
 
 @dataclasses.dataclass
@@ -95,8 +100,9 @@ def generate(model: VisionLanguageModel, prompts: Sequence[Sequence[int]],
     lengths = [int(n) for n in (expanded.segment_ids >= 0).sum(1)]
     total = max(lengths) + options.max_new_tokens
     if total > cfg.decoder.max_position_embeddings:
-        raise ValueError(f"prompt ({max(lengths)} positions after image expansion) + --max-new-tokens "
-                         f"{options.max_new_tokens} exceeds the decoder's {cfg.decoder.max_position_embeddings} positions")
+        raise GenerationRequestError(f"prompt ({max(lengths)} positions after image expansion) + --max-new-tokens "
+                                     f"{options.max_new_tokens} exceeds the decoder's "
+                                     f"{cfg.decoder.max_position_embeddings} positions")
     device = next(model.language_model.parameters()).device
     ids = expanded.input_ids.to(device)
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)

@@ -93,6 +93,8 @@ def trainable_predicate(stage: str, decoder_cfg: LlamaConfig, num_encoder_layers
 
     if stage == "stage2":
         return encoder_side
+    if decoder_cfg.lora:  # LoRA: the adapters train, the decoder's own weights stay frozen
+        return lambda name: encoder_side(name) or (name.startswith("language_model.") and "_lora." in name)
     return lambda name: encoder_side(name) or name.startswith("language_model.")
 
 

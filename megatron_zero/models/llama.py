@@ -222,7 +222,11 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
     from megatron.core.tensor_parallel.layers import (
         ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, set_tensor_model_parallel_attributes,
     )
+    from megatron.core.transformer.mlp import MLP
 
+    # megatron's MLP builds a gated (SwiGLU) fc1 with stride 2: each TP rank holds interleaved [gate, up] pieces
+    strides = {id(m.linear_fc1): 2 for m in model.modules() if isinstance(m, MLP) and m.config.gated_linear_unit
+               and not getattr(m.config, "use_kitchen", False)}
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
             dim = 0
@@ -232,7 +236,7 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             continue
         weight = getattr(module, "weight", None)
         if weight is not None and not hasattr(weight, "tensor_model_parallel"):
-            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+            set_tensor_model_parallel_attributes(weight, True, dim, strides.get(id(module), 1))
         bias = getattr(module, "bias", None)
         if dim == 0 and isinstance(bias, torch.Tensor) and not hasattr(bias, "tensor_model_parallel"):
             set_tensor_model_parallel_attributes(bias, True, 0, 1)

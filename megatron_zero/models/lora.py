@@ -20,13 +20,14 @@ The adapters are sibling modules of the base linears (``self_attention.linear_qk
 forward hook, so every base tensor keeps its name and the canonical/HF mappings are unchanged; the adapters'
 canonical keys are ``decoder.layers.N.<linear>_lora.{A,B}_<target>``. The LoRA settings are part of the decoder
 config (``DecoderConfig.lora``), written with every checkpoint, so any loader rebuilds the adapters;
-:func:`merge_canonical` folds them into the base weights (``convert_checkpoint --merge-lora``).
+:func:`megatron_zero.checkpointing.lora_merge.merge_canonical` folds them into the base weights
+(``convert_checkpoint --merge-lora``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -42,6 +43,7 @@ _BASE = {
 # order of the parts inside a fused column-parallel output (per group)
 _PARTS = {"self_attention.linear_qkv": ("q", "k", "v"), "mlp.linear_fc1": ("gate", "up")}
 SUFFIX = "_lora"
+INIT_SEED = 20250419
 
 
 class LoraError(UserError, ValueError):
@@ -112,7 +114,8 @@ def num_trainable_parameters(cfg) -> int:
 class LoraAdapter(torch.nn.Module):
     """The adapters of one base linear (one or more targets), this TP rank's slices."""
 
-    def __init__(self, base_path: str, targets: Sequence[str], cfg, lcfg: LoraConfig, tp_size: int, dtype):
+    def __init__(self, base_path: str, targets: Sequence[str], cfg, lcfg: LoraConfig, tp_size: int, dtype,
+                 layer: int = 0, tp_rank: int = 0):
         super().__init__()
         self.base_path, self.targets, self.scale = base_path, tuple(targets), lcfg.scale
         self.kind = _BASE[self.targets[0]][1]
@@ -128,11 +131,16 @@ class LoraAdapter(torch.nn.Module):
         self.split = {}
         for t in self.targets:
             (r, i), (o, _) = target_shapes(cfg, t)
+            # PEFT's (and nn.Linear's) init of A, drawn at full size from a generator seeded by (layer, target) and
+            # sliced: the same adapters at every TP/PP layout, identical replicas on every TP rank
+            a = torch.empty(r, i)
+            gen = torch.Generator().manual_seed(INIT_SEED + 16 * layer + TARGETS.index(t))
+            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
             if self.kind == "column":
-                a, b, split = torch.empty(r, i, dtype=dtype), torch.zeros(o // tp_size, r, dtype=dtype), ("B", 0)
+                a, b, split = a.to(dtype), torch.zeros(o // tp_size, r, dtype=dtype), ("B", 0)
             else:
-                a, b, split = torch.empty(r, i // tp_size, dtype=dtype), torch.zeros(o, r, dtype=dtype), ("A", 1)
-            torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's (and nn.Linear's) init of A
+                a = a.chunk(tp_size, dim=1)[tp_rank].contiguous().to(dtype)
+                b, split = torch.zeros(o, r, dtype=dtype), ("A", 1)
             self.register_parameter(f"A_{t}", torch.nn.Parameter(a))
             self.register_parameter(f"B_{t}", torch.nn.Parameter(b))
             self.split[t] = split
@@ -196,7 +204,8 @@ def apply_lora(model, cfg) -> None:
             parent_name, linear_name = base_path.split(".")
             parent = getattr(layer, parent_name)
             base = getattr(parent, linear_name)
-            adapter = LoraAdapter(base_path, targets, cfg, lcfg, tp, model.config.params_dtype)
+            adapter = LoraAdapter(base_path, targets, cfg, lcfg, tp, model.config.params_dtype,
+                                  layer=layer.layer_number - 1, tp_rank=ps.get_tensor_model_parallel_rank())
             if hasattr(base, "layer_norm_weight"):  # TE fuses the pre-norm into the linear: normalise here too
                 adapter.layer_norm = (base.layer_norm_weight, model.config.layernorm_epsilon)
             device = base.weight.device
@@ -213,59 +222,3 @@ def lora_keys(cfg, layer: int) -> list[str]:
 
 def is_lora_key(ckey: str) -> bool:
     return f"{SUFFIX}." in ckey
-
-
-def merge_canonical(stream: Iterable[tuple[str, torch.Tensor]], cfg) -> Iterator[tuple[str, torch.Tensor]]:
-    """Canonical tensors with every adapter folded into its base weight (``W_t += alpha/r * B_t A_t``).
-
-    ``stream`` holds a layer's adapter keys after that layer's base keys or before (any order within the
-    layer); tensors are yielded once their layer is complete, so memory stays at one layer.
-    """
-    from megatron_zero.checkpointing import hf_llama
-
-    lcfg = LoraConfig.from_dict(cfg.lora)
-    pending: dict[str, torch.Tensor] = {}
-    current = None
-
-    def flush(layer_keys: dict[str, torch.Tensor]):
-        adapters = {k: v for k, v in layer_keys.items() if is_lora_key(k)}
-        base = {k: v for k, v in layer_keys.items() if not is_lora_key(k)}
-        for ckey in list(base):
-            suffix = ckey.split(".", 3)[3]
-            path = suffix.rsplit(".", 1)[0]
-            if not suffix.endswith(".weight") or path not in {b for b, _ in _BASE.values()}:
-                continue
-            prefix = ckey[: -len(suffix)]
-            deltas = {t: lcfg.scale * (adapters[f"{prefix}{path}{SUFFIX}.B_{t}"].double()
-                                       @ adapters[f"{prefix}{path}{SUFFIX}.A_{t}"].double())
-                      for t in lcfg.targets if _BASE[t][0] == path}
-            if not deltas:
-                continue
-            w = base[ckey]
-            if path == "self_attention.linear_qkv":
-                q, k, v = hf_llama.split_qkv(w, cfg)
-                parts = {"q": q, "k": k, "v": v}
-                parts = {n: (p.double() + deltas[n]).to(w.dtype) if n in deltas else p for n, p in parts.items()}
-                base[ckey] = hf_llama.fuse_qkv(parts["q"], parts["k"], parts["v"], cfg)
-            elif path == "mlp.linear_fc1":
-                gate, up = w.chunk(2, dim=0)
-                parts = {"gate": gate, "up": up}
-                parts = {n: (p.double() + deltas[n]).to(w.dtype) if n in deltas else p for n, p in parts.items()}
-                base[ckey] = torch.cat([parts["gate"], parts["up"]], dim=0)
-            else:
-                (delta,) = deltas.values()
-                base[ckey] = (w.double() + delta).to(w.dtype)
-        yield from base.items()
-
-    for ckey, t in stream:
-        layer = ckey.split(".")[2] if ckey.startswith("decoder.layers.") else None
-        if layer != current and pending:
-            yield from flush(pending)
-            pending = {}
-        current = layer
-        if layer is None:
-            yield ckey, t
-        else:
-            pending[ckey] = t
-    if pending:
-        yield from flush(pending)

@@ -102,8 +102,10 @@ def load_canonical(
     tp_rank: int = 0,
     tp_size: int = 1,
     source: str = "checkpoint",
+    skip: Optional[Callable[[str], bool]] = None,
 ) -> None:
-    """Copy canonical tensors into this rank's model chunk. ``get`` maps a canonical key to its tensor.
+    """Copy canonical tensors into this rank's model chunk. ``get`` maps a canonical key to its tensor;
+    canonical keys for which ``skip(key)`` is true are left as built (e.g. fresh LoRA adapters).
 
     ``get`` may be a dict or a function (so conversion can stream from safetensors, reading only the
     tensors this rank needs). Tied output weights on the last stage are taken from the embedding.
@@ -117,6 +119,8 @@ def load_canonical(
             ckey = canonical_key(key, mapping)
             if tied and ckey == "output_layer.weight":
                 ckey = "embedding.word_embeddings.weight"
+            if skip is not None and skip(ckey):
+                continue
             try:
                 full = lookup(ckey)
             except KeyError:

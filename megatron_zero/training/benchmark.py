@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from megatron_zero.errors import UserError
+
 
 def parse_span(span: str) -> tuple[int, int]:
     """``"a,b"`` -> ``(a, b)``."""
@@ -24,11 +26,16 @@ def parse_span(span: str) -> tuple[int, int]:
     return a, b
 
 
-def benchmark_configs(cfg, span: Optional[str] = None) -> list[tuple]:
-    """``(config, mode, translator layer)`` to time: the target full/frozen, and T(a, b) translator/frozen."""
+def benchmark_configs(cfg, span: Optional[str] = None, lora: Optional[dict] = None) -> list[tuple]:
+    """``(config, mode, translator layer)`` to time: the target full/frozen (and ``lora``: LoRA adapters on the
+    frozen target, ``LoraConfig.to_dict()``), and T(a, b) translator/frozen."""
+    import dataclasses
+
     from megatron_zero.surrogate import surrogate_config
 
     configs = [(cfg, "full", None), (cfg, "frozen", None)]
+    if lora:
+        configs.append((dataclasses.replace(cfg, lora=lora), "lora", None))
     if span:
         a, b = parse_span(span)
         scfg = surrogate_config(cfg, a, b)
@@ -37,7 +44,10 @@ def benchmark_configs(cfg, span: Optional[str] = None) -> list[tuple]:
 
 
 def freeze(model, mode: str, translator: int | None):
-    """mode: full | frozen (embedding only) | translator (embedding + one decoder layer)."""
+    """mode: full | frozen (embedding only) | translator (embedding + one decoder layer) | lora (the adapters
+    only, as built)."""
+    if mode == "lora":
+        return
     from megatron_zero.parallel.sharding import layer_index_map
 
     gmap = layer_index_map(model)
@@ -65,7 +75,9 @@ def run_config(cfg, opts, mode, translator, args, dp):
     chunks = build_llama_chunks(cfg, opts)
     for c in chunks:
         freeze(c, mode, translator)
-    trainable_layers = {"full": cfg.num_layers, "frozen": 0, "translator": 1}[mode]
+    trainable_params = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
+    trainable_layers = {"full": cfg.num_layers, "frozen": 0, "translator": 1, "lora": 0}[mode]  # (adapter
+    # GEMMs are left out of the FLOPs: r << hidden)
     oo = OptimizerOptions(lr=1e-5, bf16=opts.bf16, use_distributed_optimizer=True)
     chunks = wrap_ddp(chunks, oo)
     opt = build_optimizer(chunks, oo)
@@ -118,10 +130,29 @@ def run_config(cfg, opts, mode, translator, args, dp):
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {
         "model": cfg.name, "mode": mode, "layers": cfg.num_layers, "forward_ms": 1e3 * t_fwd,
-        "backward_ms": 1e3 * max(t_fb - t_fwd, 0.0), "optimizer_ms": 1e3 * t_opt, "step_s": step,
+        "backward_ms": 1e3 * (t_fb - t_fwd), "optimizer_ms": 1e3 * t_opt, "step_s": step,
+        "warning": None if t_fb > t_fwd else (
+            f"forward+backward ({1e3 * t_fb:.1f} ms) measured no slower than forward alone ({1e3 * t_fwd:.1f} ms): "
+            f"timing noise dominates, the backward time is meaningless; use more --iters"),
         "tokens_per_s_per_device": gbs * seq / step / world, "tflops_per_device": tflops,
         "mfu": util if peak else None, "peak_memory_gb": mem, "global_batch": gbs, "seq_length": seq,
+        "trainable_params_this_rank": trainable_params,
     }
+
+
+MIN_TIMED_ITERS = 3  # a median of fewer timed iterations is one noisy sample
+
+
+class BenchmarkArgumentError(UserError, ValueError):
+    """Benchmark settings that cannot give meaningful numbers."""
+
+
+def check_iterations(iters: int, warmup: int) -> None:
+    if iters < MIN_TIMED_ITERS:
+        raise BenchmarkArgumentError(f"--iters {iters}: need at least {MIN_TIMED_ITERS} timed iterations per "
+                                     f"configuration (the median of fewer is one noisy sample)")
+    if warmup < 0:
+        raise BenchmarkArgumentError(f"--warmup {warmup}: must be >= 0")
 
 
 def projected_table(results, samples, num_gpus, world, gbs):
@@ -145,4 +176,8 @@ def projected_table(results, samples, num_gpus, world, gbs):
         lines.append(f"{name:10s} {num_gpus:6d} " + " ".join(f"{h:10.4g}" for h in row) + f" {sum(row):12.4g}")
     if sum(base) == sum(base) and sum(ours) == sum(ours):
         lines.append(f"cost reduction: {100 * (1 - sum(ours) / sum(base)):.1f}%")
+    noisy = [f"{r['model']} {r['mode']}" for r in results if r.get("warning")]
+    if noisy:
+        lines.append(f"warning: timing noise dominates ({', '.join(noisy)}: backward measured <= 0): the projection "
+                     f"is not meaningful; rerun with more --iters")
     return "\n".join(lines)

@@ -44,11 +44,11 @@ from megatron_zero.training.optimizer import unwrap
 from megatron_zero.errors import UserError
 
 COMPLETE = "COMPLETE"
-# Optimizer state is saved per rank, so resume with the parallel layout the run was saved with (the model weights
-# themselves reshard freely). The distributed optimizer's state goes through dist_checkpointing per DP shard
-# (megatron-core 0.16's model-space format relies on ShardedTensor.flattened_range, which its dist_checkpointing
-# no longer accepts); a plain optimizer's state_dict is saved with torch.save (its model-space sharded form cannot
-# describe frozen layers inside megatron's stacked per-layer tensors).
+# The distributed optimizer's state is saved in megatron-core's ``fully_reshardable`` format (model-space tensors,
+# gathered over DP on save, sliced per rank on load), so a run resumes at any TP/PP/DP (the CPU/torch-Adam failure
+# of its loader is fixed in ``platform.install_cpu_compat``). A plain optimizer's state_dict is saved per rank with
+# torch.save (its model-space sharded form cannot describe frozen layers inside megatron's stacked per-layer
+# tensors), so it resumes only at the layout it was saved with; anything else is refused before loading.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest_checkpointed_iteration.txt"
 LOCK = ".lock"
@@ -394,7 +394,7 @@ def save_checkpoint(
     if _rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "rng"))
+        os.makedirs(tmp)  # empty: megatron warns "Overwriting old incomplete / corrupted checkpoint" otherwise
     _barrier()
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None and _is_distributed(optimizer):
@@ -405,6 +405,7 @@ def save_checkpoint(
         "extra": extra or {},
     }
     dist_checkpointing.save(state, tmp)
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     if optimizer is not None and not _is_distributed(optimizer):
         torch.save(optimizer.state_dict(), os.path.join(tmp, "rng", f"optimizer_rank_{_rank():05d}.pt"))
@@ -580,7 +581,12 @@ def load_checkpoint(
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None and _is_distributed(optimizer):
         _ensure_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=OPTIMIZER_METADATA)
+        saved_opt = (manifest.get("layout") or {}).get("optimizer") or ""
+        # checkpoints written before the manifest recorded the layout used the DP-only reshardable format
+        sharding = saved_opt.split(":", 1)[1] if saved_opt.startswith("distributed:") else (
+            OPTIMIZER_METADATA["distrib_optim_sharding_type"] if manifest.get("layout") else "dp_reshardable")
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata={"distrib_optim_sharding_type": sharding})
     state["common"] = {"iteration": 0, "scheduler": None, "extra": {}}
     try:
         loaded = dist_checkpointing.load(state, path)

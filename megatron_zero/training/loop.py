@@ -107,6 +107,12 @@ def setup_optimization(args, chunks: list, model_config: Optional[dict] = None):
     optimizer = build_optimizer(chunks, oopts)
     scheduler = build_scheduler(optimizer, args.lr, args.min_lr, args.train_iters, args.lr_warmup_fraction,
                                 args.lr_decay_style, args.weight_decay)
+    from megatron_zero.checkpointing.resolve import CheckpointResolveError, check_resume_dir
+
+    try:
+        check_resume_dir(args.load)
+    except CheckpointResolveError as e:
+        raise SystemExit(f"error: {e}") from None
     start = 0
     if args.load and ckpt.latest_iteration(args.load) is not None:
         start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, model_config=model_config,
@@ -224,8 +230,8 @@ class ProgressLogger:
         parts += [f"lr {lr:.3e}"]
         if result.grad_norm is not None:
             parts.append(f"grad-norm {result.grad_norm:.3f}")
-        parts += [f"{dt * 1000:.0f} ms/step", f"{real_per_s / world:,.0f} real tok/s/dev",
-                  f"real {100 * real / computed:.1f}% of {tokens_per_s / world:,.0f} tok/s/dev"]
+        parts += [f"{dt * 1000:.0f} ms/step", f"{real_per_s / world:,.0f} real tok/s/dev "
+                  f"({100 * real / computed:.1f}% of {tokens_per_s / world:,.0f} computed)"]
         scalars = {"lr": lr, "step_time_s": dt, "tokens_per_s_per_device": tokens_per_s / world,
                    "real_tokens_per_s_per_device": real_per_s / world, "real_token_fraction": real / computed}
         if self.cfg.flops_per_step:
@@ -316,16 +322,17 @@ def train(
             logger.count(real, computed)
             result = train_step(forward_step_func, data if len(data) > 1 else data[0], model_chunks, optimizer,
                                 num_mb, seq, mbs)
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it on)
             if result.update_successful:
                 scheduler.step(increment=1)
             iteration += 1
             loss = _last_stage_loss(result)
             losses.append(loss)
             if iteration % cfg.log_interval == 0 or iteration == stop_at:
-                logger.log(iteration, result, optimizer.param_groups[0]["lr"], loss)
+                logger.log(iteration, result, lr, loss)
             if metrics is not None:
                 metrics.write(json.dumps({"iteration": iteration, "loss": loss, "grad_norm": result.grad_norm,
-                                          "lr": optimizer.param_groups[0]["lr"], "real_tokens": real,
+                                          "lr": lr, "real_tokens": real,
                                           "computed_tokens": computed}) + "\n")
                 metrics.flush()
             _maybe_test_signal(iteration)
@@ -339,9 +346,12 @@ def train(
                 logger.pause()
             if interrupted:
                 print_rank0(f"exit signal received: stopped after iteration {iteration}")
-                if iteration < cfg.train_iters:
-                    raise Preempted(f"stopped early at iteration {iteration}/{cfg.train_iters}"
-                                    + (f", checkpoint saved to {cfg.save}" if cfg.save else " (no --save: nothing saved)"))
+                if iteration < cfg.train_iters and cfg.save:
+                    raise Preempted(f"stopped early at iteration {iteration}/{cfg.train_iters}, checkpoint saved to "
+                                    f"{cfg.save}")
+                if iteration < cfg.train_iters:  # exit 1: nothing to resume from
+                    raise SystemExit(f"stopped by a signal at iteration {iteration}/{cfg.train_iters}; no --save was "
+                                     f"given, so nothing was saved")
                 break
     finally:
         exit_signal.restore()

@@ -93,7 +93,25 @@ def build_optimizer(model_chunks: list, opts: OptimizerOptions):
         use_distributed_optimizer=opts.use_distributed_optimizer,
         overlap_param_gather=opts.overlap_param_gather,
     )
-    return get_megatron_optimizer(config, model_chunks)
+    optimizer = get_megatron_optimizer(config, model_chunks)
+    _fused_cpu_adam(optimizer)
+    return optimizer
+
+
+def _fused_cpu_adam(optimizer) -> None:
+    """On CPU megatron-core falls back to ``torch.optim.AdamW`` with its default per-tensor loop (eight passes over
+    every parameter); switch it to torch's fused CPU kernel (one pass, the same update) before the first step.
+    Several times faster on large embeddings; on GPU the TE/apex fused Adam is used as before."""
+    from megatron_zero import platform
+
+    if platform.HAVE_CUDA:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.AdamW) and not inner.state:
+            inner.defaults.update(fused=True, foreach=False)
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
 
 
 def _any_rank(flag: bool) -> bool:

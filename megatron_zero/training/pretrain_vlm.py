@@ -25,10 +25,12 @@ checkpoint), which the next stage's ``--decoder-load``/``--encoder-load`` and ``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Optional, Sequence
 
 from megatron_zero import arguments
+from megatron_zero.errors import DataError
 
 STAGE_PRESETS = {
     1: {"lr": 1e-4, "global_batch_size": 256, "loss_on_special_tokens": False},
@@ -36,6 +38,7 @@ STAGE_PRESETS = {
     3: {"lr": 5e-5, "global_batch_size": 128, "loss_on_special_tokens": False},
 }
 STAGE3_LR_70B = 2e-5
+DEFAULT_ENCODER_TRAINABLE_LAYERS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,16 +79,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-on-special-tokens", action=argparse.BooleanOptionalAction, default=None,
                    help="also put loss on the chat template's special tokens (A.9; default: on in stage 2, and in "
                         "stages 1 and 2 with --prompt-format zero, as the authors' configs)")
-    g.add_argument("--encoder-trainable-layers", type=int, default=8)
+    g.add_argument("--encoder-trainable-layers", type=int, default=None,
+                   help="stages 2-3: train the encoder's last N layers (default 8, Table A.4; all of them for an "
+                        "encoder with fewer)")
     g.add_argument("--translator-layer", type=int, default=None, help="override the surrogate's translator index")
     g.add_argument("--control-unfreeze-early", action="store_true", help="stage 1 T* control (Sec. 1.2)")
     g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
                    help="pack several samples per --seq-length row, attention and RoPE positions per sample "
                         "(default; --no-pack-sequences: one padded sample per row)")
-    g.add_argument("--strict-images", action="store_true", help="fail on a missing/corrupt image instead of dropping its sample (replaced by the next one)")
+    g.add_argument("--allow-dropped-samples", action="store_true",
+                   help="train on without the conversations whose image does not fit in --seq-length")
+    g.add_argument("--strict-images", action="store_true",
+                   help="fail on a missing/corrupt image instead of dropping its sample (replaced by the next one)")
     g.add_argument("--exit-after-iters", type=int, default=None)
     g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
+    from megatron_zero.models.lora import add_lora_arguments
+
+    add_lora_arguments(p)  # stage 3 with LoRA adapters on the frozen decoder (the paper's Fig. 2 baseline)
     return p
 
 
@@ -120,6 +131,34 @@ def apply_stage_presets(args, decoder_layers: int) -> None:
         args.loss_on_special_tokens = args.stage in (1, 2) if zero else preset["loss_on_special_tokens"]
 
 
+class DatasetTooSmallError(DataError):
+    """The training data cannot fill what the run asks of it."""
+
+
+def check_dropped(ds, flag: str, path: str, args, num_image_embeddings: int) -> None:
+    """Conversations lost to ``--seq-length`` (their image does not fit) stop the run unless
+    ``--allow-dropped-samples``: the message says how long the samples are."""
+    import numpy as np
+
+    dropped = int(ds.skipped.get("image_does_not_fit", 0))
+    total = len(ds.needed_lengths)
+    if not dropped or args.allow_dropped_samples:
+        return
+    need = ds.needed_lengths
+    raise DatasetTooSmallError(
+        f"{flag} {path}: --seq-length {args.seq_length} drops {dropped} of {total} conversations (their image does "
+        f"not fit; an image takes {num_image_embeddings} positions); the conversations need {int(need.min())} to "
+        f"{int(need.max())} positions (median {int(np.median(need))}): raise --seq-length to {int(need.max())} or "
+        f"pass --allow-dropped-samples")
+
+
+def check_fills_a_batch(ds, args) -> None:
+    if len(ds) < args.global_batch_size:
+        raise DatasetTooSmallError(
+            f"--data-path {args.data_path}: {len(ds)} usable samples, fewer than one global batch "
+            f"(--global-batch-size {args.global_batch_size}); use a smaller --global-batch-size or more data")
+
+
 def build_dataset(args, tokenizer, template, num_image_embeddings: int):
     from megatron_zero.data.datasets import (ChatDataset, MixtureDataset, TokenizationConfig, read_instruction_jsonl,
                                              read_llava_json)
@@ -127,9 +166,11 @@ def build_dataset(args, tokenizer, template, num_image_embeddings: int):
     tcfg = TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=num_image_embeddings,
                               loss_on_special_tokens=args.loss_on_special_tokens, prompt_seed=args.seed)
     vision = ChatDataset.build(read_llava_json(args.data_path, args.image_root), template, tcfg, source="llava")
+    check_dropped(vision, "--data-path", args.data_path, args, num_image_embeddings)
     if not args.text_data_path:
         return vision
     text = ChatDataset.build(read_instruction_jsonl(args.text_data_path), template, tcfg, source="text")
+    check_dropped(text, "--text-data-path", args.text_data_path, args, num_image_embeddings)
     if args.text_ratio is None:
         weights = [len(vision), len(text)]
     else:
@@ -172,11 +213,11 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list:
+    parser = build_parser()
+    args = arguments.parse(parser, argv)
     from megatron_zero.training.loop import install_exit_signals
 
     install_exit_signals()  # a preemption signal during set-up is honoured after the first step
-    parser = build_parser()
-    args = arguments.parse(parser, argv)
 
     from megatron.core import parallel_state as ps
 
@@ -198,7 +239,28 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         enc = resolve_encoder(args.encoder_load, args.vision_model, args.feature_convention)
     except WeightSourceError as e:
         parser.error(str(e))
+    from megatron_zero.models.lora import LoraConfig, LoraError, is_lora_key
+
+    try:
+        lora = LoraConfig.from_args(args)
+    except LoraError as e:
+        parser.error(str(e))
+    fresh_adapters = None
+    if lora is not None:
+        if args.stage != 3:
+            parser.error(f"--lora-rank trains the decoder: stage 3 only (got --stage {args.stage})")
+        if dec.cfg.lora:
+            parser.error(f"--lora-rank: --decoder-load {args.decoder_load} already has LoRA adapters {dec.cfg.lora}")
+        dec.cfg = dataclasses.replace(dec.cfg, lora=lora.to_dict())
+        fresh_adapters = is_lora_key
     apply_stage_presets(args, dec.cfg.num_layers)
+    built = enc.vision.num_built_layers
+    if args.encoder_trainable_layers is None:
+        args.encoder_trainable_layers = min(DEFAULT_ENCODER_TRAINABLE_LAYERS, built)
+    elif not 0 <= args.encoder_trainable_layers <= built:
+        parser.error(f"--encoder-trainable-layers {args.encoder_trainable_layers}: the encoder "
+                     f"{enc.vision.name} builds {built} layers ({enc.vision.feature_convention} feature convention); "
+                     f"expected 0..{built}")
     if args.train_iters is None:
         parser.error("--train-iters is required")
     from megatron_zero.training.loop import prepare_run
@@ -229,6 +291,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     if args.seq_length % (16 if args.fp8_format else 1):
         parser.error(f"--seq-length {args.seq_length} must be a multiple of 16 with --fp8-format")
 
+    # the data is checked before any model is built or weight is read
+    dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
+    check_fills_a_batch(dataset, args)
     dp = initialize_from_args(args)
     print_rank0(f"megatron_zero pretrain_vlm stage {args.stage}: {platform.summary()} | "
                 f"TP={opts.tensor_model_parallel_size} PP={opts.pipeline_model_parallel_size} DP={dp} | "
@@ -239,7 +304,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                      f"= {args.micro_batch_size * dp}")
 
     chunks = build_vlm_chunks(vlm_cfg, opts)
-    dec.load_into(chunks)
+    dec.load_into(chunks, skip=fresh_adapters)
     enc.load_into(chunks, seed=args.seed)
     try:
         apply_freezing(chunks, f"stage{args.stage}", args.encoder_trainable_layers, args.translator_layer,
@@ -250,7 +315,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     print_rank0(report)
 
     chunks, optimizer, scheduler, start = setup_optimization(args, chunks, vlm_cfg.to_dict())
-    dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
     image_size = enc.vision.image_size
     batches = VLMBatches(
         dataset, image_token_id=vlm_cfg.image_token_id, num_image_embeddings=vlm_cfg.num_image_embeddings,

@@ -34,7 +34,8 @@ def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, token_wei
 
 
 def lm_forward_step(data_iterator: Iterator[dict], model) -> tuple[torch.Tensor, Callable]:
-    """Forward step for a text LM batch ``{tokens, labels, loss_mask, position_ids}``."""
+    """Forward step for a text LM batch ``{tokens, labels, loss_mask, position_ids}`` (packed rows: also
+    ``cu_seqlens``/``max_seqlen``, see :mod:`megatron_zero.training.vlm_batches`)."""
     batch = next(data_iterator) if data_iterator is not None else None
     from megatron.core import parallel_state as ps  # noqa: F401  (keeps import cost out of module import)
 
@@ -42,7 +43,9 @@ def lm_forward_step(data_iterator: Iterator[dict], model) -> tuple[torch.Tensor,
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    output = model(tokens, position_ids, None, labels=batch["labels"])
+    from megatron_zero.training.vlm_batches import packed_seq_params
+
+    output = model(tokens, position_ids, None, labels=batch["labels"], packed_seq_params=packed_seq_params(batch))
     return output, partial(lm_loss_func, batch["loss_mask"], token_weights=batch.get("token_weights"))
 
 

@@ -16,16 +16,14 @@ def lora_logits_and_grads(ref: dict, tensor_parallel_size: int):
 
     cfg = DecoderConfig.from_dict(ref["cfg"])
     model = build_llama_model(cfg, RuntimeOptions(tensor_model_parallel_size=tensor_parallel_size))
-    sharding.load_canonical(model, ref["canonical"].__getitem__, source="LoRA reference")
+    sharding.load_canonical(model, ref["canonical"], ps.get_tensor_model_parallel_rank(),
+                            ps.get_tensor_model_parallel_world_size(), source="LoRA reference")
     model.train()  # dropout is 0 in the reference: train mode only to be sure nothing else differs
     tokens = ref["tokens"]
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
-    out = gather_from_tensor_model_parallel_region(model(tokens, pos, None))[..., : cfg.vocab_size]
-    (out.transpose(0, 1) * ref["probe"]).sum().backward() if out.shape[0] != tokens.shape[0] else \
-        (out * ref["probe"]).sum().backward()
+    out = gather_from_tensor_model_parallel_region(model(tokens, pos, None))[..., : cfg.vocab_size]  # [b, s, V]
+    (out * ref["probe"]).sum().backward()
     logits = out.detach()
-    if logits.shape[0] != tokens.shape[0]:
-        logits = logits.transpose(0, 1)
     mapping = sharding.layer_index_map(model)
     grads = {}
     tp, group = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_group()

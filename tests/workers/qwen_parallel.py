@@ -24,7 +24,7 @@ from tests.workers.common import report_failures
 try:  # the library home of the conversions (tools/convert_checkpoint.py is its CLI)
     from megatron_zero.checkpointing import convert_llama as conversion
 except ImportError:  # pragma: no cover - before the move
-    from tools import convert_checkpoint as conversion
+    from megatron_zero.checkpointing import convert_llama as conversion
 
 TOLERANCE = 2e-5
 

@@ -1,5 +1,6 @@
 """Worker for tests/test_surrogate.py: the sharded pipeline-stage pruner (2 processes: a PP=2 target, the
-surrogate re-partitioned over 2 stages of 3 + 1 layers, each rank reading only its kept layers)."""
+surrogate re-partitioned over 2 stages of 3 + 1 layers, each rank reading only its kept layers; then a two-range
+surrogate over 2 + 2)."""
 import sys
 
 import torch
@@ -37,6 +38,21 @@ if __name__ == "__main__":
             src = f"decoder.layers.{cfg.surrogate['layer_map'][int(i)]}.{rest}"
         if not torch.equal(v, want[src]):
             failures.append(f"{k} differs from the target's {src}")
+    # a multi-range surrogate (the authors' translators_range with two ranges) through the same pruner
+    multi_dir = out_dir + "-multi"
+    build_surrogate.main(["--load-dir", target_dir, "--save-dir", multi_dir, "--translator-range", "1:2",
+                          "--translator-range", "3:4", "--target-pipeline-parallel-size", "2",
+                          "--target-pipeline-stage-layers", "2", "2"])
+    mcfg = mcore_checkpoint.load_model_config(multi_dir)
+    if mcfg.surrogate["layer_map"] != [0, 1, 3, 5] or mcfg.surrogate["translator_indices"] != [1, 2]:
+        failures.append(f"multi-range provenance {mcfg.surrogate}")
+    for k, v in mcore_checkpoint.iter_llama_canonical(multi_dir, mcfg):
+        src = k
+        if k.startswith("decoder.layers."):
+            i, rest = k[len("decoder.layers."):].split(".", 1)
+            src = f"decoder.layers.{mcfg.surrogate['layer_map'][int(i)]}.{rest}"
+        if not torch.equal(v, want[src]):
+            failures.append(f"multi-range {k} differs from the target's {src}")
     if dist.get_rank() == 0:
         print("\n".join(failures) or "SURROGATE MCORE MATCH", flush=True)
     sys.exit(1 if failures else 0)

@@ -1,0 +1,373 @@
+"""One resolver for "any checkpoint a user holds": :func:`resolve_checkpoint` classifies a path and returns a
+:class:`ResolvedCheckpoint` that says where its decoder, image encoder, VLM config and tokenizer are; every tool and
+entry point goes through it, so the same path works everywhere.
+
+Kinds (``ResolvedCheckpoint.kind``), decided from small files only (no tensor is read):
+
+==================  ===========================================================================================
+``hf-llama``        HF Llama directory: ``config.json`` + ``*.safetensors`` (a target, or an HF surrogate)
+``mcore-llama``     megatron_zero ``torch_dist`` decoder checkpoint (``checkpoint_meta.json``), saved at any TP/PP
+``hf-clip``         HF ``CLIPVisionModel`` / ``CLIPModel`` directory
+``mcore-clip``      megatron_zero ``torch_dist`` CLIP checkpoint (``checkpoint_meta.json`` with model_type clip)
+``image-encoder``   image-encoder checkpoint (``image_encoder.json`` + ``image_encoder.safetensors``)
+``vlm``             grafted VLM (``vlm_config.json`` + image encoder + ``decoder/`` as an HF Llama directory)
+``training-export`` a training run's ``<save>/export`` (``vlm_config.json`` + image encoder + ``decoder/`` as a
+                    ``torch_dist`` checkpoint)
+``training-run``    a training run's ``--save`` directory (``iter_*/`` + ``latest_checkpointed_iteration.txt``):
+                    its ``export/`` when there is one (pretrain_vlm), else the newest complete ``iter_*`` with the
+                    run's ``model_config.json`` (pretrain_lm)
+==================  ===========================================================================================
+
+A surrogate is an ``hf-llama`` or ``mcore-llama`` whose config records surrogate provenance
+(``ResolvedCheckpoint.is_surrogate``). A path that is none of these is refused with one line naming the flag,
+the path and every kind that was expected.
+
+Loaders: :func:`decoder_source` / :func:`encoder_source` (weights into built model chunks, any TP/PP),
+:func:`iter_decoder_canonical` (canonical decoder tensors streamed without a model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from megatron_zero.errors import UserError
+from megatron_zero.models.clip_vit import ClipVisionConfig
+from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig
+
+KINDS = {
+    "hf-llama": "an HF Llama directory (a Llama-family decoder: config.json + *.safetensors)",
+    "mcore-llama": "a megatron_zero torch_dist decoder checkpoint (checkpoint_meta.json)",
+    "hf-clip": "an HF CLIP vision directory (config.json + *.safetensors)",
+    "mcore-clip": "a megatron_zero torch_dist CLIP checkpoint",
+    "image-encoder": "an image-encoder checkpoint (image_encoder.json)",
+    "vlm": "a grafted VLM checkpoint (vlm_config.json + decoder/)",
+    "training-export": "a training export (<save>/export)",
+    "training-run": "a training run directory (--save: iter_*/)",
+}
+DECODER_KINDS = ("hf-llama", "mcore-llama", "vlm", "training-export", "training-run")
+ENCODER_KINDS = ("image-encoder", "vlm", "training-export", "training-run")
+VLM_KINDS = ("vlm", "training-export", "training-run")
+EXPORT_DIR = "export"
+RUN_LATEST = "latest_checkpointed_iteration.txt"
+_META = "checkpoint_meta.json"
+_MODEL_CONFIG = "model_config.json"
+
+
+class CheckpointResolveError(UserError, ValueError):
+    """A path that is not (or not the kind of) checkpoint a flag expects."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderFiles:
+    """Where a decoder's weights are: ``format`` ``hf`` (HF Llama directory), ``mcore`` (torch_dist model
+    checkpoint) or ``training`` (an ``iter_*`` directory of a training run: model + optimizer state)."""
+
+    format: str
+    path: str
+    cfg: LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedCheckpoint:
+    kind: str
+    path: str  # what was given (absolute)
+    root: str  # the directory the model files are read from (a run's export or iter_*, else ``path``)
+    decoder: Optional[DecoderFiles] = None
+    encoder_dir: Optional[str] = None  # image_encoder.json + image_encoder.safetensors
+    clip_dir: Optional[str] = None  # HF CLIP directory (vision tower only)
+    vlm_config: Optional[VLMConfig] = None
+    tokenizer_dir: Optional[str] = None  # where its tokenizer files are (if any)
+    run_dir: Optional[str] = None  # training runs: the --save directory
+    iteration: Optional[int] = None  # training runs: the newest complete iteration
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.vlm_config is not None
+
+    @property
+    def is_surrogate(self) -> bool:
+        return bool(self.decoder is not None and self.decoder.cfg.surrogate)
+
+    def describe(self) -> str:
+        what = KINDS[self.kind].split(" (")[0]
+        if self.is_surrogate:
+            what += f", a surrogate of {self.decoder.cfg.surrogate.get('target')!r}"
+        if self.root != self.path:
+            what += f" (read from {self.root})"
+        return what
+
+
+def _read_json(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _hf_kind(path: str) -> Optional[str]:
+    cfg = _read_json(os.path.join(path, "config.json"))
+    if cfg is None:
+        return None
+    model_type = str(cfg.get("model_type", ""))
+    if "vision_config" in cfg or model_type.startswith("clip"):
+        return "hf-clip"
+    if model_type == "llava":
+        return "hf-llava"
+    return "hf-llama"
+
+
+def _tokenizer_dir(path: str) -> Optional[str]:
+    from megatron_zero.checkpointing.vlm_checkpoint import TOKENIZER_FILES
+
+    return path if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES) else None
+
+
+def _decoder_files(path: str, where: str) -> DecoderFiles:
+    """The decoder in ``path`` (HF Llama or torch_dist), its config read."""
+    if os.path.isfile(os.path.join(path, _META)):
+        from megatron_zero.checkpointing import mcore_checkpoint
+
+        return DecoderFiles("mcore", path, mcore_checkpoint.load_model_config(path))
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from megatron_zero.checkpointing.vlm_checkpoint import HFDecoder
+
+        try:
+            return DecoderFiles("hf", path, HFDecoder(path).cfg)
+        except (KeyError, TypeError) as e:
+            raise CheckpointResolveError(f"{where}: {os.path.join(path, 'config.json')}: not an HF Llama config "
+                                         f"({type(e).__name__}: {e})") from None
+    raise CheckpointResolveError(f"{where}: {path} holds no decoder (no config.json of an HF Llama or "
+                                 f"{_META} of a torch_dist checkpoint)")
+
+
+def _vlm(path: str, given: str, kind_hint: Optional[str] = None, **extra) -> ResolvedCheckpoint:
+    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR, read_image_encoder_meta, read_vlm_config
+
+    cfg = read_vlm_config(path)
+    read_image_encoder_meta(path)  # the encoder files are there and of our format
+    decoder = _decoder_files(os.path.join(path, DECODER_DIR), given)
+    kind = kind_hint or ("training-export" if decoder.format == "mcore" else "vlm")
+    return ResolvedCheckpoint(kind, given, path, decoder, encoder_dir=path, vlm_config=cfg,
+                              tokenizer_dir=_tokenizer_dir(decoder.path), **extra)
+
+
+def is_training_run(path: str) -> bool:
+    """``path`` looks like a training run's ``--save`` directory (any ``iter_*`` or the latest marker)."""
+    if not os.path.isdir(path):
+        return False
+    if os.path.isfile(os.path.join(path, EXPORT_DIR, VLM_CONFIG_FILE)):
+        return True
+    return os.path.isfile(os.path.join(path, RUN_LATEST)) or any(
+        n.startswith("iter_") and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+
+
+def _training_run(path: str, flag: str) -> ResolvedCheckpoint:
+    from megatron_zero.training.checkpoint import iter_dir, latest_iteration
+
+    iteration = latest_iteration(path)
+    export = os.path.join(path, EXPORT_DIR)
+    if os.path.isfile(os.path.join(export, VLM_CONFIG_FILE)):
+        return _vlm(export, path, "training-run", run_dir=path, iteration=iteration)
+    model_cfg = os.path.join(path, _MODEL_CONFIG)
+    if iteration is None:
+        raise CheckpointResolveError(f"{flag} {path}: a training run directory with no complete checkpoint "
+                                     f"(no iter_*/COMPLETE) and no {EXPORT_DIR}/")
+    if not os.path.isfile(model_cfg):
+        raise CheckpointResolveError(
+            f"{flag} {path}: a training run without {EXPORT_DIR}/ (pretrain_vlm writes it when the run ends) or "
+            f"{_MODEL_CONFIG}: resume it with --load {path} to finish, or pass its {EXPORT_DIR}/ once written")
+    root = iter_dir(path, iteration)
+    cfg = LlamaConfig.load(model_cfg)
+    return ResolvedCheckpoint("training-run", path, root, DecoderFiles("training", root, cfg),
+                              tokenizer_dir=_tokenizer_dir(path), run_dir=path, iteration=iteration)
+
+
+def _classify(path: str, flag: str) -> ResolvedCheckpoint:
+    from megatron_zero.checkpointing.vlm_checkpoint import ENCODER_META
+
+    if os.path.isfile(os.path.join(path, VLM_CONFIG_FILE)):
+        return _vlm(path, path)
+    if is_training_run(path):
+        return _training_run(path, flag)
+    if os.path.isfile(os.path.join(path, ENCODER_META)):
+        from megatron_zero.checkpointing.vlm_checkpoint import read_image_encoder_meta
+
+        read_image_encoder_meta(path)
+        return ResolvedCheckpoint("image-encoder", path, path, encoder_dir=path)
+    if os.path.isfile(os.path.join(path, _META)):
+        from megatron_zero.checkpointing import mcore_checkpoint
+
+        meta = mcore_checkpoint.read_meta(path, flag)
+        if meta.get("model_type", "llama") == "clip":
+            return ResolvedCheckpoint("mcore-clip", path, path, tokenizer_dir=_tokenizer_dir(path))
+        return ResolvedCheckpoint("mcore-llama", path, path, _decoder_files(path, flag),
+                                  tokenizer_dir=_tokenizer_dir(path))
+    hf = _hf_kind(path)
+    if hf == "hf-clip":
+        return ResolvedCheckpoint("hf-clip", path, path, clip_dir=path)
+    if hf == "hf-llama":
+        return ResolvedCheckpoint("hf-llama", path, path, _decoder_files(path, flag), tokenizer_dir=_tokenizer_dir(path))
+    if hf == "hf-llava":
+        raise CheckpointResolveError(f"{flag} {path}: an HF LLaVA export (for transformers); megatron_zero reads "
+                                     f"the VLM checkpoint it was exported from")
+    if os.path.isfile(os.path.join(path, ".metadata")) or os.path.isfile(os.path.join(path, _MODEL_CONFIG)):
+        raise CheckpointResolveError(f"{flag} {path}: not a complete megatron_zero checkpoint (no {_META}; an "
+                                     f"interrupted save?)")
+    raise CheckpointResolveError(f"{flag} {path}: not a checkpoint megatron_zero reads")
+
+
+def resolve_checkpoint(path: str, flag: str = "--load", accept: Optional[Iterable[str]] = None) -> ResolvedCheckpoint:
+    """Classify ``path`` (see the module docstring); ``accept``: the kinds the caller can use (default: any).
+
+    Raises :class:`CheckpointResolveError` (one line: flag, path, what was expected) when ``path`` is missing,
+    unrecognised or of a kind not in ``accept``; malformed files raise their reader's error
+    (``CheckpointFormatError``, ``CheckpointError``, ``VLMCheckpointError``), all ``ValueError``.
+    """
+    accept = tuple(accept) if accept is not None else tuple(KINDS)
+    expected = "expected " + "; or ".join(KINDS[k] for k in accept)
+    if not path:
+        raise CheckpointResolveError(f"{flag}: no path given; {expected}")
+    given = os.path.abspath(path)
+    if not os.path.exists(given):
+        raise CheckpointResolveError(f"{flag} {path}: no such directory; {expected}")
+    if not os.path.isdir(given):
+        raise CheckpointResolveError(f"{flag} {path}: a file, not a checkpoint directory; {expected}")
+    try:
+        ckpt = _classify(given, flag)
+    except CheckpointResolveError as e:
+        raise CheckpointResolveError(f"{e}; {expected}") from None
+    if ckpt.kind not in accept:
+        raise CheckpointResolveError(f"{flag} {path}: is {ckpt.describe()}; {expected}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loaders
+# ---------------------------------------------------------------------------------------------------------
+def _load_training_weights(chunks: list, iteration_dir: str) -> None:
+    """The model weights of a training checkpoint (``iter_*``) into ``chunks``, at any TP/PP (optimizer state and
+    RNG are left alone: this starts from the weights, it does not resume)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_zero.checkpointing import mcore_checkpoint
+
+    loaded = dist_checkpointing.load(mcore_checkpoint.model_sharded_state_dict(chunks), iteration_dir)
+    for i, chunk in enumerate(chunks):
+        state = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
+        model = chunk
+        while hasattr(model, "module"):
+            model = model.module
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointResolveError(f"{iteration_dir}: training checkpoint does not fit the model (missing "
+                                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def decoder_source(ckpt: ResolvedCheckpoint):
+    """A :class:`~megatron_zero.checkpointing.sources.DecoderSource` for the checkpoint's decoder."""
+    from megatron_zero.checkpointing.sources import DecoderSource
+
+    d = ckpt.decoder
+    if d is None:
+        raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no decoder")
+    if d.format == "hf":
+        from megatron_zero.checkpointing.vlm_checkpoint import HFDecoder
+
+        return DecoderSource(d.cfg, "canonical", HFDecoder(d.path).canonical_getter(), d.path)
+    return DecoderSource(d.cfg, d.format, None, d.path)
+
+
+def encoder_source(ckpt: ResolvedCheckpoint, feature_convention: str = "zero"):
+    """An :class:`~megatron_zero.checkpointing.sources.EncoderSource` for the checkpoint's image encoder (an HF
+    CLIP directory gives the vision tower only: ``partial``)."""
+    from megatron_zero.checkpointing.sources import EncoderSource
+
+    if ckpt.encoder_dir is not None:
+        from megatron_zero.checkpointing.vlm_checkpoint import load_image_encoder
+
+        meta, tensors = load_image_encoder(ckpt.encoder_dir)
+        return EncoderSource(ClipVisionConfig.from_dict(meta["vision"]), tensors, meta["image_token_id"],
+                             ckpt.encoder_dir)
+    if ckpt.clip_dir is not None:
+        from megatron_zero.checkpointing import hf_clip
+        from megatron_zero.checkpointing.hf_reader import HFCheckpoint
+
+        reader = HFCheckpoint(ckpt.clip_dir)
+        hf_cfg = reader.config.get("vision_config", reader.config)  # a full CLIPModel config nests the tower's
+        vision = ClipVisionConfig.from_hf_config(hf_cfg, feature_convention,
+                                                 name=os.path.basename(ckpt.clip_dir.rstrip("/")))
+        getter = hf_clip.canonical_getter(reader.get, vision, hf_clip.detect_prefix(reader.weight_map.keys()))
+        tensors = {k: getter(k) for k in hf_clip.canonical_keys(vision)}
+        return EncoderSource(vision, tensors, None, ckpt.clip_dir, partial=True)
+    raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no image encoder")
+
+
+def iter_decoder_canonical(ckpt: ResolvedCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """The decoder's canonical tensors one at a time, without building a model (torch_dist reads are collective:
+    ``torch.distributed`` must be initialised, a world of one is enough)."""
+    from megatron_zero.checkpointing import hf_llama, mcore_checkpoint
+
+    d = ckpt.decoder
+    if d is None:
+        raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no decoder")
+    if d.format == "hf":
+        from megatron_zero.checkpointing.vlm_checkpoint import HFDecoder
+
+        get = HFDecoder(d.path).canonical_getter()
+        for key in hf_llama.canonical_keys(d.cfg):
+            yield key, get(key)
+    elif d.format == "mcore":
+        yield from mcore_checkpoint.iter_llama_canonical(d.path, d.cfg)
+    else:
+        raise CheckpointResolveError(f"{ckpt.path}: streaming the decoder of a training checkpoint is not supported; "
+                                     f"load it into a model (decoder_source) or convert its export")
+
+
+def conversion_source(path: str, source_format: str, model_type: str = "llama", flag: str = "--load-dir") -> str:
+    """The directory ``tools/convert_checkpoint.py`` reads for ``--source-format``/``--model-type``: ``path`` itself
+    for a checkpoint of that format, or the decoder inside a training export or run (``--source-format mcore``)."""
+    accept = {("hf", "llama"): ("hf-llama",), ("mcore", "llama"): ("mcore-llama", "training-export", "training-run"),
+              ("hf", "clip"): ("hf-clip",), ("mcore", "clip"): ("mcore-clip",)}[(source_format, model_type)]
+    ckpt = resolve_checkpoint(path, flag, accept)
+    if ckpt.kind in ("training-export", "training-run"):
+        if ckpt.decoder.format != "mcore":
+            raise CheckpointResolveError(f"{flag} {path}: is {ckpt.describe()}, whose decoder is not a torch_dist "
+                                         f"checkpoint; expected " + "; or ".join(KINDS[k] for k in accept))
+        return ckpt.decoder.path
+    return ckpt.root
+
+
+def load_vlm(ckpt: ResolvedCheckpoint, opts=None):
+    """This rank's VLM chunk (parallel state initialised, one pipeline stage) built without random init from
+    ``opts`` (a ``RuntimeOptions``) and loaded with the checkpoint's encoder and decoder."""
+    from megatron_zero.models.llama import RuntimeOptions
+    from megatron_zero.models.vlm import build_vlm
+
+    if ckpt.vlm_config is None:
+        raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} is not a VLM")
+    model = build_vlm(ckpt.vlm_config, dataclasses.replace(opts or RuntimeOptions(), initialize_weights=False))
+    decoder_source(ckpt).load_into([model])
+    encoder_source(ckpt).load_into([model])
+    return model
+
+
+def check_resume_dir(path: Optional[str], flag: str = "--load") -> None:
+    """``--load`` resumes a training run: refuse a path that is some other kind of checkpoint (its weights are read
+    with ``--decoder-load``/``--encoder-load``), instead of silently starting from scratch. A missing, empty or
+    not-yet-checkpointed run directory is fine (the run starts fresh)."""
+    if not path or not os.path.isdir(path) or is_training_run(path):
+        return
+    try:
+        ckpt = _classify(os.path.abspath(path), flag)
+    except ValueError:
+        return
+    raise CheckpointResolveError(f"{flag} {path}: is {ckpt.describe()}; {flag} resumes a training run (its --save "
+                                 f"directory: iter_*/); to start from these weights use --decoder-load/--encoder-load")

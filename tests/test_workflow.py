@@ -1,0 +1,339 @@
+"""The whole workflow as a user runs it, every step through its command-line tool (README "The whole workflow"):
+
+HF Llama (real Llama-3 tokenizer) + HF CLIP -> convert to torch_dist (TP=2) -> trajectory (TP=2) -> surrogate ->
+stage 1 -> stage 2 -> graft onto the target -> generate -> evaluate (lm-eval and lmms-eval, real entry points) ->
+HF LLaVA export, which transformers alone loads and generates with.
+
+Stage 1 and stage 2 also run in their SLURM scripts' layout scaled down (TP=2 x PP=2, sequence parallel,
+distributed optimizer, overlapped grad reduce; the surrogate's last pipeline stage has nothing to train) and must
+give the PP=1 losses. The chain runs once per module (each step is cached); the tiny models keep it in CI budget.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import REPO, subprocess_env
+from tests.workflow_world import build_world
+
+pytestmark = pytest.mark.timeout(1500)
+LOSS_TOL = 2e-4  # TP/PP change the order of float sums only
+TRAIN = ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
+         "--log-interval", "1", "--lr", "1e-3"]
+# examples/slurm/stage{1,2}_surrogate_70b.sbatch: TP8 x PP2, sequence parallel, distributed optimizer, overlap
+SLURM_LAYOUT = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel",
+                "--use-distributed-optimizer", "--overlap-grad-reduce", "--recompute-activations"]
+
+
+def run(args: list, nproc: int = 0, env: dict | None = None, timeout: int = 600) -> str:
+    """A tool (``tools/x.py ...`` or ``-m module ...``), under torchrun when ``nproc``; fails the test with its
+    output when it exits non-zero."""
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    else:
+        cmd = [sys.executable, *args]
+    p = subprocess.run(cmd, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {p.returncode}:\n{out[-5000:]}")
+    return out
+
+
+def metrics(path: str) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(path)]
+
+
+def first_lr(path: str) -> float:
+    return json.loads(open(path).readline())["lr"]
+
+
+class Workflow:
+    """The steps, each run once (cached) in the order the README gives them."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.w = build_world(root)
+        self.outputs: dict[str, str] = {}
+
+    def p(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    @functools.cached_property
+    def converted(self) -> str:
+        run(["tools/convert_checkpoint.py", "--source-format", "hf", "--target-format", "mcore",
+             "--load-dir", self.w["llama"], "--save-dir", self.p("llama-tp2"), "--target-tensor-parallel-size", "2"],
+            nproc=2)
+        return self.p("llama-tp2")
+
+    @functools.cached_property
+    def trajectory(self) -> dict:
+        # the random tiny target has no real transition: the analysis' override flag fixes one
+        run(["tools/analyze_trajectory.py", "--load-dir", self.converted, "--data", self.w["text_jsonl"],
+             "--num-samples", "4", "--tensor-model-parallel-size", "2", "--transition-layer", "1",
+             "--output-dir", self.p("traj")], nproc=2)
+        return json.load(open(self.p("traj/trajectory.json")))
+
+    @functools.cached_property
+    def surrogate(self) -> str:
+        assert self.trajectory["transition_layer"] == 1
+        run(["tools/build_surrogate.py", "--load-dir", self.w["llama"], "--save-dir", self.p("srgt"),
+             "--from-trajectory", self.p("traj/trajectory.json"), "--translator-end", "3"])
+        return self.p("srgt")
+
+    def _stage1(self, name: str, layout: list, nproc: int) -> list[float]:
+        self.outputs[name] = run(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "1", "--decoder-load", self.surrogate,
+             "--encoder-load", self.w["clip"], "--feature-convention", "llava", "--data-path", self.w["llava_json"],
+             "--image-root", self.w["images"], "--text-data-path", self.w["text_jsonl"], *TRAIN, *layout,
+             "--save", self.p(name), "--metrics-file", self.p(f"{name}.jsonl")], nproc=nproc)
+        return metrics(self.p(f"{name}.jsonl"))
+
+    def _stage2(self, name: str, layout: list, nproc: int) -> list[float]:
+        self.outputs[name] = run(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "2", "--decoder-load", self.p("stage1"),
+             "--encoder-load", self.p("stage1"), "--encoder-trainable-layers", "2", "--loss-on-special-tokens",
+             "--data-path", self.w["llava_json"], "--image-root", self.w["images"], *TRAIN, *layout,
+             "--save", self.p(name), "--metrics-file", self.p(f"{name}.jsonl")], nproc=nproc)
+        return metrics(self.p(f"{name}.jsonl"))
+
+    @functools.cached_property
+    def stage1(self) -> list[float]:
+        return self._stage1("stage1", [], 1)
+
+    @functools.cached_property
+    def stage1_slurm_layout(self) -> list[float]:
+        return self._stage1("stage1-tp2pp2", SLURM_LAYOUT, 4)
+
+    @functools.cached_property
+    def stage2(self) -> list[float]:
+        assert self.stage1
+        return self._stage2("stage2", [], 1)
+
+    @functools.cached_property
+    def stage2_slurm_layout(self) -> list[float]:
+        assert self.stage1
+        return self._stage2("stage2-tp2pp2", SLURM_LAYOUT, 4)
+
+    @functools.cached_property
+    def grafted(self) -> str:
+        assert self.stage2
+        run(["tools/graft.py", "--encoder", self.p("stage2/export"), "--target", self.w["llama"],
+             "--output", self.p("grafted")])
+        return self.p("grafted")
+
+    @functools.cached_property
+    def answers(self) -> list[dict]:
+        """Greedy answers of the grafted VLM to one question per photo (4 new tokens)."""
+        with open(self.p("prompts.jsonl"), "w") as f:
+            for name, question in (("chelsea", "What animal is this?"), ("coffee", "What is on the table?")):
+                f.write(json.dumps({"id": name, "prompt": question,
+                                    "images": [os.path.join(self.w["images"], f"{name}.png")]}) + "\n")
+        run(["tools/generate.py", "--checkpoint", self.grafted, "--prompts", self.p("prompts.jsonl"),
+             "--output", self.p("answers.jsonl"), "--max-new-tokens", "4"])
+        return [json.loads(line) for line in open(self.p("answers.jsonl"))]
+
+    @functools.cached_property
+    def vlm_tasks(self) -> str:
+        """A local lmms-eval task over the photos whose first target is the grafted VLM's own greedy answer (from
+        tools/generate.py) and whose second is not: exact match must be 0.5."""
+        d = self.p("vlm_tasks")
+        os.makedirs(d)
+        a = self.answers
+        rows = [{"image": "chelsea.png", "question": "What animal is this?", "answer": a[0]["text"].strip()},
+                {"image": "coffee.png", "question": "What is on the table?", "answer": "not " + a[1]["text"]}]
+        with open(os.path.join(d, "wf_vqa.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        with open(os.path.join(d, "wf_utils.py"), "w") as f:
+            f.write(textwrap.dedent(f"""\
+                import os
+                from PIL import Image
+
+                def doc_to_visual(doc):
+                    return [Image.open(os.path.join({self.w['images']!r}, doc["image"])).convert("RGB")]
+
+                def doc_to_text(doc):
+                    return doc["question"]
+                """))
+        with open(os.path.join(d, "wf_vqa.yaml"), "w") as f:
+            f.write(textwrap.dedent(f"""\
+                task: wf_vqa
+                dataset_path: json
+                dataset_kwargs:
+                  data_files:
+                    test: {os.path.join(d, 'wf_vqa.jsonl')}
+                test_split: test
+                output_type: generate_until
+                doc_to_visual: !function wf_utils.doc_to_visual
+                doc_to_text: !function wf_utils.doc_to_text
+                doc_to_target: answer
+                generation_kwargs:
+                  max_new_tokens: 4
+                  until: ["\\n"]
+                metric_list:
+                  - metric: exact_match
+                    aggregation: mean
+                    higher_is_better: true
+                """))
+        return d
+
+    @functools.cached_property
+    def text_tasks(self) -> str:
+        d = self.p("text_tasks")
+        os.makedirs(d)
+        docs = [{"question": "The cat sat on the", "choices": ["mat", "sea", "moon"], "label": 0},
+                {"question": "A cup of", "choices": ["coffee", "rocket"], "label": 0},
+                {"question": "The sky is", "choices": ["green", "blue"], "label": 1},
+                {"question": "An astronaut in a white", "choices": ["suit", "cat"], "label": 0}]
+        with open(os.path.join(d, "wf_mc.jsonl"), "w") as f:
+            f.writelines(json.dumps(x) + "\n" for x in docs)
+        with open(os.path.join(d, "wf_mc.yaml"), "w") as f:
+            f.write(textwrap.dedent(f"""\
+                task: wf_mc
+                dataset_path: json
+                dataset_kwargs:
+                  data_files:
+                    test: {os.path.join(d, 'wf_mc.jsonl')}
+                test_split: test
+                output_type: multiple_choice
+                doc_to_text: "{{{{question}}}}"
+                doc_to_choice: "{{{{choices}}}}"
+                doc_to_target: "{{{{label}}}}"
+                metric_list:
+                  - metric: acc
+                """))
+        return d
+
+    @functools.cached_property
+    def llava_export(self) -> str:
+        run(["tools/convert_checkpoint.py", "--model-type", "vlm", "--source-format", "vlm", "--target-format", "hf",
+             "--load-dir", self.grafted, "--save-dir", self.p("hf-llava")])
+        return self.p("hf-llava")
+
+
+@pytest.fixture(scope="module")
+def wf(tmp_path_factory):
+    return Workflow(str(tmp_path_factory.mktemp("workflow")))
+
+
+def test_converted_target_back_to_hf_keeps_token_ids_and_dtype(wf):
+    run(["tools/convert_checkpoint.py", "--source-format", "mcore", "--target-format", "hf",
+         "--load-dir", wf.converted, "--save-dir", wf.p("llama-back")])
+    cfg = json.load(open(wf.p("llama-back/config.json")))
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (128000, 128009) and cfg["torch_dtype"] == "float32"
+
+
+def test_trajectory_and_surrogate_from_the_converted_target(wf):
+    assert json.load(open(os.path.join(wf.converted, "checkpoint_meta.json")))
+    traj = wf.trajectory
+    assert traj["transition_layer"] == 1 and len(traj["median"]) == 6
+    cfg = json.load(open(os.path.join(wf.surrogate, "config.json")))
+    prov = cfg["megatron_zero_surrogate"]
+    # T(1,3) of 6 layers: 0, translator (copy of 1), 4, 5
+    assert cfg["num_hidden_layers"] == 4 and prov["layer_map"] == [0, 1, 4, 5] and prov["translator_index"] == 1
+    # the surrogate keeps the target's float32 tensors and token ids, and says so
+    assert cfg["torch_dtype"] == "float32" and (cfg["bos_token_id"], cfg["eos_token_id"]) == (128000, 128009)
+
+
+def test_stage1_in_the_slurm_layout_gives_the_pp1_losses(wf):
+    # PP=2 over the 4-layer surrogate: the translator (layer 1) sits with the encoder, the last stage trains nothing
+    ref, par = wf.stage1, wf.stage1_slurm_layout
+    assert len(ref) == len(par) == 3
+    assert all(abs(a - b) < LOSS_TOL for a, b in zip(ref, par)), (ref, par)
+    # the logged lr is the one the step used (no warmup at 3 iterations: the peak), not the next step's
+    assert first_lr(wf.p("stage1.jsonl")) == pytest.approx(1e-3)
+    # saving into a fresh directory does not make megatron warn about overwriting a corrupted checkpoint
+    assert all("Overwriting old incomplete" not in out for out in wf.outputs.values())
+
+
+def test_stage2_in_the_slurm_layout_gives_the_pp1_losses(wf):
+    # stage 2 freezes the whole decoder: the second pipeline stage has nothing to train
+    ref, par = wf.stage2, wf.stage2_slurm_layout
+    assert len(ref) == len(par) == 3
+    assert all(abs(a - b) < LOSS_TOL for a, b in zip(ref, par)), (ref, par)
+
+
+def test_graft_and_generate(wf):
+    answers = wf.answers
+    assert [a["id"] for a in answers] == ["chelsea", "coffee"] and all(a["text"] for a in answers)
+    vlm_cfg = json.load(open(os.path.join(wf.grafted, "vlm_config.json")))
+    assert vlm_cfg["decoder"]["num_layers"] == 6  # the target's decoder, not the surrogate's
+
+
+def test_graft_onto_a_moved_copy_of_the_target(wf):
+    """A byte-identical copy of the target at another path is the target: grafted without --force, with a note."""
+    import shutil
+
+    shutil.copytree(wf.w["llama"], wf.p("moved/llama-copy"))
+    out = run(["tools/graft.py", "--encoder", wf.p("stage2/export"), "--target", wf.p("moved/llama-copy"),
+               "--output", wf.p("grafted-moved")])
+    record = json.load(open(wf.p("grafted-moved/vlm_config.json")))
+    graft_record = record.get("graft", record)
+    assert '"forced": false' in out and "note:" in out and "is now at" in out
+    assert not graft_record.get("problems")
+
+
+def test_generate_bad_requests_are_one_line_errors(wf):
+    bad = wf.p("bad.jsonl")
+    with open(bad, "w") as f:
+        f.write(json.dumps({"id": "x", "prompt": "hi", "images": [wf.p("no-such.png")]}) + "\n")
+    for prompts, extra, expected in ((bad, [], "no-such.png"),
+                                     (wf.p("prompts.jsonl"), ["--max-new-tokens", "100000"], "--max-new-tokens 100000")):
+        assert wf.answers  # prompts.jsonl written
+        p = subprocess.run([sys.executable, "tools/generate.py", "--checkpoint", wf.grafted, "--prompts", prompts,
+                            *extra], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_vlm_evaluation_through_lmms_eval(wf):
+    """tools/evaluate.py (lmms_eval.evaluator.simple_evaluate) and lmms-eval's own command line with our registered
+    ``megatron_zero_vlm`` model: both score the grafted VLM's answers exactly as tools/generate.py gave them."""
+    tasks = wf.vlm_tasks
+    run(["tools/evaluate.py", "--suite", "vlm", "--load", wf.grafted, "--tasks", "wf_vqa::exact_match",
+         "--include-path", tasks, "--output-dir", wf.p("eval-vlm")])
+    record = json.load(open(wf.p("eval-vlm/results.json")))
+    assert record["checkpoints"]["grafted"]["scores"]["wf_vqa"] == pytest.approx(0.5)
+    out = run(["-m", "lmms_eval", "--model", "megatron_zero_vlm", "--model_args", f"load={wf.grafted}",
+               "--tasks", "wf_vqa", "--include_path", tasks, "--batch_size", "2", "--output_path", wf.p("lmms-out")])
+    results = [os.path.join(dp, f) for dp, _, fs in os.walk(wf.p("lmms-out")) for f in fs if f.endswith("results.json")]
+    assert len(results) == 1, out[-3000:]
+    assert json.load(open(results[0]))["results"]["wf_vqa"]["exact_match,none"] == pytest.approx(0.5)
+
+
+def test_text_evaluation_through_lm_eval(wf):
+    """The grafted VLM used text-only is the target: lm-eval gives both the same scores (Δ row 0)."""
+    run(["tools/evaluate.py", "--suite", "text", "--load", wf.w["llama"], "--compare-load", wf.grafted,
+         "--tasks", "wf_mc:0:acc", "--include-path", wf.text_tasks, "--output-dir", wf.p("eval-text")])
+    scores = {k: v["scores"]["wf_mc"] for k, v in json.load(open(wf.p("eval-text/results.json")))["checkpoints"].items()}
+    assert set(scores) == {"llama", "grafted"} and scores["llama"] == scores["grafted"]
+    assert scores["llama"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_llava_export_is_usable_from_transformers_alone(wf):
+    """AutoProcessor + LlavaForConditionalGeneration + apply_chat_template + generate() in a fresh Python that never
+    imports megatron_zero reproduce tools/generate.py's greedy answer, token for token."""
+    from megatron_zero.data.chat_template import Message, chat_template_for
+    from megatron_zero.data.images import load_image
+    from megatron_zero.data.tokenizers import load_tokenizer
+
+    export, answer = wf.llava_export, wf.answers[0]
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    image = os.path.join(wf.w["images"], "chelsea.png")
+    out = run([os.path.join(REPO, "tests", "workers", "hf_llava_generate.py"), export, image,
+               "What animal is this?", "4"], env=env)
+    hf = json.loads(out.strip().splitlines()[-1])
+    assert hf["text"] == answer["text"]
+    # the same prompt tokens (image token expanded to one per patch) and the same pixels as our preprocessing
+    template = chat_template_for(load_tokenizer(wf.w["llama"]))
+    ours = template.encode([Message("user", "<image>\nWhat animal is this?")], add_generation_prompt=True).input_ids
+    n = (32 // 8) ** 2
+    expanded = [t for i in ours for t in ([i] * n if i == template.image_placeholder_id else [i])]
+    assert hf["input_ids"] == expanded
+    torch.testing.assert_close(torch.tensor(hf["pixel_values"]), load_image(image, 32), atol=2e-2, rtol=0)
+    for f in ("preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja", "generation_config.json"):
+        assert os.path.isfile(os.path.join(export, f)), f
