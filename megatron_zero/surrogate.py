@@ -87,7 +87,8 @@ def surviving_layers(num_layers: int, ranges, num_translators: int = 1) -> tuple
 def architecture_sha256(cfg: LlamaConfig) -> str:
     """SHA-256 of the architecture (every config field but the name and surrogate provenance): the same for a
     model's HF and sharded checkpoints."""
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "surrogate")}
+    # fields at None (optional features off) are left out, so adding such a field does not change every hash
+    fields = {k: v for k, v in cfg.to_dict().items() if k not in ("name", "surrogate", "lora") and v is not None}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -43,7 +43,8 @@ def _check(template, messages, expected_text, targets, tok, **kw):
 def test_qwen3_no_thinking_masks(qwen_tokenizer):
     tok = qwen_tokenizer
     t = chat_template_for(tok, enable_thinking=False)
-    assert isinstance(t, Qwen3ChatTemplate)
+    assert isinstance(t, Qwen3ChatTemplate) and not t.enable_thinking
+    assert not chat_template_for(tok, "qwen3-no-thinking").enable_thinking  # the --chat-template spelling
     text = ("<|im_start|>user\nwhat is a cat?<|im_end|>\n"
             "<|im_start|>assistant\n<think>\n\n</think>\n\na cat is an animal.<|im_end|>\n"
             "<|im_start|>user\nhello<|im_end|>\n"

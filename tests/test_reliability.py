@@ -39,7 +39,7 @@ def single():
     return [sys.executable]
 
 
-def run(cmd, timeout=300, **env):
+def run(cmd, timeout=900, **env):
     p = subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     return p.returncode, p.stdout, p.stderr
 

@@ -325,7 +325,7 @@ def test_llava_export_is_usable_from_transformers_alone(wf):
     image = os.path.join(wf.w["images"], "chelsea.png")
     out = run([os.path.join(REPO, "tests", "workers", "hf_llava_generate.py"), export, image,
                "What animal is this?", "4"], env=env)
-    hf = json.loads(out.strip().splitlines()[-1])
+    hf = json.loads(next(line for line in out.splitlines() if line.startswith('{"text"')))
     assert hf["text"] == answer["text"]
     # the same prompt tokens (image token expanded to one per patch) and the same pixels as our preprocessing
     template = chat_template_for(load_tokenizer(wf.w["llama"]))

@@ -28,8 +28,8 @@ def world(tmp_path_factory):
 
 
 def _vlm(world, *args, nproc=4, expect=0):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_zero.training.pretrain_vlm", "--decoder-load", str(world / "decoder"),
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launch, "-m", "megatron_zero.training.pretrain_vlm", "--decoder-load", str(world / "decoder"),
            "--data-path", str(world / "llava.json"), "--image-root", str(world / "images"), "--seq-length", "48",
            "--micro-batch-size", "1", "--log-interval", "1", *args]
     p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)

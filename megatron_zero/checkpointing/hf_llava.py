@@ -11,6 +11,8 @@ embeddings (579 positions per image) that have no place in ``LlavaForConditional
 """
 from __future__ import annotations
 
+import sys
+
 
 import torch
 
@@ -68,6 +70,17 @@ def iter_llava_tensors(cfg: VLMConfig, encoder: dict, decoder):
             yield (name if name == "lm_head.weight" else "model.language_model." + name[len("model."):]), t
 
 
+def _tokenizer_problem(tokenizer_dir: str):
+    """Why the decoder's tokenizer cannot be exported (``None`` when it can be)."""
+    from megatron_zero.data.tokenizers import load_tokenizer
+
+    try:
+        load_tokenizer(tokenizer_dir)
+    except (FileNotFoundError, ValueError) as e:
+        return str(e)
+    return None
+
+
 def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
                     merge_lora: bool = False) -> None:
     """Write a VLM as an HF LLaVA directory. ``vlm_dir``: anything that resolves to a VLM (``tools/graft.py``
@@ -91,6 +104,7 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
         raise LlavaExportError(f"{vlm_dir}: the decoder holds LoRA adapters (rank {cfg.decoder.lora['rank']}); "
                                f"pass --merge-lora to fold them into the exported decoder")
     _, encoder = load_image_encoder(ckpt.encoder_dir)
+    tokenizer_problem = _tokenizer_problem(ckpt.tokenizer_dir or ckpt.decoder.path)
     check_save_dir(save_dir, overwrite)
     if ckpt.decoder.format != "hf":  # torch_dist reads are collective: a world of one
         platform.install_cpu_compat()
@@ -110,5 +124,9 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
         writer.close()
         tokenizer_dir = ckpt.tokenizer_dir or ckpt.decoder.path
         copy_tokenizer_files(tokenizer_dir, tmp)
-        write_hf_processor_files(tmp, tokenizer_dir, cfg)
+        if tokenizer_problem is None:
+            write_hf_processor_files(tmp, tokenizer_dir, cfg)
+        else:
+            print(f"warning: {tokenizer_problem}: the export holds the weights and config.json only (no tokenizer, "
+                  f"processor or chat template: AutoProcessor will not load it)", file=sys.stderr)
         write_config(tmp, llava_config(cfg, encoder["vision_model.class_embedding"].dtype))

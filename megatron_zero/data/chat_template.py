@@ -502,13 +502,14 @@ def chat_template_for(
                 f"cannot tell the chat-template family of {type(tokenizer).__name__} from its special tokens; "
                 f"pass family= one of {sorted(_TEMPLATES)}"
             )
-    if family not in _TEMPLATES:
+    if family not in _TEMPLATES and family != "qwen3-no-thinking":
         raise ValueError(f"unknown chat-template family {family!r}; expected one of {sorted(_TEMPLATES)}")
     if prompt_format == "zero":
         if family != "llama3":
             raise ValueError(f"--prompt-format zero is the authors' Llama-3 format; the tokenizer's chat family is "
                              f"{family!r}")
         return ZeroLlama3ChatTemplate(tokenizer, image_placeholder)
-    if family == "qwen3":
-        return Qwen3ChatTemplate(tokenizer, image_placeholder, enable_thinking=enable_thinking)
+    if family in ("qwen3", "qwen3-no-thinking"):
+        return Qwen3ChatTemplate(tokenizer, image_placeholder,
+                                 enable_thinking=enable_thinking and family == "qwen3")
     return _TEMPLATES[family](tokenizer, image_placeholder)

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instruction-data-path", default=None,
                    help="instruction JSONL (prompt/response or conversations) with --tokenizer: chat-formatted "
                         "samples, loss on the responses, packed into --seq-length rows (see --pack-sequences)")
-    g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
+    g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word | qwen3 | qwen3-no-thinking | qwen2 (default: detected)")
     g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
                    help="instruction data: several samples per row, attention and RoPE positions per sample "
                         "(default; --no-pack-sequences: one padded sample per row)")
@@ -215,16 +215,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         os.makedirs(args.save, exist_ok=True)
         cfg.save(os.path.join(args.save, "model_config.json"))
     if args.instruction_data_path:
-        batches = instruction_batches(args, cfg, gbs, dp, parser)
-        return train(loop_cfg, chunks, optimizer, scheduler, lm_forward_step, batches.iteration,
-                     start_iteration=start)
-    data = TokenWindows(tokens, args.seq_length, seed=args.seed)
-    dp_rank = ps.get_data_parallel_rank()
-    losses = train(
-        loop_cfg, chunks, optimizer, scheduler, lm_forward_step,
-        lambda it: data.iteration_microbatches(it, gbs, args.micro_batch_size, dp_rank, dp),
-        start_iteration=start,
-    )
+        make_iterator = instruction_batches(args, cfg, gbs, dp, parser).iteration
+    else:
+        data = TokenWindows(tokens, args.seq_length, seed=args.seed)
+        dp_rank = ps.get_data_parallel_rank()
+
+        def make_iterator(it):
+            return data.iteration_microbatches(it, gbs, args.micro_batch_size, dp_rank, dp)
+    losses = train(loop_cfg, chunks, optimizer, scheduler, lm_forward_step, make_iterator, start_iteration=start)
     if args.export_model:
         from megatron_zero.checkpointing import mcore_checkpoint
 

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-token-id", type=int, default=None, help="placeholder id (default: the chat template's)")
     g.add_argument("--tokenizer", default=None,
                    help="tokenizer file or directory (default: the one --decoder-load holds)")
-    g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word (default: detected)")
+    g.add_argument("--chat-template", default=None, help="llama3 | llama2 | gemma | word | qwen3 | qwen3-no-thinking | qwen2 (default: detected)")
     g.add_argument("--prompt-format", choices=["meta", "zero"], default="meta",
                    help="meta: the family's chat format; zero: the authors' Llama-3 format, random caption-template "
                         "image prompt and loss masks (special-token loss on by default in stages 1 and 2)")
