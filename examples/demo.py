@@ -1,25 +1,36 @@
 #!/usr/bin/env python
-"""The end-to-end demo (``make demo``): the whole method at toy scale, on a CPU, in a few minutes.
+"""The end-to-end demo (``make demo``): the whole method at toy scale, on a CPU, in under ten minutes.
 
-1. pretrain a tiny Llama-style target LLM on a generated text corpus (chat-formatted descriptions of shapes);
-2. measure its prediction trajectory (Eq. 1-4) and pick the transition layer ``a``;
-3. build the surrogate T(a, L-2) and an early-phase-replaced control T(1, k) with the same number of layers;
-4. stage 1: tune each translator on text; stage 2: train a small ViT encoder + adapter from scratch on
-   synthetic images (rendered shapes with captions and questions) on each small decoder, decoder frozen;
-5. graft each encoder into the full target zero-shot (``tools/graft.py``'s code path, provenance checked);
-6. evaluate on held-out images: caption/answer loss and greedy exact-match, and print the results table.
+1. pretrain a small Llama-style target LLM on generated chat text (attribute words in random order, then a
+   caption of them or the answer to a question about one of them);
+2. measure its prediction trajectory (Eq. 1-4) and detect the transition layer ``a``;
+3. build the surrogate T(a, L-2) and the control T(1, k) that replaces the early phase instead, with the same
+   number of layers;
+4. for every seed: stage 1 tunes each translator on text; stage 2 trains a small ViT encoder + adapter from
+   scratch on rendered shapes (captions, attribute questions) on the frozen surrogate, the frozen control and
+   the frozen target itself (the upper bound);
+5. graft the surrogate's and the control's encoders into the full target zero-shot (``tools/graft.py``'s code
+   path, provenance checked);
+6. evaluate every pairing on the same held-out images (answer loss, greedy exact match), plus the paper's
+   stage-3 point: a few steps of full-decoder fine-tuning from the grafted encoder vs from an untrained one.
 
-Everything runs through the library's real code paths (megatron-core models, the training loop, DDP and the
-optimizer, chat templates and loss masks, grafting checkpoints, KV-cached generation) in a world of one.
-Outputs (plots, JSON, checkpoints) go to ``--output-dir`` (default ``outputs/demo``). The numbers are whatever
-this run measures; see the README for a recorded run.
+The target, its trajectory and the surrogate are built once (``--seed``); each of ``--seeds`` seeds reruns
+steps 4-6 (translator data order, encoder initialisation, training images and their order, stage 3). Seeds run
+in ``--workers`` processes, one thread each. Everything runs through the library's real code paths
+(megatron-core models, the training loop with DDP and the optimizer, chat templates and loss masks, the
+trajectory analyser, the surrogate builder, grafting checkpoints with provenance, KV-cached generation) in a
+world of one per process. Outputs go to ``--output-dir`` (``results.json``, ``demo.png``, checkpoints).
+The printed conclusion is computed from the per-seed numbers: a claim is made only if it holds on every seed.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import json
+import multiprocessing
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -27,24 +38,43 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+KINDS = ("upper_bound", "surrogate_own", "surrogate_graft", "control_own", "control_graft", "untrained",
+         "stage3_graft", "stage3_untrained")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="outputs/demo")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--lm-steps", type=int, default=300, help="target LLM pretraining steps")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the target LLM, its data and the held-out images")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds for stages 1-3 (seed, seed+1, ...)")
+    p.add_argument("--workers", type=int, default=2, help="parallel worker processes (one thread each)")
+    p.add_argument("--layers", type=int, default=12, help="target decoder layers")
+    p.add_argument("--hidden", type=int, default=96, help="target decoder width")
+    p.add_argument("--lm-steps", type=int, default=400, help="target LLM pretraining steps")
+    p.add_argument("--lm-lr", type=float, default=2e-3)
     p.add_argument("--translator-steps", type=int, default=60, help="stage 1 steps per small decoder")
-    p.add_argument("--encoder-steps", type=int, default=2000, help="stage 2 steps per encoder")
-    p.add_argument("--eval-images", type=int, default=300)
+    p.add_argument("--encoder-steps", type=int, default=500, help="stage 2 steps per encoder")
+    p.add_argument("--encoder-lr", type=float, default=2e-3)
+    p.add_argument("--stage3-steps", type=int, default=40, help="stage 3 steps (0: skip the stage-3 rows)")
+    p.add_argument("--stage3-lr", type=float, default=5e-4)
+    p.add_argument("--train-images", type=int, default=4000, help="training images per seed (stages 2 and 3)")
+    p.add_argument("--eval-images", type=int, default=300, help="held-out images (the same for every row and seed)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test; numbers meaningless)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seeds < 1 or args.workers < 1:
+        p.error("--seeds and --workers must be >= 1")
+    if args.eval_images < 50 or args.eval_images % 50:
+        p.error(f"--eval-images must be a positive multiple of 50, got {args.eval_images}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The toy world
 # ---------------------------------------------------------------------------------------------------------
 IMAGE_SIZE = 32
-SEQ = 32
+SEQ = 40  # image conversations: up to 16 text tokens + 19 image embeddings (16 patches, CLS, start, end)
+TEXT_SEQ = 24  # text conversations: up to 21 tokens
+WARMUP = 0.1  # fraction of each run's steps spent in linear LR warmup (then cosine to 0); gradients clipped at 1
 
 
 def make_tokenizer():
@@ -55,9 +85,10 @@ def make_tokenizer():
 
 
 def chat_samples(template, n: int, seed: int):
-    """Chat-formatted text: the user lists the attributes, the assistant describes or answers. The target LLM
-    learns to turn attribute words into answers; an image encoder later has to make it 'read' an image like those
-    words. Returns encoded conversations (ids + loss masks: the response and its closing <eot>)."""
+    """Chat-formatted text: the user lists the four attribute words *in random order*, the assistant describes
+    them (a caption, which puts them in order) or answers a question about one. The target LLM learns to find an
+    attribute among the context words by what it is, not where it is -- the lookup an image encoder later drives
+    with embeddings the LM reads like those words. Returns encoded conversations (ids + loss masks)."""
     from megatron_zero.data import synthetic_shapes as ss
     from megatron_zero.data.chat_template import Message
 
@@ -65,7 +96,8 @@ def chat_samples(template, n: int, seed: int):
     out = []
     for _ in range(n):
         s = ss.random_scene(rng)
-        words = f"{s.size} {s.color} {s.shape} {s.position}"
+        words = [s.size, s.color, s.shape, s.position]
+        rng.shuffle(words)
         if rng.random() < 0.5:
             q, a = "describe the image .", s.caption
         else:
@@ -73,27 +105,27 @@ def chat_samples(template, n: int, seed: int):
             q, a = ss.QUESTIONS[attr], s.answer(attr)
         # loss on the template's special tokens too, so the LLM predicts its own chat format (as instruct models
         # do) and the encoder-only stage's A.9 rule has something to preserve
-        out.append(template.encode([Message("user", f"{words} . {q}"), Message("assistant", a)],
+        out.append(template.encode([Message("user", f"{' '.join(words)} . {q}"), Message("assistant", a)],
                                    loss_on_special_tokens=True))
     return out
 
 
 def chat_rows(template, n: int, seed: int) -> dict:
-    """One conversation per row, padded to SEQ: tokens, next-token labels and the response loss mask."""
-    tokens = torch.zeros(n, SEQ, dtype=torch.long)
-    labels = torch.zeros(n, SEQ, dtype=torch.long)
-    mask = torch.zeros(n, SEQ)
+    """One conversation per row, padded to TEXT_SEQ: tokens, next-token labels and the response loss mask."""
+    tokens = torch.zeros(n, TEXT_SEQ, dtype=torch.long)
+    labels = torch.zeros(n, TEXT_SEQ, dtype=torch.long)
+    mask = torch.zeros(n, TEXT_SEQ)
     for i, enc in enumerate(chat_samples(template, n, seed)):
-        ids = torch.tensor(enc.input_ids[:SEQ + 1])
-        m = torch.tensor(enc.loss_mask[:SEQ + 1], dtype=torch.float)
+        ids = torch.tensor(enc.input_ids[:TEXT_SEQ + 1])
+        m = torch.tensor(enc.loss_mask[:TEXT_SEQ + 1], dtype=torch.float)
         tokens[i, :len(ids) - 1], labels[i, :len(ids) - 1], mask[i, :len(ids) - 1] = ids[:-1], ids[1:], m[1:]
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
 
 
-def decoder_config(vocab: int, layers: int = 8):
+def decoder_config(vocab: int, layers: int = 12, hidden: int = 96):
     from megatron_zero.models.llama_config import LlamaConfig
 
-    return LlamaConfig(num_layers=layers, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4,
+    return LlamaConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=2 * hidden, num_attention_heads=4,
                        num_query_groups=2, vocab_size=vocab, max_position_embeddings=128, rope_theta=10000.0,
                        rope_scaling_factor=None, name="demo-target")
 
@@ -101,7 +133,7 @@ def decoder_config(vocab: int, layers: int = 8):
 def vision_config():
     from megatron_zero.models.clip_vit import ClipVisionConfig
 
-    return ClipVisionConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, patch_size=16,
+    return ClipVisionConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, patch_size=8,
                             image_size=IMAGE_SIZE, name="demo-vit")
 
 
@@ -112,14 +144,27 @@ def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _optimize(model, lr, steps, forward_step, micro_batches, batch, seq):
+    """megatron DDP + optimizer (grad clipping 1.0) + warmup/cosine schedule + the library's training loop."""
+    from megatron_zero.training.loop import LoopConfig, build_scheduler, train
+    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+
+    oo = OptimizerOptions(lr=lr, use_distributed_optimizer=False, clip_grad=1.0)
+    chunks = wrap_ddp([model], oo)
+    opt = build_optimizer(chunks, oo)
+    sched = build_scheduler(opt, lr, 0.0, steps, WARMUP)
+    loop = LoopConfig(train_iters=steps, global_batch_size=batch, micro_batch_size=batch, seq_length=seq,
+                      data_parallel_size=1, log_interval=max(steps // 4, 1))
+    return train(loop, chunks, opt, sched, forward_step, micro_batches)
+
+
 def train_lm(cfg, rows, steps, lr, seed, trainable=None, canonical=None, batch=32):
     """Train a decoder (all weights, or the global layer indices in ``trainable``) on chat rows."""
     from megatron_zero.models.llama import build_llama_model
     from megatron_zero.parallel import sharding
-    from megatron_zero.training.loop import LoopConfig, build_scheduler, train
-    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
     from megatron_zero.training.train_step import lm_forward_step
 
+    torch.manual_seed(seed)
     model = build_llama_model(cfg)
     if canonical is not None:
         sharding.load_canonical(model, canonical, source="demo")
@@ -127,10 +172,6 @@ def train_lm(cfg, rows, steps, lr, seed, trainable=None, canonical=None, batch=3
         gmap = sharding.layer_index_map(model)
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("decoder.layers.") and gmap[int(name.split(".")[2])] in trainable)
-    oo = OptimizerOptions(lr=lr, use_distributed_optimizer=False)
-    chunks = wrap_ddp([model], oo)
-    opt = build_optimizer(chunks, oo)
-    sched = build_scheduler(opt, lr, 0.0, steps, 0.03)
     n = rows["tokens"].shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
@@ -138,9 +179,7 @@ def train_lm(cfg, rows, steps, lr, seed, trainable=None, canonical=None, batch=3
         idx = order[torch.arange(it * batch, (it + 1) * batch) % n]
         yield {k: v[idx] for k, v in rows.items()}
 
-    loop = LoopConfig(train_iters=steps, global_batch_size=batch, micro_batch_size=batch, seq_length=SEQ,
-                      data_parallel_size=1, log_interval=max(steps // 5, 1))
-    losses = train(loop, chunks, opt, sched, lm_forward_step, micro_batches)
+    losses = _optimize(model, lr, steps, lm_forward_step, micro_batches, batch, TEXT_SEQ)
     return sharding.gather_canonical([model], vocab_size=cfg.vocab_size), losses
 
 
@@ -170,32 +209,36 @@ def build_vlm_model(vlm_cfg, decoder_canonical, encoder_canonical=None):
     return model
 
 
-def train_encoder(vlm_cfg, decoder_canonical, template, train_samples, steps, lr, seed, batch=32):
-    """Stage 2 on a frozen decoder: the whole (fresh) encoder + adapter + start/end embeddings train."""
+def untrained_encoder(vlm_cfg, decoder_canonical, seed):
+    """A freshly initialised encoder + adapter (as stage 2 starts from), as canonical tensors."""
+    from megatron_zero.models.vlm import encoder_canonical_state
+
+    torch.manual_seed(seed)
+    return encoder_canonical_state(build_vlm_model(vlm_cfg, decoder_canonical))
+
+
+def train_vlm(vlm_cfg, decoder_canonical, template, train_samples, steps, lr, seed, stage="stage2",
+              encoder_canonical=None, batch=32):
+    """Stage 2 (frozen decoder; the whole encoder + adapter + start/end embeddings train, from scratch unless
+    ``encoder_canonical``) or stage 3 (the same plus the whole decoder). Returns (encoder, decoder) canonical
+    tensors and the losses."""
     from megatron_zero.models.freezing import apply_freezing
-    from megatron_zero.training.loop import LoopConfig, build_scheduler, train
-    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+    from megatron_zero.models.vlm import encoder_canonical_state
+    from megatron_zero.parallel import sharding
     from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
 
     torch.manual_seed(seed)
-    model = build_vlm_model(vlm_cfg, decoder_canonical)
-    apply_freezing([model], "stage2", encoder_trainable_layers=vlm_cfg.vision.num_built_layers)
+    model = build_vlm_model(vlm_cfg, decoder_canonical, encoder_canonical)
+    apply_freezing([model], stage, encoder_trainable_layers=vlm_cfg.vision.num_built_layers)
     for p in model.vision.parameters():  # trained from scratch: the patch/position embeddings train too
         p.requires_grad_(True)
-    oo = OptimizerOptions(lr=lr, use_distributed_optimizer=False)
-    chunks = wrap_ddp([model], oo)
-    opt = build_optimizer(chunks, oo)
-    sched = build_scheduler(opt, lr, 0.0, steps, 0.03)
     ds, store = vlm_records(template, train_samples, True, vlm_cfg.num_image_embeddings)
     batches = VLMBatches(ds, image_token_id=vlm_cfg.image_token_id, num_image_embeddings=vlm_cfg.num_image_embeddings,
                          seq_length=SEQ, pad_id=template.tokenizer.pad_id, global_batch_size=batch,
                          micro_batch_size=batch, dp_rank=0, dp_size=1, seed=seed, load_image=store.__getitem__)
-    loop = LoopConfig(train_iters=steps, global_batch_size=batch, micro_batch_size=batch, seq_length=SEQ,
-                      data_parallel_size=1, log_interval=max(steps // 5, 1))
-    losses = train(loop, chunks, opt, sched, vlm_forward_step, batches.iteration)
-    from megatron_zero.models.vlm import encoder_canonical_state
-
-    return encoder_canonical_state(model), losses
+    losses = _optimize(model, lr, steps, vlm_forward_step, batches.iteration, batch, SEQ)
+    decoder = sharding.gather_canonical([model.language_model], vocab_size=vlm_cfg.decoder.vocab_size)
+    return encoder_canonical_state(model), decoder, losses
 
 
 def evaluate(vlm_cfg, decoder_canonical, encoder_canonical, template, samples):
@@ -235,153 +278,310 @@ def evaluate(vlm_cfg, decoder_canonical, encoder_canonical, template, samples):
     return total / max(count, 1), correct / max(len(prompts), 1)
 
 
-def trajectory(cfg, canonical, template, seed, out_dir):
-    """Per-layer position-KL (Eq. 1-4) on held-out chat text, its median and the detected transition layer."""
-    from megatron_zero.analysis.trajectory import detect_transition, trajectory_kl
+def trajectory(cfg, canonical, template, seed):
+    """Per-layer position-KL (Eq. 1-4) of held-out chat conversations (one per row, padding excluded), its
+    median and the detected transition layer."""
+    from megatron_zero.analysis.trajectory import detect_transition, pad_batch, trajectory_kl
     from megatron_zero.models.llama import build_llama_model
     from megatron_zero.parallel import sharding
 
     model = build_llama_model(cfg).eval()
     sharding.load_canonical(model, canonical, source="demo")
-    ids = [t for enc in chat_samples(template, 400, seed + 7) for t in enc.input_ids]
-    rows = [ids[i:i + SEQ] for i in range(0, len(ids) - SEQ, SEQ)][:64]
-    kl = trajectory_kl(model, torch.tensor(rows), vocab_size=cfg.vocab_size)  # [samples, layers]
+    tokens, lengths = pad_batch([enc.input_ids for enc in chat_samples(template, 200, seed + 7)])
+    kl = trajectory_kl(model, tokens, vocab_size=cfg.vocab_size, lengths=lengths)  # [samples, layers]
     median = kl.median(dim=0).values
-    a = detect_transition(median)
-    return kl, median, a
+    return kl, median, detect_transition(median)
 
 
-def save_plots(out_dir, kl, median, a, curves):
+# ---------------------------------------------------------------------------------------------------------
+# Per-seed jobs (run in worker processes)
+# ---------------------------------------------------------------------------------------------------------
+_SHARED: dict = {}
+
+
+def _worker_init(shared_path: str, threads: int) -> None:
+    """A fresh process: one thread, its own world of one (a new rendezvous port), the shared target loaded."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        os.environ.pop(k, None)
+    torch.set_num_threads(threads)
+    from megatron_zero.parallel.initialize import initialize_parallel
+
+    initialize_parallel(1, 1)
+    _SHARED.update(torch.load(shared_path, weights_only=False))
+
+
+def _world(args):
+    from megatron_zero.data import synthetic_shapes as ss
+    from megatron_zero.data.chat_template import chat_template_for
+
+    template = chat_template_for(make_tokenizer())
+    test = ss.vision_samples(args.eval_images, seed=args.seed + 3, image_size=IMAGE_SIZE)
+    return template, test
+
+
+def run_job(kind: str, seed: int) -> dict:
+    """One seed's work for one decoder: ``surrogate`` / ``control`` (stage 1, stage 2, graft, evaluate; stage 3
+    from the graft for the surrogate), ``upper`` (stage 2 on the target itself) or ``untrained`` (evaluate an
+    untrained encoder on the target; stage 3 from it). Returns rows {kind: (model, layers, loss, exact)} and the
+    training curves."""
+    from megatron_zero import grafting
+    from megatron_zero.data import synthetic_shapes as ss
+    from megatron_zero.models.vlm import VLMConfig
+    from megatron_zero.surrogate import surrogate_canonical
+
+    t0, c0 = time.time(), time.process_time()
+    sh = _SHARED
+    args, cfg, target, target_dir = sh["args"], sh["cfg"], sh["target"], sh["target_dir"]
+    template, test = _world(args)
+    vision = vision_config()
+    train_samples = ss.vision_samples(args.train_images, seed=seed * 1000 + 2, image_size=IMAGE_SIZE)
+    out_dir = os.path.join(args.output_dir, f"seed{seed}")
+    os.makedirs(out_dir, exist_ok=True)
+    rows, curves = {}, {}
+    target_vcfg = VLMConfig(cfg, vision, template.image_placeholder_id)
+    L = cfg.num_layers
+
+    def stage3(kind3, encoder, label):
+        if args.stage3_steps <= 0:
+            return
+        enc3, dec3, losses = train_vlm(target_vcfg, target, template, train_samples, args.stage3_steps,
+                                       args.stage3_lr, seed, stage="stage3", encoder_canonical=encoder)
+        loss, acc = evaluate(target_vcfg, dec3, enc3, template, test)
+        rows[kind3] = (label, L, loss, acc)
+        curves[kind3] = losses
+
+    if kind in ("surrogate", "control"):
+        sa, sb = sh[kind]
+        scfg, scan = surrogate_canonical(cfg, target, sa, sb, target_name=target_dir)
+        scan, _ = train_lm(scfg, chat_rows(template, 2000, seed * 1000 + 1), args.translator_steps, 1e-3, seed,
+                           trainable={sa}, canonical=scan)
+        vcfg = VLMConfig(scfg, vision, template.image_placeholder_id)
+        enc, _, losses = train_vlm(vcfg, scan, template, train_samples, args.encoder_steps, args.encoder_lr, seed)
+        curves[f"{kind}_own"] = losses
+        path = os.path.join(out_dir, f"encoder_{kind}")
+        grafting.save_image_encoder(path, enc, vision, vcfg.image_token_id,
+                                    grafting.decoder_identity(scfg, scan["embedding.word_embeddings.weight"]),
+                                    overwrite=True)
+        name = f"T({sa},{sb})" if kind == "surrogate" else f"control T({sa},{sb})"
+        loss, acc = evaluate(vcfg, scan, enc, template, test)
+        rows[f"{kind}_own"] = (f"{name} + its encoder", scfg.num_layers, loss, acc)
+        # zero-shot graft through the grafting tool's code path (provenance checked against the target)
+        gpath = os.path.join(out_dir, f"grafted_{kind}")
+        grafting.graft(path, target_dir, gpath, overwrite=True)
+        gcfg, genc, gdec = grafting.load_vlm_checkpoint(gpath)
+        gdec = {k: gdec(k) for k in target}
+        loss, acc = evaluate(gcfg, gdec, genc, template, test)
+        rows[f"{kind}_graft"] = (f"target + encoder from {name} (zero-shot graft)", L, loss, acc)
+        if kind == "surrogate":
+            stage3("stage3_graft", genc, f"target + graft, {args.stage3_steps} stage-3 steps")
+    elif kind == "upper":
+        enc, _, losses = train_vlm(target_vcfg, target, template, train_samples, args.encoder_steps,
+                                   args.encoder_lr, seed)
+        curves["upper_bound"] = losses
+        loss, acc = evaluate(target_vcfg, target, enc, template, test)
+        rows["upper_bound"] = ("target + its own encoder (upper bound)", L, loss, acc)
+    elif kind == "untrained":
+        enc = untrained_encoder(target_vcfg, target, seed)
+        loss, acc = evaluate(target_vcfg, target, enc, template, test)
+        rows["untrained"] = ("target + untrained encoder", L, loss, acc)
+        stage3("stage3_untrained", enc, f"target + untrained encoder, {args.stage3_steps} stage-3 steps")
+    else:
+        raise ValueError(kind)
+    return {"kind": kind, "seed": seed, "rows": rows, "curves": curves, "wall": time.time() - t0,
+            "cpu": time.process_time() - c0}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------------------
+def _mean_spread(xs):
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def conclusions(rows: dict, seeds: list, target_layers: int) -> list[str]:
+    """What the per-seed numbers show: each comparison is claimed only if it holds on every seed."""
+    n = len(seeds)
+    em = {k: r["exact_match"] for k, r in rows.items()}
+    loss = {k: r["answer_loss"] for k, r in rows.items()}
+
+    def count(better, worse, metric=em, lower=False):
+        return sum((b < w) if lower else (b > w) for b, w in zip(metric[better], metric[worse]))
+
+    out = []
+
+    def claim(text, k, absent):
+        out.append(f"{text} on {k}/{n} seeds" if k == n else f"{absent} ({k}/{n} seeds)")
+
+    claim("the encoder trained on the target itself reaches >= 90% exact match",
+          sum(x >= 0.9 for x in em["upper_bound"]), "the upper-bound encoder does NOT reach 90% exact match on every seed")
+    claim("zero-shot graft beats the control's graft (exact match)", count("surrogate_graft", "control_graft"),
+          "graft > control (exact match) is not shown at this scale")
+    claim("zero-shot graft has a lower answer loss than the control's graft",
+          count("surrogate_graft", "control_graft", loss, lower=True),
+          "graft < control (answer loss) is not shown at this scale")
+    claim("zero-shot graft beats an untrained encoder on the target (exact match)",
+          count("surrogate_graft", "untrained"), "graft > untrained (exact match) is not shown")
+    claim("the surrogate's encoder loses less exact match in the transfer than the control's",
+          sum((so - sg) < (co - cg) for so, sg, co, cg in zip(em["surrogate_own"], em["surrogate_graft"],
+                                                              em["control_own"], em["control_graft"])),
+          "a smaller transfer loss for the surrogate than for the control is not shown")
+    if "stage3_graft" in em:
+        claim("stage 3 from the grafted encoder beats stage 3 from an untrained one (exact match)",
+              count("stage3_graft", "stage3_untrained"), "the stage-3 warm start is not shown at this scale")
+    layers = rows["surrogate_own"]["layers"]
+    out.append(f"the surrogate keeps {layers} of the target's {target_layers} layers "
+               f"({100 * layers / target_layers:.0f}%)")
+    return out
+
+
+def print_table(rows: dict, seeds: list) -> None:
+    width = max(len(r["model"]) for r in rows.values())
+    head = f"{'model (held-out images)':{width}s} {'layers':>6s}  {'exact match % mean+-sd':>22s}  " \
+           f"{'answer loss mean+-sd':>20s}  per seed (exact match %)"
+    print(head)
+    for r in rows.values():
+        m, s = _mean_spread([100 * x for x in r["exact_match"]])
+        lm, ls = _mean_spread(r["answer_loss"])
+        per = " ".join(f"{100 * x:5.1f}" for x in r["exact_match"])
+        print(f"{r['model']:{width}s} {r['layers']:6d}  {m:14.1f} +- {s:4.1f}  {lm:12.3f} +- {ls:.3f}  {per}")
+    print(f"(seeds {', '.join(map(str, seeds))})")
+
+
+def save_plots(out_dir, kl, median, a, curves, seeds):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in kl:
-        ax[0].plot(row.numpy(), color="tab:blue", alpha=0.08)
+        ax[0].plot(row.numpy(), color="tab:blue", alpha=0.06)
     ax[0].plot(median.numpy(), color="tab:blue", lw=2.5, label="median")
     ax[0].axvline(a, color="tab:red", ls="--", label=f"transition (layer {a})")
     ax[0].set_xlabel("layer")
-    ax[0].set_ylabel("KL(q_l || p) over positions")
+    ax[0].set_ylabel("KL(q_l || p) over positions (Eq. 4)")
     ax[0].set_title("prediction trajectory of the demo target")
     ax[0].legend()
-    for name, losses in curves.items():
-        ax[1].plot([x for x in losses if x is not None], label=name)
+    colors = {"upper_bound": "black", "surrogate_own": "tab:green", "control_own": "tab:orange",
+              "stage3_graft": "tab:purple", "stage3_untrained": "tab:gray"}
+    styles = ["-", "--", ":", "-."]
+    for (seed, kind), losses in sorted(curves.items()):
+        ys = [x for x in losses if x is not None]
+        w = max(1, len(ys) // 50)
+        ys = [statistics.fmean(ys[max(0, i - w):i + 1]) for i in range(len(ys))]
+        i = seeds.index(seed)
+        ax[1].plot(ys, color=colors.get(kind, "tab:blue"), ls=styles[i % len(styles)], lw=1.2,
+                   label=f"{kind} (seed {seed})" if i < 2 or kind == "upper_bound" else None)
     ax[1].set_xlabel("step")
-    ax[1].set_ylabel("loss")
+    ax[1].set_ylabel("answer loss (running mean)")
     ax[1].set_yscale("log")
-    ax[1].set_title("training curves")
-    ax[1].legend(fontsize=8)
+    ax[1].set_title("stage 2 encoders and stage 3, per seed")
+    ax[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path = os.path.join(out_dir, "demo.png")
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
     if args.quick:
-        args.lm_steps, args.translator_steps, args.encoder_steps, args.eval_images = 20, 5, 20, 100
-    t0 = time.time()
+        args.lm_steps, args.translator_steps, args.encoder_steps, args.eval_images = 20, 4, 12, 50
+        args.train_images = 400
+        args.stage3_steps = min(args.stage3_steps, 4)
+    t0, c0 = time.time(), time.process_time()
+    args.output_dir = os.path.abspath(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
-    from megatron_zero import platform
-    from megatron_zero.data import synthetic_shapes as ss
-    from megatron_zero.data.chat_template import chat_template_for
-    from megatron_zero import grafting
-    from megatron_zero.models.vlm import VLMConfig
+    from megatron_zero import grafting, platform
     from megatron_zero.parallel.initialize import initialize_parallel
-    from megatron_zero.surrogate import surrogate_canonical
+    from megatron_zero.surrogate import compute_ratio, surrogate_config
 
+    torch.set_num_threads(1)  # one thread per process everywhere: no oversubscription, one reduction order
     initialize_parallel(1, 1, seed=args.seed)
     log(f"megatron_zero demo on {platform.summary()}")
-    tok = make_tokenizer()
-    template = chat_template_for(tok)
-    cfg = decoder_config(tok.vocab_size)
+    from megatron_zero.data.chat_template import chat_template_for
+
+    template = chat_template_for(make_tokenizer())
+    cfg = decoder_config(template.tokenizer.vocab_size, args.layers, args.hidden)
     L = cfg.num_layers
 
     # 1. pretrain the target
-    log(f"1/6 pretraining the target LLM ({L} layers, {cfg.num_parameters():,} params) for {args.lm_steps} steps")
-    target, lm_losses = train_lm(cfg, chat_rows(template, 8000, args.seed), args.lm_steps, 3e-3, args.seed)
+    log(f"1/6 pretraining the target LLM ({L} layers x {cfg.hidden_size}, {cfg.num_parameters():,} params) for "
+        f"{args.lm_steps} steps (lr {args.lm_lr}, {WARMUP:.0%} warmup, cosine, clip 1.0)")
+    target, lm_losses = train_lm(cfg, chat_rows(template, 8000, args.seed), args.lm_steps, args.lm_lr, args.seed)
 
     # 2. trajectory
-    kl, median, a = trajectory(cfg, target, template, args.seed, args.output_dir)
+    kl, median, a = trajectory(cfg, target, template, args.seed)
+    detected = a
     a = min(max(a, 2), L - 3)
     b = L - 2
     k = 1 + (b - a)
     log("2/6 prediction trajectory, median KL per layer: " + " ".join(f"{x:.3f}" for x in median.tolist())
-        + f" -> transition layer {a}")
+        + f" -> transition layer {detected}" + ("" if a == detected else f" (clamped to {a})"))
 
     # 3. surrogate and control (their provenance names the target checkpoint, which grafting verifies)
-    target_dir = os.path.abspath(os.path.join(args.output_dir, "target"))
+    target_dir = os.path.join(args.output_dir, "target")
     grafting.save_hf_decoder(target_dir, cfg, target)
-    surrogates = {}
-    for name, (sa, sb) in {"surrogate": (a, b), "control": (1, k)}.items():
-        scfg, scan = surrogate_canonical(cfg, target, sa, sb, target_name=target_dir)
-        surrogates[name] = (scfg, scan, (sa, sb))
-    log(f"3/6 surrogate T({a},{b}) and control T(1,{k}): {surrogates['surrogate'][0].num_layers} layers each "
-        f"(target {L})")
+    scfg = surrogate_config(cfg, a, b)
+    log(f"3/6 surrogate T({a},{b}) and control T(1,{k}): {scfg.num_layers} layers each (target {L}, "
+        f"{100 * scfg.num_layers / L:.0f}% kept; {compute_ratio(cfg, scfg, SEQ):.2f}x the target's FLOPs per token)")
 
-    # 4. stage 1 (translator on text) + stage 2 (encoder on images)
-    curves = {"target LM": lm_losses}
-    text = chat_rows(template, 3000, args.seed + 1)
-    train_samples = ss.vision_samples(4000, seed=args.seed + 2, image_size=IMAGE_SIZE)
-    test_samples = ss.vision_samples(args.eval_images, seed=args.seed + 3, image_size=IMAGE_SIZE)
-    vision = vision_config()
-    encoders = {}
-    for name, (scfg, scan, (sa, sb)) in surrogates.items():
-        log(f"4/6 [{name} T({sa},{sb})] stage 1: translator (layer {sa}) on text, {args.translator_steps} steps")
-        scan, _ = train_lm(scfg, text, args.translator_steps, 1e-3, args.seed, trainable={sa}, canonical=scan)
-        surrogates[name] = (scfg, scan, (sa, sb))
-        vcfg = VLMConfig(scfg, vision, template.image_placeholder_id)
-        log(f"4/6 [{name} T({sa},{sb})] stage 2: encoder + adapter from scratch, {args.encoder_steps} steps")
-        enc, losses = train_encoder(vcfg, scan, template, train_samples, args.encoder_steps, 5e-3, args.seed)
-        curves[f"encoder on {name} T({sa},{sb})"] = losses
-        # the encoder checkpoint records the decoder it was trained with (provenance for grafting)
-        path = os.path.join(args.output_dir, f"encoder_{name}")
-        emb = scan["embedding.word_embeddings.weight"]
-        grafting.save_image_encoder(path, enc, vision, vcfg.image_token_id,
-                                    grafting.decoder_identity(scfg, emb), overwrite=True)
-        encoders[name] = (vcfg, enc)
+    # 4-6 per seed, in worker processes
+    seeds = [args.seed + i for i in range(args.seeds)]
+    shared_path = os.path.join(args.output_dir, "shared.pt")
+    torch.save({"args": args, "cfg": cfg, "target": target, "target_dir": target_dir, "surrogate": (a, b),
+                "control": (1, k)}, shared_path)
+    jobs = [(kind, s) for kind in ("surrogate", "upper", "control", "untrained") for s in seeds]  # longest first
+    log(f"4-6/6 {len(jobs)} jobs ({len(seeds)} seeds x surrogate, upper bound, control, untrained) on "
+        f"{args.workers} worker processes: stage 1 ({args.translator_steps} steps), stage 2 ({args.encoder_steps} "
+        f"steps, lr {args.encoder_lr}), graft, stage 3 ({args.stage3_steps} steps), evaluation on "
+        f"{args.eval_images} held-out images")
+    results, worker_cpu = [], 0.0
+    with cf.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_worker_init, initargs=(shared_path, 1)) as pool:
+        futures = {pool.submit(run_job, kind, s): (kind, s) for kind, s in jobs}
+        for fut in cf.as_completed(futures):
+            r = fut.result()
+            results.append(r)
+            worker_cpu += r["cpu"]
+            for kind_, (label, _, loss, acc) in r["rows"].items():
+                log(f"seed {r['seed']} {kind_:16s} {label}: answer loss {loss:.3f}, exact match {100 * acc:.1f}%")
+            log(f"job {r['kind']}/seed {r['seed']} done in {r['wall']:.0f} s ({len(results)}/{len(jobs)}; "
+                f"{time.time() - t0:.0f} s elapsed)")
 
-    # 5. graft into the target (tools/graft.py's code path, provenance verified)
-    grafted = {}
-    for name in encoders:
-        out = os.path.join(args.output_dir, f"grafted_{name}")
-        grafting.graft(os.path.join(args.output_dir, f"encoder_{name}"), target_dir, out, overwrite=True)
-        gcfg, genc, gdec = grafting.load_vlm_checkpoint(out)
-        grafted[name] = (gcfg, genc, {k2: gdec(k2) for k2 in target})
-    log("5/6 grafted both encoders into the target zero-shot")
+    rows, curves = {}, {}
+    for kind in KINDS:
+        per_seed = {r["seed"]: r["rows"][kind] for r in results if kind in r["rows"]}
+        if not per_seed:
+            continue
+        label, layers = per_seed[seeds[0]][0], per_seed[seeds[0]][1]
+        rows[kind] = {"kind": kind, "model": label, "layers": layers,
+                      "exact_match": [per_seed[s][3] for s in seeds], "answer_loss": [per_seed[s][2] for s in seeds]}
+    for r in results:
+        for kind, losses in r["curves"].items():
+            curves[(r["seed"], kind)] = losses
+    os.remove(shared_path)
 
-    # 6. evaluate
-    rows = []
-    fresh_cfg = VLMConfig(cfg, vision, template.image_placeholder_id)
-    for label, vcfg, dec, enc in [
-        (f"surrogate T({a},{b}) + its encoder", encoders["surrogate"][0], surrogates["surrogate"][1],
-         encoders["surrogate"][1]),
-        (f"target + encoder from T({a},{b}) (zero-shot graft)", grafted["surrogate"][0], grafted["surrogate"][2],
-         grafted["surrogate"][1]),
-        (f"control T(1,{k}) + its encoder", encoders["control"][0], surrogates["control"][1], encoders["control"][1]),
-        (f"target + encoder from T(1,{k}) (zero-shot graft)", grafted["control"][0], grafted["control"][2],
-         grafted["control"][1]),
-        ("target + untrained encoder", fresh_cfg, target, None),
-    ]:
-        loss, acc = evaluate(vcfg, dec, enc, template, test_samples)
-        rows.append({"model": label, "answer_loss": loss, "exact_match": acc})
-        log(f"6/6 {label}: loss {loss:.3f}, exact match {100 * acc:.1f}%")
-
-    plot = save_plots(args.output_dir, kl, median, a, curves)
+    plot = save_plots(args.output_dir, kl, median, a, curves, seeds)
+    lines = conclusions(rows, seeds, L)
+    wall, cpu = time.time() - t0, time.process_time() - c0 + worker_cpu
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-        json.dump({"transition_layer": a, "median_kl": median.tolist(), "results": rows,
-                   "args": vars(args), "seconds": time.time() - t0}, f, indent=2)
-    width = max(len(r["model"]) for r in rows)
+        json.dump({"seeds": seeds, "target_layers": L, "rows": list(rows.values()),
+                   "transition_layer": a, "detected_transition_layer": detected, "median_kl": median.tolist(),
+                   "surrogate": [a, b], "control": [1, k], "conclusions": lines, "args": vars(args),
+                   "wall_seconds": wall, "cpu_seconds": cpu}, f, indent=2)
     print()
-    print(f"{'model (held-out images)':{width}s}  {'answer loss':>11s}  {'exact match':>11s}")
-    for r in rows:
-        print(f"{r['model']:{width}s}  {r['answer_loss']:11.3f}  {100 * r['exact_match']:10.1f}%")
+    print_table(rows, seeds)
+    print()
+    for line in lines:
+        print(f"- {line}")
     print(f"\nplots: {plot}   results: {os.path.join(args.output_dir, 'results.json')}   "
-          f"total {time.time() - t0:.0f} s")
-    return rows
+          f"wall {wall:.0f} s, CPU {cpu:.0f} s (all processes)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def render(scene: Scene, size: int = 32, rng: random.Random | None = None) -> Im
     rng = rng or random.Random(0)
     img = Image.new("RGB", (size, size), (235, 235, 235))
     draw = ImageDraw.Draw(img)
-    r = size * (0.16 if scene.size == "small" else 0.3) * rng.uniform(0.9, 1.1)
+    r = size * (0.2 if scene.size == "small" else 0.32) * rng.uniform(0.9, 1.1)
     c = size / 2
     off = size * 0.25
     cx, cy = {"left": (c - off, c), "right": (c + off, c), "top": (c, c - off), "bottom": (c, c + off)}[scene.position]
