@@ -93,13 +93,21 @@ def fsync_tree(root: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fsync_dir(dirpath)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory (its entries: renames and new files), where the file system allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def publish(tmp: str, path: str) -> None:
@@ -110,14 +118,7 @@ def publish(tmp: str, path: str) -> None:
         old = f"{tmp}.old"
         os.replace(path, old)
     os.replace(tmp, path)
-    parent = os.path.dirname(os.path.abspath(path))
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

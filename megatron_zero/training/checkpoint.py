@@ -87,16 +87,9 @@ def _same_dir(a: Optional[str], b: Optional[str]) -> bool:
 
 
 def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from megatron_zero.checkpointing.hf_writer import fsync_dir
+
+    fsync_dir(path)
 
 
 def _remove_tree(path: str) -> None:
