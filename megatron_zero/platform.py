@@ -156,6 +156,19 @@ def _patch_empty_distributed_optimizer_state() -> None:
     state_dict._megatron_zero_patched = True
     DistributedOptimizer.state_dict = state_dict
 
+    original_load = DistributedOptimizer.load_state_dict
+
+    def load_state_dict(self, state_dict):
+        # the other half: such a rank's saved groups carry step None, which the torch-Adam branch turns into a
+        # tensor; with no state to give it to, any number will do
+        groups = (state_dict.get("optimizer") or {}).get("param_groups") or []
+        if groups and all(g.get("step", 0) is None for g in groups):
+            for g in groups:
+                g["step"] = 0
+        return original_load(self, state_dict)
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
 
 def _patch_distributed_optimizer_reshardable_load() -> None:
     """Let the distributed optimizer load its fully reshardable checkpoint format with torch's Adam.
@@ -180,6 +193,8 @@ def _patch_distributed_optimizer_reshardable_load() -> None:
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         dst = {"param": main_param, **self.optimizer.state[main_param]}
         for key, value in tensors.items():
+            if key == "padding":  # the DP-reshardable format's bookkeeping, not optimizer state
+                continue
             if key not in dst:
                 raise KeyError(f"optimizer state {key!r} in the checkpoint is not in this optimizer")
             dst[key].copy_(value)

@@ -49,7 +49,28 @@ COMPLETE = "COMPLETE"
 # of its loader is fixed in ``platform.install_cpu_compat``). A plain optimizer's state_dict is saved per rank with
 # torch.save (its model-space sharded form cannot describe frozen layers inside megatron's stacked per-layer
 # tensors), so it resumes only at the layout it was saved with; anything else is refused before loading.
+# Exception: when some rank has nothing to train (a frozen pipeline stage, normal in stages 1-2), megatron-core's
+# fully reshardable form is invalid (its per-layer model-space tensors have holes) and the DP-reshardable format is
+# used instead: such a run resumes at another DP size only (other changes are refused before loading).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def optimizer_sharding_type(optimizer, model_chunks=None) -> str:
+    """``fully_reshardable``, or ``dp_reshardable`` when some rank holds no trainable parameter (collective the
+    first time; the answer is kept on the optimizer)."""
+    cached = getattr(optimizer, "_megatron_zero_sharding", None)
+    if cached is not None:
+        return cached
+    del model_chunks  # the optimizer's own parameters decide, the same way on save and on load
+    held = any(len(g["params"]) for g in optimizer.param_groups)
+    local = torch.tensor([1.0 if held else 0.0])
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            local = local.cuda()
+        dist.all_reduce(local, op=dist.ReduceOp.MIN)
+    kind = OPTIMIZER_METADATA["distrib_optim_sharding_type"] if float(local) > 0 else "dp_reshardable"
+    optimizer._megatron_zero_sharding = kind
+    return kind
 LATEST = "latest_checkpointed_iteration.txt"
 LOCK = ".lock"
 MANIFEST_VERSION = 1
@@ -391,7 +412,8 @@ def save_checkpoint(
     _barrier()
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None and _is_distributed(optimizer):
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            state, metadata={"distrib_optim_sharding_type": optimizer_sharding_type(optimizer, model_chunks)})
     state["common"] = {
         "iteration": iteration,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -487,7 +509,7 @@ def current_layout(optimizer=None) -> dict[str, Any]:
                       vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
                       dp=ps.get_data_parallel_world_size())
     if optimizer is not None:
-        layout["optimizer"] = ("distributed:" + OPTIMIZER_METADATA["distrib_optim_sharding_type"]
+        layout["optimizer"] = ("distributed:" + optimizer_sharding_type(optimizer)
                                if _is_distributed(optimizer) else "per_rank")
     return layout
 
