@@ -65,16 +65,9 @@ def n_metrics(path):
 
 def processes_mentioning(text):
     """PIDs of live processes whose command line contains ``text`` (orphaned ranks)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        found.append(int(pid))
-            except OSError:
-                pass
-    return found
+    from megatron_zero.reliability import pids_mentioning
+
+    return pids_mentioning(text)
 
 
 def signal_after(cmd, sig, metrics_file, after_lines, timeout=300, during=None):
