@@ -111,6 +111,9 @@ def import_megatron_core() -> None:
     blocked = "wandb" not in sys.modules
     if blocked:
         sys.modules["wandb"] = None  # makes ``import wandb`` raise ImportError: megatron's try/except skips it
+    if not HAVE_CUDA:  # expected without a GPU: megatron-core falls back to its local implementations
+        for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+            warnings.filterwarnings("ignore", message=msg)
     real_compile = torch.compile
     torch.compile = _lazy_compile(real_compile)
     try:
