@@ -16,17 +16,17 @@ def world_of_one():
     initialize_parallel(1, 1, seed=11)
 
 
-def _vlm_checkpoint(path, convention):
+def _vlm_checkpoint(path, convention, dec=None, image_token_id=7):
     """A random tiny VLM written as a VLM checkpoint directory (as tools/graft.py writes it)."""
     from megatron_zero import grafting
     from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig, build_vlm, encoder_canonical_state
     from megatron_zero.parallel import sharding
 
-    dec = LlamaConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                      vocab_size=100, max_position_embeddings=128, rope_theta=10000.0, rope_scaling_factor=None,
-                      name="tiny-dec")
+    dec = dec or LlamaConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                             num_query_groups=2, vocab_size=100, max_position_embeddings=128, rope_theta=10000.0,
+                             rope_scaling_factor=None, name="tiny-dec")
     preset = "tiny-clip-llava" if convention == "llava" else "tiny-clip"
-    cfg = VLMConfig(dec, get_vision_preset(preset), image_token_id=7)
+    cfg = VLMConfig(dec, get_vision_preset(preset), image_token_id=image_token_id)
     model = build_vlm(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases
         for n, p in model.named_parameters():
@@ -35,7 +35,7 @@ def _vlm_checkpoint(path, convention):
     encoder = encoder_canonical_state(model)
     decoder = sharding.gather_canonical([model.language_model], vocab_size=dec.vocab_size)
     path.mkdir()
-    grafting.save_image_encoder(str(path / "enc"), encoder, cfg.vision, 7,
+    grafting.save_image_encoder(str(path / "enc"), encoder, cfg.vision, image_token_id,
                                 grafting.decoder_identity(dec, decoder["embedding.word_embeddings.weight"]))
     for f in (path / "enc").iterdir():
         f.rename(path / f.name)

@@ -1,0 +1,249 @@
+"""Qwen targets through every VLM tool, as a user runs them (tests/test_workflow.py's chain, cut down):
+
+HF Qwen3 (tiny random, Qwen-style tokenizer.json) + HF CLIP -> tools/build_surrogate.py -> stage 1 -> stage 2
+(``python -m megatron_zero.training.pretrain_vlm``) -> tools/graft.py onto the Qwen3 target -> stage 3 with LoRA
+adapters -> tools/generate.py -> tools/evaluate.py (lmms-eval) -> HF LLaVA export (--merge-lora), which a fresh
+transformers-only Python loads and answers with exactly as tools/generate.py did (Qwen3's thinking switch in the
+exported chat template). A Qwen2.5 decoder's LLaVA export (default system message, QKV biases) is checked the same
+way on a directly built VLM.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import REPO, subprocess_env
+from tests.test_workflow import run
+from tests.workflow_world import PHOTOS, build_world
+
+pytestmark = pytest.mark.timeout(900)
+TRAIN = ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
+         "--log-interval", "1", "--lr", "1e-3"]
+QUESTIONS = (("chelsea", "What animal is this?"), ("coffee", "What is on the table?"))
+N_PATCHES = 16  # workflow_world's CLIP (32 px images, 8 px patches) and tiny-clip-llava (16 px, 4 px)
+
+
+def qwen_target(path: str, preset: str, seed: int = 0) -> str:
+    """A tiny random HF Qwen model of ``preset`` with a Qwen-style tokenizer over the world's texts."""
+    import dataclasses
+
+    from megatron_zero.models.llama_config import get_preset
+    from tests.qwen_models import hf_model, write_qwen_tokenizer
+
+    texts = [f"{q} {a}\n" for _, q, a in PHOTOS] + ["You are Qwen, created by Alibaba Cloud.\n"]
+    vocab = write_qwen_tokenizer(path, texts, vocab_size=300)
+    cfg = dataclasses.replace(get_preset(preset), vocab_size=vocab)
+    hf_model(cfg, seed=seed).save_pretrained(path)
+    return path
+
+
+def hf_llava_answer(export: str, image: str, question: str, max_new_tokens: int) -> dict:
+    """tests/workers/hf_llava_generate.py in a Python without megatron_zero on its path."""
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    out = run([os.path.join(REPO, "tests", "workers", "hf_llava_generate.py"), export, image, question,
+               str(max_new_tokens)], env=env)
+    return json.loads(next(line for line in out.splitlines() if line.startswith('{"text"')))
+
+
+def expanded_prompt(tokenizer_dir: str, question: str, model_family: str, **template_kwargs) -> list[int]:
+    """Our chat template's generation prompt for one image + ``question``, the image token repeated per patch."""
+    from megatron_zero.data.chat_template import Message, chat_template_for
+    from megatron_zero.data.tokenizers import load_tokenizer
+
+    t = chat_template_for(load_tokenizer(tokenizer_dir), model_family=model_family, **template_kwargs)
+    ids = t.encode([Message("user", "<image>\n" + question)], add_generation_prompt=True).input_ids
+    return [x for i in ids for x in ([i] * N_PATCHES if i == t.image_placeholder_id else [i])]
+
+
+class QwenWorkflow:
+    def __init__(self, root: str):
+        self.root = root
+        self.w = build_world(root, llama=False)
+        self.target = qwen_target(self.p("qwen3"), "tiny-qwen3")
+
+    def p(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def _vlm(self, name: str, *args: str) -> list[dict]:
+        run(["-m", "megatron_zero.training.pretrain_vlm", *args, "--data-path", self.w["llava_json"],
+             "--image-root", self.w["images"], *TRAIN, "--save", self.p(name), "--metrics-file",
+             self.p(f"{name}.jsonl")])
+        return [json.loads(line) for line in open(self.p(f"{name}.jsonl"))]
+
+    @functools.cached_property
+    def surrogate(self) -> str:
+        from tools import build_surrogate
+
+        assert build_surrogate.main(["--load-dir", self.target, "--save-dir", self.p("srgt"),
+                                     "--translator-start", "1", "--translator-end", "2"]) == 0
+        return self.p("srgt")
+
+    @functools.cached_property
+    def stages12(self) -> tuple[list[dict], list[dict]]:
+        s1 = self._vlm("stage1", "--stage", "1", "--decoder-load", self.surrogate, "--encoder-load", self.w["clip"],
+                       "--feature-convention", "llava", "--text-data-path", self.w["text_jsonl"])
+        s2 = self._vlm("stage2", "--stage", "2", "--decoder-load", self.p("stage1"), "--encoder-load",
+                       self.p("stage1"), "--encoder-trainable-layers", "2", "--loss-on-special-tokens")
+        return s1, s2
+
+    @functools.cached_property
+    def grafted(self) -> str:
+        assert self.stages12
+        run(["tools/graft.py", "--encoder", self.p("stage2/export"), "--target", self.target,
+             "--output", self.p("grafted")])
+        return self.p("grafted")
+
+    @functools.cached_property
+    def stage3(self) -> list[dict]:
+        return self._vlm("stage3", "--stage", "3", "--decoder-load", self.grafted, "--encoder-load", self.grafted,
+                         "--encoder-trainable-layers", "2", "--lora-rank", "4", "--lora-alpha", "8",
+                         "--lora-dropout", "0", "--lora-targets", "q,v", "--lr", "5e-2")
+
+    @functools.cached_property
+    def answers(self) -> list[dict]:
+        assert self.stage3
+        with open(self.p("prompts.jsonl"), "w") as f:
+            for name, question in QUESTIONS:
+                f.write(json.dumps({"id": name, "prompt": question,
+                                    "images": [os.path.join(self.w["images"], f"{name}.png")]}) + "\n")
+        run(["tools/generate.py", "--checkpoint", self.p("stage3/export"), "--prompts", self.p("prompts.jsonl"),
+             "--output", self.p("answers.jsonl"), "--max-new-tokens", "4"])
+        return [json.loads(line) for line in open(self.p("answers.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def qwf(tmp_path_factory):
+    return QwenWorkflow(str(tmp_path_factory.mktemp("qwen_workflow")))
+
+
+def test_surrogate_stages_graft_and_lora_stage3(qwf):
+    cfg = json.load(open(os.path.join(qwf.surrogate, "config.json")))
+    assert cfg["model_type"] == "qwen3" and cfg["num_hidden_layers"] == 3
+    assert cfg["megatron_zero_surrogate"]["layer_map"] == [0, 1, 3]
+    s1, s2 = qwf.stages12
+    assert len(s1) == len(s2) == 2 and all(r["loss"] > 0 for r in s1 + s2)
+    vlm = json.load(open(os.path.join(qwf.grafted, "vlm_config.json")))
+    dec = vlm["decoder"]
+    assert (dec["family"], dec["num_layers"], dec["qk_layernorm"]) == ("qwen3", 4, True)  # the target's decoder
+    s3 = qwf.stage3
+    assert len(s3) == 2 and s3[1]["loss"] < s3[0]["loss"]  # the adapters learn
+    lora = json.load(open(qwf.p("stage3/export/vlm_config.json")))["decoder"]["lora"]
+    assert lora["rank"] == 4 and lora["targets"] == ["q", "v"]
+
+
+def test_generate_evaluate_and_llava_export(qwf):
+    """generate.py's greedy answers score 0.5 through tools/evaluate.py's lmms-eval run (one answer is the
+    target); the merged LLaVA export answers the same in transformers alone, with our prompt tokens, and
+    renders Qwen3's no-thinking prompt as our template does."""
+    answers = qwf.answers
+    assert [a["id"] for a in answers] == ["chelsea", "coffee"] and all(a["text"] for a in answers)
+    d = qwf.p("vlm_tasks")
+    os.makedirs(d)
+    rows = [{"image": "chelsea.png", "question": QUESTIONS[0][1], "answer": answers[0]["text"].strip()},
+            {"image": "coffee.png", "question": QUESTIONS[1][1], "answer": "not " + answers[1]["text"]}]
+    with open(os.path.join(d, "qwf_vqa.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(d, "qwf_utils.py"), "w") as f:
+        f.write(textwrap.dedent(f"""\
+            import os
+            from PIL import Image
+
+            def doc_to_visual(doc):
+                return [Image.open(os.path.join({qwf.w['images']!r}, doc["image"])).convert("RGB")]
+
+            def doc_to_text(doc):
+                return doc["question"]
+            """))
+    with open(os.path.join(d, "qwf_vqa.yaml"), "w") as f:
+        f.write(textwrap.dedent(f"""\
+            task: qwf_vqa
+            dataset_path: json
+            dataset_kwargs:
+              data_files:
+                test: {os.path.join(d, 'qwf_vqa.jsonl')}
+            test_split: test
+            output_type: generate_until
+            doc_to_visual: !function qwf_utils.doc_to_visual
+            doc_to_text: !function qwf_utils.doc_to_text
+            doc_to_target: answer
+            generation_kwargs:
+              max_new_tokens: 4
+              until: ["\\n"]
+            metric_list:
+              - metric: exact_match
+                aggregation: mean
+                higher_is_better: true
+            """))
+    run(["tools/evaluate.py", "--suite", "vlm", "--load", qwf.p("stage3/export"), "--tasks", "qwf_vqa::exact_match",
+         "--include-path", d, "--output-dir", qwf.p("eval-vlm")])
+    record = json.load(open(qwf.p("eval-vlm/results.json")))
+    assert next(iter(record["checkpoints"].values()))["scores"]["qwf_vqa"] == pytest.approx(0.5)
+
+    export = qwf.p("hf-llava")
+    convert = ["tools/convert_checkpoint.py", "--model-type", "vlm", "--source-format", "vlm", "--target-format",
+               "hf", "--load-dir", qwf.p("stage3/export"), "--save-dir", export, "--merge-lora"]
+    run(convert)
+    hf_cfg = json.load(open(os.path.join(export, "config.json")))
+    assert hf_cfg["text_config"]["model_type"] == "qwen3" and hf_cfg["tie_word_embeddings"]
+    image = os.path.join(qwf.w["images"], "chelsea.png")
+    hf = hf_llava_answer(export, image, QUESTIONS[0][1], 4)
+    assert hf["text"] == answers[0]["text"]
+    assert hf["input_ids"] == expanded_prompt(qwf.target, QUESTIONS[0][1], "qwen3")
+    # Qwen3's switch: apply_chat_template(enable_thinking=False) == our qwen3-no-thinking template
+    import transformers
+
+    processor = transformers.AutoProcessor.from_pretrained(export)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0][1]}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    from PIL import Image
+
+    ids = processor(images=Image.open(image), text=text, return_tensors="pt")["input_ids"][0].tolist()
+    assert ids == expanded_prompt(qwf.target, QUESTIONS[0][1], "qwen3", family="qwen3-no-thinking")
+
+
+def test_qwen25_llava_export_matches_our_generation(tmp_path):
+    """A Qwen2.5 VLM (QKV biases, untied head, Qwen2.5's default system message; random weights): tools/generate.py's
+    greedy answer is what transformers alone generates from its LLaVA export."""
+    import dataclasses
+    import shutil
+
+    from megatron_zero.data.tokenizers import load_tokenizer
+    from megatron_zero.grafting import DECODER_DIR
+    from megatron_zero.models.llama_config import get_preset
+    from megatron_zero.parallel.initialize import initialize_parallel
+    from tests.qwen_models import write_qwen_tokenizer
+    from tests.test_hf_llava import _vlm_checkpoint
+    from tools import convert_checkpoint, generate
+
+    vocab = write_qwen_tokenizer(str(tmp_path / "tok"), [f"{q} {a}\n" for _, q, a in PHOTOS], vocab_size=300)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    initialize_parallel(1, 1, seed=5)
+    dec = dataclasses.replace(get_preset("tiny-qwen2"), vocab_size=vocab)
+    _vlm_checkpoint(tmp_path / "vlm", "llava", dec, image_token_id=tok.special_token_id("<|image_pad|>"))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "tok" / f, tmp_path / "vlm" / DECODER_DIR / f)
+    image = str(tmp_path / "img.png")
+    from PIL import Image
+    from skimage import data as skdata
+
+    Image.fromarray(skdata.coffee()).resize((48, 32)).save(image)  # non-square: the export pads it as we do
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "c", "prompt": QUESTIONS[1][1], "images": [image]}) + "\n")
+    assert generate.main(["--checkpoint", str(tmp_path / "vlm"), "--prompts", str(prompts), "--output",
+                          str(tmp_path / "a.jsonl"), "--max-new-tokens", "5"]) == 0
+    ours = json.loads((tmp_path / "a.jsonl").read_text())["text"]
+    assert ours.strip()  # a real answer to compare (not an immediate <|im_end|>)
+    assert convert_checkpoint.main(["--model-type", "vlm", "--source-format", "vlm", "--target-format", "hf",
+                                    "--load-dir", str(tmp_path / "vlm"), "--save-dir", str(tmp_path / "hf")]) == 0
+    hf = hf_llava_answer(str(tmp_path / "hf"), image, QUESTIONS[1][1], 5)
+    assert hf["text"] == ours
+    expected = expanded_prompt(str(tmp_path / "tok"), QUESTIONS[1][1], "qwen2")
+    assert hf["input_ids"] == expected
+    assert tok.decode(expected).startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n")
