@@ -44,13 +44,17 @@ def _vlm_checkpoint(path, convention, dec=None, image_token_id=7):
     return cfg, model
 
 
-def test_llava_export_matches_transformers(tmp_path, world_of_one):
+@pytest.mark.parametrize("decoder", ["llama", "tiny-qwen3", "tiny-qwen2"])
+def test_llava_export_matches_transformers(tmp_path, world_of_one, decoder):
+    """Llama, Qwen3 (QK-norm, head_dim 24 != 64/4, tied embeddings) and Qwen2.5 (QKV biases) decoders."""
     import transformers
 
     from megatron_zero.checkpointing.hf_llava import export_hf_llava
+    from megatron_zero.models.llama_config import get_preset
     from megatron_zero.models.vlm import expand_image_placeholders
 
-    cfg, model = _vlm_checkpoint(tmp_path / "vlm", "llava")
+    cfg, model = _vlm_checkpoint(tmp_path / "vlm", "llava", None if decoder == "llama" else get_preset(decoder))
+    vocab = cfg.decoder.vocab_size
     export_hf_llava(str(tmp_path / "vlm"), str(tmp_path / "hf"))
     ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     prompt = [1, 5, 7, 9, 11, 7, 13, 2]  # two images
@@ -59,11 +63,13 @@ def test_llava_export_matches_transformers(tmp_path, world_of_one):
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
     with torch.no_grad():
-        ours = model(ids, pos, None, images=pixels, image_mask=e.image_mask)[..., :100]
+        ours = model(ids, pos, None, images=pixels, image_mask=e.image_mask)[..., :vocab]
         theirs = ref(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_cfg["image_token_index"] == 7 and hf_cfg["vision_config"]["num_hidden_layers"] == 2
+    assert hf_cfg["text_config"]["model_type"] == (decoder if decoder == "llama" else decoder[5:])
+    assert ref.config.get_text_config().tie_word_embeddings == cfg.decoder.tie_word_embeddings
 
 
 def test_default_convention_is_refused_with_reasons(tmp_path, world_of_one):

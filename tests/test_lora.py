@@ -2,7 +2,6 @@
 torchrun launch), merged export equal to the LoRA model, and the training CLI end to end."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
