@@ -1,11 +1,13 @@
 """Qwen targets through every VLM tool, as a user runs them (tests/test_workflow.py's chain, cut down):
 
-HF Qwen3 (tiny random, Qwen-style tokenizer.json) + HF CLIP -> tools/build_surrogate.py -> stage 1 -> stage 2
+HF Qwen3 (tiny random, Qwen-style tokenizer.json) + HF CLIP -> tools/analyze_trajectory.py -> tools/build_surrogate.py
+-> stage 1 -> stage 2
 (``python -m megatron_zero.training.pretrain_vlm``) -> tools/graft.py onto the Qwen3 target -> stage 3 with LoRA
 adapters -> tools/generate.py -> tools/evaluate.py (lmms-eval) -> HF LLaVA export (--merge-lora), which a fresh
 transformers-only Python loads and answers with exactly as tools/generate.py did (Qwen3's thinking switch in the
 exported chat template). A Qwen2.5 decoder's LLaVA export (default system message, QKV biases) is checked the same
-way on a directly built VLM.
+way on a directly built VLM. Steps that need no multi-process world run in this process (their tools' ``main``) to
+keep the chain cheap; the training stages, the harness and the transformers-only check are their own processes.
 """
 from __future__ import annotations
 
@@ -79,11 +81,23 @@ class QwenWorkflow:
         return [json.loads(line) for line in open(self.p(f"{name}.jsonl"))]
 
     @functools.cached_property
+    def trajectory(self) -> dict:
+        """tools/analyze_trajectory.py (in this process) on the HF Qwen3 target, the paper's generated mode (the
+        Qwen3 template's stop tokens end the answers); the random target has no real transition: overridden."""
+        from tools import analyze_trajectory
+
+        assert analyze_trajectory.main(["--load-dir", self.target, "--data", self.w["text_jsonl"], "--num-samples",
+                                        "4", "--mode", "generated", "--max-new-tokens", "4", "--transition-layer",
+                                        "1", "--output-dir", self.p("traj")]) == 0
+        return json.load(open(self.p("traj/trajectory.json")))
+
+    @functools.cached_property
     def surrogate(self) -> str:
         from tools import build_surrogate
 
-        assert build_surrogate.main(["--load-dir", self.target, "--save-dir", self.p("srgt"),
-                                     "--translator-start", "1", "--translator-end", "2"]) == 0
+        assert self.trajectory
+        assert build_surrogate.main(["--load-dir", self.target, "--save-dir", self.p("srgt"), "--from-trajectory",
+                                     self.p("traj/trajectory.json"), "--translator-end", "2"]) == 0
         return self.p("srgt")
 
     @functools.cached_property
@@ -175,7 +189,9 @@ def qwf(tmp_path_factory):
     return QwenWorkflow(str(tmp_path_factory.mktemp("qwen_workflow")))
 
 
-def test_surrogate_stages_graft_and_lora_stage3(qwf):
+def test_trajectory_surrogate_stages_graft_and_lora_stage3(qwf):
+    traj = qwf.trajectory
+    assert traj["transition_layer"] == 1 and len(traj["median"]) == 4
     cfg = json.load(open(os.path.join(qwf.surrogate, "config.json")))
     assert cfg["model_type"] == "qwen3" and cfg["num_hidden_layers"] == 3
     assert cfg["megatron_zero_surrogate"]["layer_map"] == [0, 1, 3]
