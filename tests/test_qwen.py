@@ -73,6 +73,29 @@ def test_unsupported_families_one_line(hf, missing):
     assert "\n" not in str(e.value) and str(e.value).startswith("ckpt: model_type")
 
 
+def test_unsupported_family_refused_by_the_tools(tmp_path, capsys):
+    """A Gemma-3 HF checkpoint given to the tools: exit status 2 and one line naming what the decoder lacks."""
+    from safetensors.torch import save_file
+
+    from megatron_zero.errors import run_main
+    from tools import build_surrogate, convert_checkpoint
+
+    gemma = tmp_path / "gemma-3"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps({
+        "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "final_logit_softcapping": 30.0}))
+    save_file({"model.embed_tokens.weight": torch.zeros(300, 64)}, str(gemma / "model.safetensors"))
+    for tool, argv in ((convert_checkpoint, ["--source-format", "hf", "--target-format", "mcore"]),
+                       (build_surrogate, ["--translator-start", "0", "--translator-end", "1"])):
+        with pytest.raises(SystemExit) as e:  # the tools' __main__: run_main(main)
+            run_main(tool.main, "tool", [*argv, "--load-dir", str(gemma), "--save-dir", str(tmp_path / "out")])
+        code, err = e.value.code, capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and "Traceback" not in err, err
+        assert "'gemma3_text' is not supported" in err and "soft-capping" in err and "gemma-3" in err
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def single_process():
     from megatron_zero.parallel.initialize import initialize_parallel
