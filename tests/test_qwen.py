@@ -201,9 +201,10 @@ def test_trajectory_matches_transformers(single_process):
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen2"])
-def test_build_surrogate_keeps_layers_bit_exact(tmp_path, preset):
+def test_build_surrogate_keeps_layers_bit_exact(tmp_path, preset, single_process):
     """tools/build_surrogate.py on an HF Qwen checkpoint: T(1, 2) keeps layers 0, 1 (translator), 3 bit for bit
-    (q/k norms and q/k/v biases included) and is a model of the same family transformers loads."""
+    (q/k norms and q/k/v biases included) and is a model of the same family transformers loads; the same from
+    the target converted to a sharded (torch_dist) checkpoint gives a sharded surrogate with the same tensors."""
     import transformers
 
     from tools import build_surrogate
@@ -227,3 +228,19 @@ def test_build_surrogate_keeps_layers_bit_exact(tmp_path, preset):
         for name in per_layer:
             assert torch.equal(s[f"model.layers.{i}.{name}"], t[f"model.layers.{j}.{name}"]), (i, name)
     assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+
+    from megatron_zero.checkpointing import convert_llama, mcore_checkpoint
+    from megatron_zero.surrogate import surrogate_key
+
+    convert_llama.hf_to_mcore(str(tmp_path / "target"), str(tmp_path / "target-mcore"))
+    assert build_surrogate.main(["--load-dir", str(tmp_path / "target-mcore"), "--save-dir",
+                                 str(tmp_path / "srgt-mcore"), "--translator-start", "1", "--translator-end", "2"]) == 0
+    scfg = mcore_checkpoint.load_model_config(str(tmp_path / "srgt-mcore"))
+    assert (scfg.family, scfg.num_layers, scfg.surrogate["layer_map"]) == (cfg.family, 3, [0, 1, 3])
+    target_canonical = hf_llama.canonical_getter(t.__getitem__, cfg)
+    keys = set()
+    for k, v in mcore_checkpoint.iter_llama_canonical(str(tmp_path / "srgt-mcore"), scfg):
+        assert torch.equal(v, target_canonical(surrogate_key(k, scfg.surrogate["layer_map"]))), k
+        keys.add(k)
+    assert any("q_layernorm" in k for k in keys) == cfg.qk_layernorm
+    assert any("linear_qkv.bias" in k for k in keys) == cfg.add_qkv_bias
