@@ -285,3 +285,23 @@ def test_llava_exports_answer_alike_in_transformers_alone(qwf):
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     ids = processor(images=Image.open(image), text=text, return_tensors="pt")["input_ids"][0].tolist()
     assert ids == expanded_prompt(qwf.target, QUESTIONS[0][1], "qwen3", family="qwen3-no-thinking")
+    # a whole conversation (training layout: assistant turns, a system message) renders as our templates encode it
+    from megatron_zero.data.chat_template import Message, chat_template_for
+
+    for hf_dir, tok_dir, family, kwargs in ((export, qwf.target, "qwen3", {}),
+                                            (export, qwf.target, "qwen3-no-thinking", {"enable_thinking": False}),
+                                            (q25["export"], q25["tokenizer"], "qwen2", {})):
+        proc = processor if hf_dir == export else transformers.AutoProcessor.from_pretrained(hf_dir)
+        for system in (None, "Be brief."):
+            chat = [Message("user", "<image>\n" + QUESTIONS[0][1]), Message("assistant", "A cat."),
+                    Message("user", "And the fur?"), Message("assistant", "Orange.")]
+            chat = ([Message("system", system)] if system else []) + chat
+            hf_msgs = [{"role": m.role, "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0][1]}]}
+                       if i == int(bool(system)) else {"role": m.role, "content": [{"type": "text", "text": m.content}]}
+                       for i, m in enumerate(chat)]
+            text = proc.apply_chat_template(hf_msgs, **kwargs)
+            hf_ids = proc(images=Image.open(image), text=text, return_tensors="pt")["input_ids"][0].tolist()
+            t = chat_template_for(load_tokenizer(tok_dir), family, image_placeholder="<|image_pad|>")
+            ours = [x for i in t.encode(chat).input_ids for x in ([i] * N_PATCHES if i == t.image_placeholder_id
+                                                                  else [i])]
+            assert hf_ids == ours, (family, system, text)
