@@ -305,3 +305,38 @@ def test_llava_exports_answer_alike_in_transformers_alone(qwf):
             ours = [x for i in t.encode(chat).input_ids for x in ([i] * N_PATCHES if i == t.image_placeholder_id
                                                                   else [i])]
             assert hf_ids == ours, (family, system, text)
+
+
+def test_text_evaluation_through_lm_eval(qwf):
+    """tools/evaluate.py --suite text (lm-eval, in this process): the grafted Qwen3 VLM used text-only is the HF
+    target, scored alike (Qwen has no BOS: lm-eval's prefix token is the EOS, as for HF Qwen models)."""
+    from tools import evaluate
+
+    d = qwf.p("text_tasks")
+    os.makedirs(d)
+    docs = [{"question": "What animal is this?", "choices": ["A cat.", "A rocket."], "label": 0},
+            {"question": "What is on the table?", "choices": ["A horse.", "A cup of coffee."], "label": 1},
+            {"question": "Who is in the picture?", "choices": ["An astronaut.", "A man with a camera."], "label": 0}]
+    with open(os.path.join(d, "qwf_mc.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in docs)
+    with open(os.path.join(d, "qwf_mc.yaml"), "w") as f:
+        f.write(textwrap.dedent(f"""\
+            task: qwf_mc
+            dataset_path: json
+            dataset_kwargs:
+              data_files:
+                test: {os.path.join(d, 'qwf_mc.jsonl')}
+            test_split: test
+            output_type: multiple_choice
+            doc_to_text: "{{{{question}}}}"
+            doc_to_choice: "{{{{choices}}}}"
+            doc_to_target: "{{{{label}}}}"
+            metric_list:
+              - metric: acc
+            """))
+    assert evaluate.main(["--suite", "text", "--load", qwf.target, "--compare-load", qwf.grafted, "--tasks",
+                          "qwf_mc:0:acc", "--include-path", d, "--output-dir", qwf.p("eval-text")]) == 0
+    record = json.load(open(qwf.p("eval-text/results.json")))
+    scores = {k: v["scores"]["qwf_mc"] for k, v in record["checkpoints"].items()}
+    assert set(scores) == {"qwen3", "grafted"} and scores["qwen3"] == scores["grafted"]
+    assert min(abs(scores["qwen3"] - k / 3) for k in range(4)) < 1e-9
