@@ -36,6 +36,12 @@ def test_benchmark_tiny_target_vs_surrogate(tmp_path):
     assert lora["trainable_params_this_rank"] == num_trainable_parameters(lora_cfg)
     assert lora["trainable_params_this_rank"] < full["trainable_params_this_rank"] / 10
     assert lora["step_s"] > 0 and lora["peak_memory_gb"] > 0
+    # training state measured from the live tensors: full fine-tuning holds weights + gradients + Adam's two
+    # moments (>= 16 bytes per trainable fp32 parameter); LoRA holds the frozen weights and the adapters' state
+    n_full = full["trainable_params_this_rank"]
+    assert full["model_state_gb"] * 2**30 >= 16 * n_full
+    assert 4 * n_full <= lora["model_state_gb"] * 2**30 < 0.5 * full["model_state_gb"] * 2**30
+    assert "state " in p.stdout
     assert "Projected training hours" in p.stdout and "baseline" in p.stdout and "ours" in p.stdout
 
 
