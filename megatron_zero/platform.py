@@ -75,6 +75,56 @@ def summary() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Start-up time: importing megatron-core
+# ---------------------------------------------------------------------------------------------------------
+def _lazy_compile(real_compile):
+    """``torch.compile`` that compiles on the first call instead of at decoration: megatron-core decorates its
+    fusions with ``torch.compile`` at import time, which imports dynamo and inductor (seconds) even in runs that
+    never call a fused kernel."""
+
+    def compile_(model=None, **kwargs):
+        if model is None:
+            return lambda fn: compile_(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real_compile(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    return compile_
+
+
+def import_megatron_core() -> None:
+    """Import ``megatron.core`` without its optional wandb hook (megatron's wandb logging is not used here; wandb's
+    own import costs ~3 s per process) and with its import-time ``torch.compile`` decorations made lazy. Every
+    process (tool, torchrun rank, test worker) pays megatron-core's import once; this halves it. wandb stays
+    importable afterwards for whoever uses it (lmms-eval)."""
+    import sys
+
+    if "megatron.core" in sys.modules:
+        return
+    blocked = "wandb" not in sys.modules
+    if blocked:
+        sys.modules["wandb"] = None  # makes ``import wandb`` raise ImportError: megatron's try/except skips it
+    if not HAVE_CUDA:  # expected without a GPU: megatron-core falls back to its local implementations
+        for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+            warnings.filterwarnings("ignore", message=msg)
+    real_compile = torch.compile
+    torch.compile = _lazy_compile(real_compile)
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = real_compile
+        if blocked and sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # CPU compatibility layer for megatron-core
 # ---------------------------------------------------------------------------------------------------------
 _INSTALLED = False
