@@ -16,9 +16,6 @@ $(STAMP): setup.py
 	@# lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed (the pin is also in setup.py's extras)
 	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt lmms-eval==0.7.3 'filelock>=3.24.2,<4'
 	$(PY) -m pip uninstall -y -q torchvision
-	@# wandb comes only with lmms-eval (which needs it just for --wandb_args); megatron-core imports it whenever it is
-	@# installed: ~3 s of CPU in every training/conversion process, nothing in megatron_zero logs to it
-	$(PY) -m pip uninstall -y -q wandb
 	touch $(STAMP)
 
 install: $(STAMP)
