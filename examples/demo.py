@@ -49,11 +49,11 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="number of seeds for stages 1-3 (seed, seed+1, ...)")
     p.add_argument("--workers", type=int, default=2, help="parallel worker processes (one thread each)")
     p.add_argument("--layers", type=int, default=12, help="target decoder layers")
-    p.add_argument("--hidden", type=int, default=96, help="target decoder width")
+    p.add_argument("--hidden", type=int, default=64, help="target decoder width")
     p.add_argument("--lm-steps", type=int, default=400, help="target LLM pretraining steps")
     p.add_argument("--lm-lr", type=float, default=2e-3)
     p.add_argument("--translator-steps", type=int, default=60, help="stage 1 steps per small decoder")
-    p.add_argument("--encoder-steps", type=int, default=500, help="stage 2 steps per encoder")
+    p.add_argument("--encoder-steps", type=int, default=800, help="stage 2 steps per encoder")
     p.add_argument("--encoder-lr", type=float, default=2e-3)
     p.add_argument("--stage3-steps", type=int, default=40, help="stage 3 steps (0: skip the stage-3 rows)")
     p.add_argument("--stage3-lr", type=float, default=5e-4)
@@ -122,7 +122,7 @@ def chat_rows(template, n: int, seed: int) -> dict:
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
 
 
-def decoder_config(vocab: int, layers: int = 12, hidden: int = 96):
+def decoder_config(vocab: int, layers: int = 12, hidden: int = 64):
     from megatron_zero.models.llama_config import LlamaConfig
 
     return LlamaConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=2 * hidden, num_attention_heads=4,

@@ -21,3 +21,40 @@ def hf_model(cfg, seed=0):
             elif n.endswith(".bias"):
                 p.normal_(0.0, 0.5)
     return model
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|vision_pad|>", "<|image_pad|>"]
+# Qwen3's chat template as its tokenizer_config.json ships it, cut down to what the tiny worlds need
+QWEN3_HUB_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}")
+
+
+def write_qwen_tokenizer(out_dir, texts=("user assistant system hello what is a cat? a cat is an animal.\n",),
+                         vocab_size=400) -> int:
+    """A small byte-level BPE ``tokenizer.json`` laid out as Qwen's: its special tokens (``<|endoftext|>``,
+    ``<|im_start|>``, ``<|im_end|>``, the vision tokens incl. ``<|image_pad|>``), the non-special added tokens
+    ``<think>``/``</think>``, and a ``tokenizer_config.json`` naming them as Qwen3's does (no BOS). Returns the
+    vocabulary size (added tokens included)."""
+    import json
+    import os
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=QWEN_SPECIALS)
+    tok.train_from_iterator(list(texts) * 50, trainer)
+    tok.add_tokens([AddedToken("<think>", special=False, normalized=False),
+                    AddedToken("</think>", special=False, normalized=False)])
+    os.makedirs(out_dir, exist_ok=True)
+    tok.save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+                   "pad_token": "<|endoftext|>", "chat_template": QWEN3_HUB_CHAT_TEMPLATE}, f)
+    return tok.get_vocab_size(with_added_tokens=True)

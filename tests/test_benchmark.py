@@ -25,6 +25,23 @@ def test_benchmark_tiny_target_vs_surrogate(tmp_path):
         assert abs(r["tokens_per_s_per_device"] - 4 * 64 / r["step_s"]) < 1e-6 * r["tokens_per_s_per_device"]
     assert results[3]["layers"] == 3  # T(1,2) of a 4-layer model keeps 4 - 1 layers
     assert "lora" in p.stdout
+    # the LoRA row next to full fine-tuning: the adapters' parameters only (rank 4 on q, v), timed and measured
+    import dataclasses
+
+    from megatron_zero.models.llama_config import get_preset
+    from megatron_zero.models.lora import LoraConfig, num_trainable_parameters
+
+    lora_cfg = dataclasses.replace(get_preset("tiny"), lora=LoraConfig(4, targets=("q", "v")).to_dict())
+    full, lora = results[0], results[2]
+    assert lora["trainable_params_this_rank"] == num_trainable_parameters(lora_cfg)
+    assert lora["trainable_params_this_rank"] < full["trainable_params_this_rank"] / 10
+    assert lora["step_s"] > 0 and lora["peak_memory_gb"] > 0
+    # training state measured from the live tensors: full fine-tuning holds weights + gradients + Adam's two
+    # moments (>= 16 bytes per trainable fp32 parameter); LoRA holds the frozen weights and the adapters' state
+    n_full = full["trainable_params_this_rank"]
+    assert full["model_state_gb"] * 2**30 >= 16 * n_full
+    assert 4 * n_full <= lora["model_state_gb"] * 2**30 < 0.5 * full["model_state_gb"] * 2**30
+    assert "state " in p.stdout
     assert "Projected training hours" in p.stdout and "baseline" in p.stdout and "ours" in p.stdout
 
 

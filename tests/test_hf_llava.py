@@ -16,17 +16,17 @@ def world_of_one():
     initialize_parallel(1, 1, seed=11)
 
 
-def _vlm_checkpoint(path, convention):
+def _vlm_checkpoint(path, convention, dec=None, image_token_id=7):
     """A random tiny VLM written as a VLM checkpoint directory (as tools/graft.py writes it)."""
     from megatron_zero import grafting
     from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig, build_vlm, encoder_canonical_state
     from megatron_zero.parallel import sharding
 
-    dec = LlamaConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                      vocab_size=100, max_position_embeddings=128, rope_theta=10000.0, rope_scaling_factor=None,
-                      name="tiny-dec")
+    dec = dec or LlamaConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+                             num_query_groups=2, vocab_size=100, max_position_embeddings=128, rope_theta=10000.0,
+                             rope_scaling_factor=None, name="tiny-dec")
     preset = "tiny-clip-llava" if convention == "llava" else "tiny-clip"
-    cfg = VLMConfig(dec, get_vision_preset(preset), image_token_id=7)
+    cfg = VLMConfig(dec, get_vision_preset(preset), image_token_id=image_token_id)
     model = build_vlm(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases
         for n, p in model.named_parameters():
@@ -35,7 +35,7 @@ def _vlm_checkpoint(path, convention):
     encoder = encoder_canonical_state(model)
     decoder = sharding.gather_canonical([model.language_model], vocab_size=dec.vocab_size)
     path.mkdir()
-    grafting.save_image_encoder(str(path / "enc"), encoder, cfg.vision, 7,
+    grafting.save_image_encoder(str(path / "enc"), encoder, cfg.vision, image_token_id,
                                 grafting.decoder_identity(dec, decoder["embedding.word_embeddings.weight"]))
     for f in (path / "enc").iterdir():
         f.rename(path / f.name)
@@ -44,13 +44,17 @@ def _vlm_checkpoint(path, convention):
     return cfg, model
 
 
-def test_llava_export_matches_transformers(tmp_path, world_of_one):
+@pytest.mark.parametrize("decoder", ["llama", "tiny-qwen3", "tiny-qwen2"])
+def test_llava_export_matches_transformers(tmp_path, world_of_one, decoder):
+    """Llama, Qwen3 (QK-norm, head_dim 24 != 64/4, tied embeddings) and Qwen2.5 (QKV biases) decoders."""
     import transformers
 
     from megatron_zero.checkpointing.hf_llava import export_hf_llava
+    from megatron_zero.models.llama_config import get_preset
     from megatron_zero.models.vlm import expand_image_placeholders
 
-    cfg, model = _vlm_checkpoint(tmp_path / "vlm", "llava")
+    cfg, model = _vlm_checkpoint(tmp_path / "vlm", "llava", None if decoder == "llama" else get_preset(decoder))
+    vocab = cfg.decoder.vocab_size
     export_hf_llava(str(tmp_path / "vlm"), str(tmp_path / "hf"))
     ref = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     prompt = [1, 5, 7, 9, 11, 7, 13, 2]  # two images
@@ -59,11 +63,13 @@ def test_llava_export_matches_transformers(tmp_path, world_of_one):
     pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
     with torch.no_grad():
-        ours = model(ids, pos, None, images=pixels, image_mask=e.image_mask)[..., :100]
+        ours = model(ids, pos, None, images=pixels, image_mask=e.image_mask)[..., :vocab]
         theirs = ref(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_cfg["image_token_index"] == 7 and hf_cfg["vision_config"]["num_hidden_layers"] == 2
+    assert hf_cfg["text_config"]["model_type"] == (decoder if decoder == "llama" else decoder[5:])
+    assert ref.config.get_text_config().tie_word_embeddings == cfg.decoder.tie_word_embeddings
 
 
 def test_default_convention_is_refused_with_reasons(tmp_path, world_of_one):

@@ -2,7 +2,6 @@
 torchrun launch), merged export equal to the LoRA model, and the training CLI end to end."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -121,7 +120,8 @@ def test_merged_weights_give_the_lora_logits(single_process, preset):
 def test_lora_training_cli_end_to_end(single_process, tmp_path):
     """What a user runs: pretrain_lm --pretrained <HF Qwen3 dir> --lora-* trains the adapters only (base frozen),
     --export-model writes the model with its adapters; convert_checkpoint refuses it without --merge-lora and with
-    it writes an HF Qwen3 whose transformers logits equal the LoRA model's."""
+    it writes an HF Qwen3 whose transformers logits equal the LoRA model's. The same run at TP=2 with sequence
+    parallelism (torchrun) logs the TP=1 run's losses and gradient norms."""
     import subprocess
     import sys
 
@@ -136,18 +136,30 @@ def test_lora_training_cli_end_to_end(single_process, tmp_path):
     target = hf_model(cfg, seed=11)
     target.save_pretrained(tmp_path / "hf")
     save = tmp_path / "run"
+    # dropout 0: sequence parallelism splits the adapters' inputs, so their dropout masks cannot match TP=1's
+    args = ["-m", "megatron_zero.training.pretrain_lm", "--pretrained", str(tmp_path / "hf"), "--lora-rank", "4",
+            "--lora-alpha", "8", "--lora-dropout", "0", "--lora-targets", "q,k,v,o,gate,up,down", "--mock-data",
+            "--train-iters", "3", "--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e-2",
+            "--lr-warmup-fraction", "0"]
     train = subprocess.run(
-        [sys.executable, "-m", "megatron_zero.training.pretrain_lm", "--pretrained", str(tmp_path / "hf"),
-         "--lora-rank", "4", "--lora-alpha", "8", "--lora-dropout", "0.05", "--lora-targets", "q,k,v,o,gate,up,down",
-         "--mock-data", "--train-iters", "3", "--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e-2",
-         "--lr-warmup-fraction", "0", "--save", str(save), "--export-model"],
+        [sys.executable, *args, "--save", str(save), "--export-model", "--metrics-file", str(tmp_path / "tp1.jsonl")],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
     assert f"{num_trainable_parameters(lora_cfg()):,} trainable parameters" in train.stdout
+    sp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args,
+         "--tensor-model-parallel-size", "2", "--sequence-parallel", "--metrics-file", str(tmp_path / "sp.jsonl")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert sp.returncode == 0, sp.stdout[-2000:] + sp.stderr[-3000:]
+    tp1, tp2 = ([json.loads(line) for line in open(tmp_path / f)] for f in ("tp1.jsonl", "sp.jsonl"))
+    assert len(tp1) == len(tp2) == 3
+    for a, b in zip(tp1, tp2):  # a gradient summed over the wrong ranks changes the norm by ~5% (and later losses)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"],
+                                                                                                   rel=1e-5), (a, b)
 
     export = str(save / "export")
     lcfg = mcore_checkpoint.load_model_config(export)
-    assert lcfg.lora == LoraConfig(4, 8.0, 0.05, ("q", "k", "v", "o", "gate", "up", "down")).to_dict()
+    assert lcfg.lora == LoraConfig(4, 8.0, 0.0, ("q", "k", "v", "o", "gate", "up", "down")).to_dict()
     stored = dict(mcore_checkpoint.iter_llama_canonical(export, lcfg))
     original = hf_llama.canonical_getter(target.state_dict().__getitem__, cfg)
     for k, t in stored.items():  # frozen base: bit-identical; adapters: B trained away from zero

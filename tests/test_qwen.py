@@ -73,6 +73,29 @@ def test_unsupported_families_one_line(hf, missing):
     assert "\n" not in str(e.value) and str(e.value).startswith("ckpt: model_type")
 
 
+def test_unsupported_family_refused_by_the_tools(tmp_path, capsys):
+    """A Gemma-3 HF checkpoint given to the tools: exit status 2 and one line naming what the decoder lacks."""
+    from safetensors.torch import save_file
+
+    from megatron_zero.errors import run_main
+    from tools import build_surrogate, convert_checkpoint
+
+    gemma = tmp_path / "gemma-3"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps({
+        "model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "final_logit_softcapping": 30.0}))
+    save_file({"model.embed_tokens.weight": torch.zeros(300, 64)}, str(gemma / "model.safetensors"))
+    for tool, argv in ((convert_checkpoint, ["--source-format", "hf", "--target-format", "mcore"]),
+                       (build_surrogate, ["--translator-start", "0", "--translator-end", "1"])):
+        with pytest.raises(SystemExit) as e:  # the tools' __main__: run_main(main)
+            run_main(tool.main, "tool", [*argv, "--load-dir", str(gemma), "--save-dir", str(tmp_path / "out")])
+        code, err = e.value.code, capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and "Traceback" not in err, err
+        assert "'gemma3_text' is not supported" in err and "soft-capping" in err and "gemma-3" in err
+        assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def single_process():
     from megatron_zero.parallel.initialize import initialize_parallel
@@ -178,9 +201,10 @@ def test_trajectory_matches_transformers(single_process):
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-qwen2"])
-def test_build_surrogate_keeps_layers_bit_exact(tmp_path, preset):
+def test_build_surrogate_keeps_layers_bit_exact(tmp_path, preset, single_process):
     """tools/build_surrogate.py on an HF Qwen checkpoint: T(1, 2) keeps layers 0, 1 (translator), 3 bit for bit
-    (q/k norms and q/k/v biases included) and is a model of the same family transformers loads."""
+    (q/k norms and q/k/v biases included) and is a model of the same family transformers loads; the same from
+    the target converted to a sharded (torch_dist) checkpoint gives a sharded surrogate with the same tensors."""
     import transformers
 
     from tools import build_surrogate
@@ -204,3 +228,19 @@ def test_build_surrogate_keeps_layers_bit_exact(tmp_path, preset):
         for name in per_layer:
             assert torch.equal(s[f"model.layers.{i}.{name}"], t[f"model.layers.{j}.{name}"]), (i, name)
     assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+
+    from megatron_zero.checkpointing import convert_llama, mcore_checkpoint
+    from megatron_zero.surrogate import surrogate_key
+
+    convert_llama.hf_to_mcore(str(tmp_path / "target"), str(tmp_path / "target-mcore"))
+    assert build_surrogate.main(["--load-dir", str(tmp_path / "target-mcore"), "--save-dir",
+                                 str(tmp_path / "srgt-mcore"), "--translator-start", "1", "--translator-end", "2"]) == 0
+    scfg = mcore_checkpoint.load_model_config(str(tmp_path / "srgt-mcore"))
+    assert (scfg.family, scfg.num_layers, scfg.surrogate["layer_map"]) == (cfg.family, 3, [0, 1, 3])
+    target_canonical = hf_llama.canonical_getter(t.__getitem__, cfg)
+    keys = set()
+    for k, v in mcore_checkpoint.iter_llama_canonical(str(tmp_path / "srgt-mcore"), scfg):
+        assert torch.equal(v, target_canonical(surrogate_key(k, scfg.surrogate["layer_map"]))), k
+        keys.add(k)
+    assert any("q_layernorm" in k for k in keys) == cfg.qk_layernorm
+    assert any("linear_qkv.bias" in k for k in keys) == cfg.add_qkv_bias

@@ -8,20 +8,12 @@ from megatron_zero.data.tokenizers import load_tokenizer
 
 @pytest.fixture(scope="module")
 def qwen_tokenizer(tmp_path_factory):
-    """A small byte-level BPE tokenizer.json with Qwen's special tokens (<|endoftext|>, <|im_start|>, <|im_end|>)
-    and its non-special added tokens <think>, </think>, as in Qwen3's tokenizer.json."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """Qwen's special tokens (<|endoftext|>, <|im_start|>, <|im_end|>, ...) and its non-special added tokens
+    <think>, </think>, as in Qwen3's tokenizer.json (tests/qwen_models.py)."""
+    from tests.qwen_models import write_qwen_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.train_from_iterator(["user assistant system hello what is a cat? a cat is an animal.\n"] * 50, trainer)
-    tok.add_tokens([AddedToken("<think>", special=False, normalized=False),
-                    AddedToken("</think>", special=False, normalized=False)])
-    path = tmp_path_factory.mktemp("qwen_tok") / "tokenizer.json"
-    tok.save(str(path))
+    path = tmp_path_factory.mktemp("qwen_tok")
+    write_qwen_tokenizer(path)
     return load_tokenizer(path)
 
 
@@ -83,6 +75,9 @@ def test_qwen25_default_system(qwen_tokenizer):
     tok = qwen_tokenizer
     t = chat_template_for(tok, "qwen2")
     assert isinstance(t, QwenChatTemplate) and not isinstance(t, Qwen3ChatTemplate)
+    # detected: the shared Qwen vocabulary is Qwen3's template unless the decoder is a Qwen2/2.5 one
+    assert type(chat_template_for(tok, model_family="qwen2")) is QwenChatTemplate
+    assert type(chat_template_for(tok, model_family="qwen3")) is Qwen3ChatTemplate
     text = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
             "<|im_start|>user\nwhat is a cat?<|im_end|>\n<|im_start|>assistant\na cat is an animal.<|im_end|>\n")
     _check(t, CHAT[:2], text, ["a cat is an animal.<|im_end|>"], tok)

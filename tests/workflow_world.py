@@ -52,18 +52,21 @@ def write_hf_llama3_tokenizer(out_dir: str) -> None:
     shutil.copy(llama3_tokenizer_model(), os.path.join(out_dir, "original", "tokenizer.model"))
 
 
-def build_world(root: str) -> dict:
+def build_world(root: str, llama: bool = True) -> dict:
+    """The world; ``llama=False``: the CLIP tower and the data only (a test brings its own decoder)."""
     import transformers
     from PIL import Image
     from skimage import data as skdata
 
     torch.manual_seed(0)
     paths = {k: os.path.join(root, k) for k in ("llama", "clip", "images")}
-    cfg = transformers.LlamaConfig(vocab_size=128256, bos_token_id=128000, eos_token_id=128009,
-                                   tie_word_embeddings=False, **DECODER)
-    llama = transformers.LlamaForCausalLM(cfg).eval()
-    llama.save_pretrained(paths["llama"])
-    write_hf_llama3_tokenizer(paths["llama"])
+    if llama:
+        cfg = transformers.LlamaConfig(vocab_size=128256, bos_token_id=128000, eos_token_id=128009,
+                                       tie_word_embeddings=False, **DECODER)
+        transformers.LlamaForCausalLM(cfg).eval().save_pretrained(paths["llama"])
+        write_hf_llama3_tokenizer(paths["llama"])
+    else:
+        del paths["llama"]
     clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)).eval()
     clip.save_pretrained(paths["clip"])
     os.makedirs(paths["images"])

@@ -87,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.transition_layer is not None and not 0 <= args.transition_layer < cfg.num_layers:
             raise TrajectoryInputError(f"--transition-layer {args.transition_layer} is outside the model's "
                                        f"{cfg.num_layers} layers")
-        samples = encode_records(records, lm.tokenizer, args.data)
+        samples = encode_records(records, lm.tokenizer, args.data, lm.cfg.family)
     except (TrajectoryInputError, EvaluationError, ParallelConfigError) as e:
         raise SystemExit(f"{PROG}: error: {e}") from None
     rank0 = dist.get_rank() == 0

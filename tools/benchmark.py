@@ -99,7 +99,8 @@ def main(argv=None):
         mfu_s = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no GPU peak)"
         print_rank0(f"{r['model']:28s} {mode:10s} fwd {r['forward_ms']:9.1f} ms  bwd {r['backward_ms']:9.1f} ms  "
                     f"opt {r['optimizer_ms']:8.1f} ms  {r['tokens_per_s_per_device']:10.1f} tok/s/dev  "
-                    f"{r['tflops_per_device']:8.4g} TFLOP/s/dev  MFU {mfu_s}  peak mem {r['peak_memory_gb']:.2f} GB")
+                    f"{r['tflops_per_device']:8.4g} TFLOP/s/dev  MFU {mfu_s}  peak mem {r['peak_memory_gb']:.2f} GB  "
+                    f"state {r['model_state_gb']:.3g} GB")
         if r["warning"]:
             print_rank0(f"warning: {r['model']} {mode}: {r['warning']}")
     import torch.distributed as dist

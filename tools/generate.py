@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         cfg = ckpt.vlm_config
         tokenizer = load_tokenizer(args.tokenizer or ckpt.tokenizer_dir or ckpt.root)
         template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id,
-                                     prompt_format=args.prompt_format)
+                                     prompt_format=args.prompt_format, model_family=cfg.decoder.family)
     except (ValueError, FileNotFoundError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2

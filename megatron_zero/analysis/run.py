@@ -76,8 +76,9 @@ class Sample:
     ids: list[int]  # what teacher-forced mode analyses
 
 
-def encode_records(records: list[dict], tok, data_path: str) -> list[Sample]:
-    """Token ids of each record: raw text (BOS + text), or the chat template applied to the conversation."""
+def encode_records(records: list[dict], tok, data_path: str, model_family: str | None = None) -> list[Sample]:
+    """Token ids of each record: raw text (BOS + text), or the chat template applied to the conversation
+    (``model_family``: the decoder's, which tells Qwen2.5's template from Qwen3's)."""
     from megatron_zero.data.chat_template import Message, chat_template_for
 
     template = None
@@ -90,7 +91,7 @@ def encode_records(records: list[dict], tok, data_path: str) -> list[Sample]:
             continue
         if template is None:
             try:
-                template = chat_template_for(tok)
+                template = chat_template_for(tok, model_family=model_family)
             except ValueError as e:
                 raise TrajectoryInputError(f"--tokenizer: {e}") from None
         messages = [Message(r, c) for r, c in msgs]
@@ -127,7 +128,7 @@ def analyze(lm, samples: list[Sample], metric: str, mode: str, batch_size: int, 
         from megatron_zero.data.chat_template import chat_template_for
 
         try:
-            stop_ids = set(chat_template_for(lm.tokenizer).stop_token_ids)
+            stop_ids = set(chat_template_for(lm.tokenizer, model_family=lm.cfg.family).stop_token_ids)
         except ValueError:
             pass
         if lm.tokenizer.eos_id is not None:

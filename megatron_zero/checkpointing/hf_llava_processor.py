@@ -9,7 +9,9 @@ tokenizer (with its special tokens and chat template) and generation config.
   kernel's rounding (PIL bicubic on uint8 in both; tested).
 * ``processor_config.json`` + ``chat_template.jinja``: ``LlavaProcessor`` (the image token, the patch size, the
   ``default`` feature strategy: one image token per patch) and a chat template that lays out a conversation as
-  our chat template does, an image as the placeholder + ``"\\n"`` (LLaVA's layout, as ``tools/generate.py``).
+  our chat template does, an image as the placeholder + ``"\\n"`` (LLaVA's layout, as ``tools/generate.py``):
+  Llama-3's headers, or Qwen's ChatML (``<|im_start|>``; Qwen2.5's default system message; Qwen3's
+  ``enable_thinking`` switch of ``apply_chat_template``, on by default as in Qwen3's own template).
 * ``tokenizer.json`` / ``tokenizer_config.json``: the decoder's tokenizer with every special token (a Llama-3
   ``tokenizer.model`` is converted with transformers' tiktoken converter when no ``tokenizer.json`` came along),
   BOS/EOS/PAD named, the image token as ``extra_special_tokens``.
@@ -23,22 +25,58 @@ from typing import Optional
 
 from megatron_zero.errors import UserError
 
-# Our Llama-3 layout (megatron_zero.data.chat_template.Llama3ChatTemplate): BOS, per turn header + content +
-# <|eot_id|>; an image part is the placeholder token followed by a newline (LLaVA's "<image>\n" prefix).
-LLAMA3_LLAVA_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+# How an image part and a text part of a message render (shared by every family): the placeholder token followed by
+# a newline per image (LLaVA's "<image>\n" prefix, as tools/generate.py lays a prompt out), then the text.
+_CONTENT = (
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}"
     "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ IMAGE_TOKEN + '\\n' }}"
     "{% endfor %}"
     "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}"
     "{% endif %}"
-    "{{ '<|eot_id|>' }}"
+)
+
+# Our Llama-3 layout (megatron_zero.data.chat_template.Llama3ChatTemplate): BOS, per turn header + content +
+# <|eot_id|>.
+LLAMA3_LLAVA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}" + _CONTENT + "{{ '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
+
+# Our ChatML layouts (QwenChatTemplate, Qwen3ChatTemplate): per turn <|im_start|>role\n content <|im_end|>\n;
+# Qwen2.5 inserts its default system message; Qwen3 has the thinking switch of its own HF template
+# (apply_chat_template(..., enable_thinking=False): the empty <think> block opens the assistant turn).
+_QWEN_NO_THINK = "{% if THINK_SWITCH and enable_thinking is defined and enable_thinking is false %}" \
+                 "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+QWEN_LLAVA_CHAT_TEMPLATE = (
+    "{% if DEFAULT_SYSTEM and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n' + DEFAULT_SYSTEM + '<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}" + _QWEN_NO_THINK + "{% endif %}"
+    + _CONTENT + "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}" + _QWEN_NO_THINK + "{% endif %}"
+)
+
+
+def hf_chat_template(template, image_token: str) -> str:
+    """The jinja chat template that renders conversations as our ``template`` (a
+    :class:`~megatron_zero.data.chat_template.ChatTemplate`) encodes them, images as ``image_token``."""
+    from megatron_zero.data.chat_template import QwenChatTemplate
+
+    if template.family == "llama3" and getattr(template, "prompt_format", "meta") == "meta":
+        return LLAMA3_LLAVA_CHAT_TEMPLATE.replace("IMAGE_TOKEN", repr(image_token))
+    if isinstance(template, QwenChatTemplate):
+        system = template.default_system
+        return (QWEN_LLAVA_CHAT_TEMPLATE.replace("IMAGE_TOKEN", repr(image_token))
+                .replace("DEFAULT_SYSTEM", repr(system) if system else "''")
+                .replace("THINK_SWITCH", "true" if template.family == "qwen3" else "false"))
+    raise LlavaTokenizerExportError(f"the HF chat template is written for Llama-3, Qwen3 and Qwen2.5 decoders; "
+                                    f"this tokenizer uses the {template.family!r} template")
 
 
 class LlavaTokenizerExportError(UserError, ValueError):
@@ -95,10 +133,11 @@ def write_hf_processor_files(out_dir: str, decoder_dir: str, cfg) -> None:
     from megatron_zero.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(decoder_dir)
-    template = chat_template_for(tok, image_placeholder=cfg.image_token_id)
-    if template.family != "llama3":
-        raise LlavaTokenizerExportError(f"{decoder_dir}: the HF chat template is written for Llama-3 decoders; this "
-                                        f"tokenizer uses the {template.family!r} template")
+    template = chat_template_for(tok, image_placeholder=cfg.image_token_id, model_family=cfg.decoder.family)
+    try:
+        hf_chat_template(template, "")
+    except LlavaTokenizerExportError as e:
+        raise LlavaTokenizerExportError(f"{decoder_dir}: {e}") from None
     tj = _tokenizer_json(decoder_dir, out_dir)
     added = {t["id"]: t["content"] for t in tj.get("added_tokens", [])}
     image_token = _token_name(added, cfg.image_token_id, "image token", decoder_dir)
@@ -106,7 +145,7 @@ def write_hf_processor_files(out_dir: str, decoder_dir: str, cfg) -> None:
     stops = list(template.stop_token_ids)
     eos = _token_name(added, stops[0], "end-of-turn token", decoder_dir)
     pad = _token_name(added, tok.pad_id, "PAD token", decoder_dir)
-    chat = LLAMA3_LLAVA_CHAT_TEMPLATE.replace("IMAGE_TOKEN", repr(image_token))
+    chat = hf_chat_template(template, image_token)
     for stale in ("tokenizer.model", "special_tokens_map.json", "chat_template.json"):
         if os.path.exists(os.path.join(out_dir, stale)):
             os.remove(os.path.join(out_dir, stale))

@@ -478,19 +478,20 @@ _TEMPLATES = {t.family: t for t in (Llama3ChatTemplate, Llama2ChatTemplate, Gemm
 
 def chat_template_for(
     tokenizer: Tokenizer, family: str | None = None, image_placeholder: int | str | None = None,
-    prompt_format: str = "meta", enable_thinking: bool = True,
+    prompt_format: str = "meta", enable_thinking: bool = True, model_family: str | None = None,
 ) -> ChatTemplate:
     """The chat template of ``family`` (``llama3``, ``llama2``, ``gemma``, ``word``, ``qwen3``, ``qwen2`` for
     Qwen2/2.5; ``enable_thinking`` is Qwen3's thinking switch), or detected from the
     tokenizer's special tokens when ``family`` is None; ``prompt_format="zero"`` gives the authors' Llama-3 format
-    (:class:`ZeroLlama3ChatTemplate`, Llama-3 only)."""
+    (:class:`ZeroLlama3ChatTemplate`, Llama-3 only). ``model_family``: the decoder's family
+    (``DecoderConfig.family``), which tells Qwen2.5 from Qwen3 (their tokenizers share the vocabulary)."""
     if prompt_format not in PROMPT_FORMATS:
         raise ValueError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {prompt_format!r}")
     if family is None:
         if tokenizer.has_special_token("<|start_header_id|>"):
             family = "llama3"
-        elif tokenizer.has_special_token("<|im_start|>"):  # Qwen3 and Qwen2.5 share the vocabulary: Qwen3 unless told
-            family = "qwen3"
+        elif tokenizer.has_special_token("<|im_start|>"):  # Qwen3 and Qwen2.5 share the vocabulary: the decoder's
+            family = "qwen2" if model_family == "qwen2" else "qwen3"
         elif tokenizer.has_special_token("<start_of_turn>"):
             family = "gemma"
         elif isinstance(tokenizer, WordTokenizer):

@@ -116,7 +116,7 @@ class VLMEvaluator:
         self.tokenizer = open_tokenizer(load, tokenizer, self.cfg.decoder.vocab_size)
         try:
             self.template = chat_template_for(self.tokenizer, chat_family, image_placeholder=self.cfg.image_token_id,
-                                              prompt_format=prompt_format)
+                                              prompt_format=prompt_format, model_family=self.cfg.decoder.family)
         except ValueError as e:
             raise EvaluationError(str(e)) from None
         dp = initialize_parallel(tp, 1, seed=seed)

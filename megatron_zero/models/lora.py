@@ -16,6 +16,17 @@ Tensor parallelism, split consistently with the base layer:
 * row-parallel bases (``o, down``; input split over TP): ``A`` is split along its columns as the base's input;
   the partial ``A x`` is all-reduced (``reduce_from_tensor_model_parallel_region``), ``B`` is replicated.
 
+Sequence parallelism (``--sequence-parallel``): a column-parallel base gets its input split along the sequence
+(it all-gathers it itself) and a row-parallel base reduce-scatters its output along the sequence. The adapters
+follow the same pattern on their rank-``r`` activations: column: ``A x`` on this rank's sequence slice, then
+all-gathered along the sequence (``gather_from_sequence_parallel_region``; its backward reduce-scatters, summing
+the ranks' ``B`` slices' contributions); row: the partial ``A x`` is reduce-scattered along the sequence
+(``reduce_scatter_to_sequence_parallel_region``) and ``B`` applied to this rank's slice. The replicated tensor
+then sees only this rank's part of the sequence (``A`` for column, ``B`` for row bases), so it is marked
+``sequence_parallel`` and megatron-core's ``finalize_model_grads`` sums its gradient over the TP ranks, as it
+does for the layer norms under sequence parallelism. Dropout on a split input draws from megatron's
+model-parallel RNG (a different mask per TP rank, as its own sequence-parallel dropouts).
+
 The adapters are sibling modules of the base linears (``self_attention.linear_qkv_lora``, ...), applied by a
 forward hook, so every base tensor keeps its name and the canonical/HF mappings are unchanged; the adapters'
 canonical keys are ``decoder.layers.N.<linear>_lora.{A,B}_<target>``. The LoRA settings are part of the decoder
@@ -115,10 +126,11 @@ class LoraAdapter(torch.nn.Module):
     """The adapters of one base linear (one or more targets), this TP rank's slices."""
 
     def __init__(self, base_path: str, targets: Sequence[str], cfg, lcfg: LoraConfig, tp_size: int, dtype,
-                 layer: int = 0, tp_rank: int = 0):
+                 layer: int = 0, tp_rank: int = 0, sequence_parallel: bool = False):
         super().__init__()
         self.base_path, self.targets, self.scale = base_path, tuple(targets), lcfg.scale
         self.kind = _BASE[self.targets[0]][1]
+        self.sequence_parallel = sequence_parallel and tp_size > 1
         self.dropout = torch.nn.Dropout(lcfg.dropout) if lcfg.dropout > 0 else torch.nn.Identity()
         self.tp_size = tp_size
         self.groups = cfg.num_query_groups // tp_size if base_path == "self_attention.linear_qkv" else 1
@@ -148,21 +160,36 @@ class LoraAdapter(torch.nn.Module):
 
             name, dim = split
             set_tensor_model_parallel_attributes(getattr(self, f"{name}_{t}"), True, dim, 1)
+            if self.sequence_parallel:  # the replicated tensor sees this rank's sequence slice only
+                setattr(getattr(self, f"{'B' if name == 'A' else 'A'}_{t}"), "sequence_parallel", True)
         self.layer_norm = None  # (weight, eps) when the base is TE's fused LayerNorm+Linear
 
     def _delta(self, t: str, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+        from megatron.core import tensor_parallel as mtp
 
         h = torch.nn.functional.linear(x, getattr(self, f"A_{t}"))
-        h = copy_to_tensor_model_parallel_region(h) if self.kind == "column" else reduce_from_tensor_model_parallel_region(h)
+        if self.kind == "column":
+            h = (mtp.gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True)
+                 if self.sequence_parallel else mtp.copy_to_tensor_model_parallel_region(h))
+        else:
+            h = (mtp.reduce_scatter_to_sequence_parallel_region(h)
+                 if self.sequence_parallel else mtp.reduce_from_tensor_model_parallel_region(h))
         return torch.nn.functional.linear(h, getattr(self, f"B_{t}")) * self.scale
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.dropout, torch.nn.Identity) or not (self.sequence_parallel or self.kind == "row"):
+            return self.dropout(x)  # replicated input: the same mask on every TP rank
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        with get_cuda_rng_tracker().fork():
+            return self.dropout(x)
 
     def hook(self, base, inputs, output):
         x = inputs[0]
         if self.layer_norm is not None:
             weight, eps = self.layer_norm
             x = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
-        x = self.dropout(x)
+        x = self._dropout(x)
         y, bias = output if isinstance(output, tuple) else (output, None)
         if self.kind == "row" or not self.part_rows:
             (t,) = self.targets
@@ -192,8 +219,6 @@ def apply_lora(model, cfg) -> None:
 
     lcfg = LoraConfig.from_dict(cfg.lora)
     tp = ps.get_tensor_model_parallel_world_size()
-    if model.config.sequence_parallel:
-        raise LoraError("--lora-rank with --sequence-parallel is not supported (adapters need the full sequence)")
     for p in model.parameters():
         p.requires_grad_(False)
     by_base: dict[str, list[str]] = {}
@@ -205,7 +230,8 @@ def apply_lora(model, cfg) -> None:
             parent = getattr(layer, parent_name)
             base = getattr(parent, linear_name)
             adapter = LoraAdapter(base_path, targets, cfg, lcfg, tp, model.config.params_dtype,
-                                  layer=layer.layer_number - 1, tp_rank=ps.get_tensor_model_parallel_rank())
+                                  layer=layer.layer_number - 1, tp_rank=ps.get_tensor_model_parallel_rank(),
+                                  sequence_parallel=model.config.sequence_parallel)
             if hasattr(base, "layer_norm_weight"):  # TE fuses the pre-norm into the linear: normalise here too
                 adapter.layer_norm = (base.layer_norm_weight, model.config.layernorm_epsilon)
             device = base.weight.device

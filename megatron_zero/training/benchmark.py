@@ -4,7 +4,7 @@ projected VLM training cost in the form of the paper's Table 9.
 For each configuration :func:`run_config` times forward (a forward-only pass of the global batch),
 forward+backward and the optimizer step (backward = forward+backward - forward), and reports tokens/s per device,
 achieved TFLOP/s per device and MFU in Megatron-LM's FLOPs convention (:mod:`megatron_zero.training.flops`), and
-peak memory. Configurations (:func:`benchmark_configs`): ``target/full`` (stage 3), ``target/frozen`` (the
+peak memory (and the training state it holds: weights, gradients, optimizer state). Configurations (:func:`benchmark_configs`): ``target/full`` (stage 3), ``target/frozen`` (the
 baseline's pre-training stage: decoder frozen, gradients flow through it), and for a surrogate T(a, b)
 (:func:`megatron_zero.surrogate.surrogate_config`) ``surrogate/translator`` (stage 1) and ``surrogate/frozen``
 (stage 2). Frozen layers do no weight-gradient GEMMs: their FLOPs count 2x forward instead of 3x.
@@ -56,6 +56,39 @@ def freeze(model, mode: str, translator: int | None):
         if mode == "translator" and name.startswith("decoder.layers."):
             train = gmap[int(name.split(".")[2])] == translator
         p.requires_grad_(train)
+
+
+def model_state_bytes(chunks, optimizer) -> int:
+    """Bytes this rank holds in training state: weights, gradient buffers and optimizer state (fp32 main copies,
+    Adam moments), each storage counted once. Measured from the live tensors, so it separates LoRA from full
+    fine-tuning on CPU too, where the process's peak RSS only grows across configurations."""
+    import torch
+
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.numel():
+            st = t.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+
+    for c in chunks:
+        for p in c.parameters():
+            add(p)
+            add(getattr(p, "main_grad", None))
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                add(p)
+        for state in inner.state.values():
+            for v in state.values():
+                add(v)
+    return total
 
 
 def run_config(cfg, opts, mode, translator, args, dp):
@@ -135,7 +168,8 @@ def run_config(cfg, opts, mode, translator, args, dp):
             f"forward+backward ({1e3 * t_fb:.1f} ms) measured no slower than forward alone ({1e3 * t_fwd:.1f} ms): "
             f"timing noise dominates, the backward time is meaningless; use more --iters"),
         "tokens_per_s_per_device": gbs * seq / step / world, "tflops_per_device": tflops,
-        "mfu": util if peak else None, "peak_memory_gb": mem, "global_batch": gbs, "seq_length": seq,
+        "mfu": util if peak else None, "peak_memory_gb": mem,
+        "model_state_gb": model_state_bytes(chunks, opt) / 2**30, "global_batch": gbs, "seq_length": seq,
         "trainable_params_this_rank": trainable_params,
     }
 

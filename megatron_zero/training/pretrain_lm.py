@@ -105,7 +105,7 @@ def instruction_batches(args, cfg, gbs: int, dp: int, parser):
     if not os.path.exists(args.instruction_data_path):
         parser.error(f"--instruction-data-path {args.instruction_data_path}: no such file")
     tokenizer = load_tokenizer(args.tokenizer)
-    template = chat_template_for(tokenizer, args.chat_template)
+    template = chat_template_for(tokenizer, args.chat_template, model_family=cfg.family)
     dataset = ChatDataset.build(read_instruction_jsonl(args.instruction_data_path), template,
                                 TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=1), source="text")
     if len(dataset) == 0:

@@ -281,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
     try:
         template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder,
-                                     prompt_format=args.prompt_format)
+                                     prompt_format=args.prompt_format, model_family=dec.cfg.family)
     except ValueError as e:
         parser.error(str(e))
     image_token_id = template.image_placeholder_id
