@@ -19,8 +19,8 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
-def run_worker(script: str, *args: str, nproc: int = 1, timeout: int = 600) -> str:
-    """Run ``tests/workers/<script>`` (under torchrun when nproc > 1); fail the test with its output."""
+def worker_output(script: str, *args: str, nproc: int = 1, timeout: int = 600) -> tuple[int, str]:
+    """Run ``tests/workers/<script>`` (under torchrun when nproc > 1): (exit status, stdout + stderr)."""
     env = subprocess_env()
     path = os.path.join(REPO, "tests", "workers", script)
     if nproc > 1:
@@ -28,7 +28,34 @@ def run_worker(script: str, *args: str, nproc: int = 1, timeout: int = 600) -> s
     else:
         cmd = [sys.executable, path]
     proc = subprocess.run(cmd + list(args), env=env, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        pytest.fail(f"{script} {' '.join(args)} exited {proc.returncode}:\n{out[-6000:]}")
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def run_worker(script: str, *args: str, nproc: int = 1, timeout: int = 600) -> str:
+    """Run ``tests/workers/<script>`` (under torchrun when nproc > 1); fail the test with its output."""
+    rc, out = worker_output(script, *args, nproc=nproc, timeout=timeout)
+    if rc != 0:
+        pytest.fail(f"{script} {' '.join(args)} exited {rc}:\n{out[-6000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def layout_checks(tmp_path_factory):
+    """The reference process and the one 4-process launch of tests/workers/layout_checks.py, shared by the
+    layout-equivalence tests (parallel, vlm, packed): ``{"reference": output, "compare": output}``.
+
+    Each test asserts its own worker's part (``WORKER <name> rc=0`` and its messages), so a failure is reported
+    by the test it belongs to."""
+    d = tmp_path_factory.mktemp("layout_checks")
+    refs = [f"{name}={d / (name + '.pt')}" for name in ("parallel", "vlm", "packed")]
+    _, reference = worker_output("layout_checks.py", "reference", *refs, timeout=900)
+    _, compare = worker_output("layout_checks.py", "compare", *refs, nproc=4, timeout=1500)
+    return {"reference": reference, "compare": compare}
+
+
+def layout_check_output(checks: dict, name: str, stage: str) -> str:
+    """The output of ``stage`` (reference/compare) of the layout_checks launch; fails unless worker ``name`` passed."""
+    out = checks[stage]
+    if f"WORKER {name} rc=0" not in out:
+        pytest.fail(f"layout_checks.py {stage}: worker {name} did not pass:\n{out[-6000:]}")
     return out

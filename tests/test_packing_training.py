@@ -5,16 +5,17 @@ import json
 
 import pytest
 
-from tests.conftest import run_worker
+from tests.conftest import layout_check_output
 from tests.test_pretrain_vlm import _metrics, _run, _world
 
 
-@pytest.mark.timeout(900)
-def test_packed_equals_padded_losses_and_gradients(tmp_path):
-    ref = str(tmp_path / "reference.pt")
-    out = run_worker("packed_equivalence.py", "--reference", ref)
+@pytest.mark.timeout(1800)
+def test_packed_equals_padded_losses_and_gradients(layout_checks):
+    """tests/workers/packed_equivalence.py, in the launch the layout-equivalence tests share (the ``layout_checks``
+    fixture of tests/conftest.py)."""
+    out = layout_check_output(layout_checks, "packed", "reference")
     assert "PACKED TP=1 MATCHES PADDED" in out, out[-4000:]
-    out = run_worker("packed_equivalence.py", "--compare", ref, nproc=4)
+    out = layout_check_output(layout_checks, "packed", "compare")
     assert "PACKED LAYOUTS MATCH PADDED" in out, out[-4000:]
     for layout in ("TP=2 PP=2 DP=1 SP=False", "TP=2 PP=1 DP=2 SP=True"):
         assert f"checked packed {layout}" in out

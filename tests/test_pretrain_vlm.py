@@ -58,8 +58,10 @@ def _world(tmp_path):
 
 
 def _run(args, nproc=1):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "megatron_zero.training.pretrain_vlm", *args]
+    """pretrain_vlm as a user starts it: under torchrun for several processes, plainly for one (a world of one
+    needs no launcher process)."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    cmd = [sys.executable, *launch, "-m", "megatron_zero.training.pretrain_vlm", *args]
     p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
     return p.stdout

@@ -250,14 +250,20 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
 
 def test_resume_at_another_layout_continues_the_loss_curve(tmp_path):
     """Distributed optimizer, fully reshardable format: saved at TP=2 x DP=1, resumed at TP=1 x DP=2 and (from a
-    DP=2 checkpoint) at DP=1: the losses continue those of an uninterrupted run."""
+    DP=2 checkpoint) at DP=1: the losses continue those of the uninterrupted TP=2 run."""
     args = [*LM, *TINY, *DISTOPT, "--train-iters", "6"]
+    # the uninterrupted TP=2 run is the reference and saves the TP=2 checkpoint of iteration 3 on the way
     ref = tmp_path / "ref.jsonl"
-    ok(torchrun() + args + ["--metrics-file", str(ref)])  # TP=1 x DP=2
+    run_dir = tmp_path / "tp2-run"
+    ok(torchrun() + args + ["--tensor-model-parallel-size", "2", "--save-interval", "3", "--save", str(run_dir),
+                            "--metrics-file", str(ref)])
     want = {m["iteration"]: m["loss"] for m in metrics(ref)}
+    assert sorted(want) == [1, 2, 3, 4, 5, 6]
+    tp2 = tmp_path / "tp2"  # the run as it stood after iteration 3
+    shutil.copytree(run_dir, tp2, ignore=shutil.ignore_patterns("iter_0000006", ".lock"))
+    from megatron_zero.training.checkpoint import latest_iteration
 
-    tp2 = tmp_path / "tp2"
-    ok(torchrun() + args + ["--tensor-model-parallel-size", "2", "--exit-after-iters", "3", "--save", str(tp2)])
+    assert latest_iteration(str(tp2)) == 3
     got = tmp_path / "dp2.jsonl"
     out = ok(torchrun() + args + ["--load", str(tp2), "--save", str(tmp_path / "dp2"), "--metrics-file", str(got),
                                   "--exit-after-iters", "5"])

@@ -10,7 +10,7 @@ from megatron_zero.models.clip_vit import get_vision_preset
 from megatron_zero.models.freezing import FreezingError, apply_freezing, trainable_predicate, trainable_report
 from megatron_zero.models.llama_config import get_preset
 from megatron_zero.models.vlm import VLMConfig, build_vlm, expand_image_placeholders, image_start_positions
-from tests.conftest import run_worker
+from tests.conftest import layout_check_output
 
 IMG = 5
 CFG = VLMConfig(dataclasses.replace(get_preset("tiny"), vocab_size=250), get_vision_preset("tiny-clip"), IMG)
@@ -158,12 +158,12 @@ def test_frozen_parameters_get_no_grad_buffer_or_optimizer_state():
         p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_tp_pp_vlm_matches_single_process(tmp_path):
+def test_tp_pp_vlm_matches_single_process(layout_checks):
     """TP=2/PP=2 and TP=2/SP/DP=2: logits, loss, grad norm and updated weights equal TP=PP=1 (fp32), on a batch
-    with one-image, two-image and text-only samples and a partly frozen encoder."""
-    ref = str(tmp_path / "reference.pt")
-    run_worker("vlm_parallel.py", "--reference", ref)
-    out = run_worker("vlm_parallel.py", "--compare", ref, nproc=4)
+    with one-image, two-image and text-only samples and a partly frozen encoder (tests/workers/vlm_parallel.py,
+    in the launch the layout-equivalence tests share: the ``layout_checks`` fixture of tests/conftest.py)."""
+    layout_check_output(layout_checks, "vlm", "reference")
+    out = layout_check_output(layout_checks, "vlm", "compare")
     assert "ALL VLM LAYOUTS MATCH" in out, out[-4000:]
     for layout in ("TP=2 PP=2 DP=1 SP=False", "TP=2 PP=1 DP=2 SP=True"):
         assert f"checked {layout}" in out

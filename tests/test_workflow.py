@@ -33,9 +33,9 @@ SLURM_LAYOUT = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-
 
 
 def run(args: list, nproc: int = 0, env: dict | None = None, timeout: int = 600) -> str:
-    """A tool (``tools/x.py ...`` or ``-m module ...``), under torchrun when ``nproc``; fails the test with its
-    output when it exits non-zero."""
-    if nproc:
+    """A tool (``tools/x.py ...`` or ``-m module ...``), under torchrun when ``nproc`` > 1 (a world of one runs
+    without the launcher process); fails the test with its output when it exits non-zero."""
+    if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     else:
         cmd = [sys.executable, *args]

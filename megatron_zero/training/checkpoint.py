@@ -401,7 +401,7 @@ def save_checkpoint(
 
     ``meta`` (e.g. ``{"model_config": ..., "layout": ...}``) is recorded in the ``COMPLETE`` manifest.
     """
-    from megatron.core import dist_checkpointing
+    from megatron_zero.checkpointing.mcore_checkpoint import dist_save
 
     final = iter_dir(root, iteration)
     tmp = final + ".tmp"
@@ -419,7 +419,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "extra": extra or {},
     }
-    dist_checkpointing.save(state, tmp)
+    dist_save(state, tmp)
     os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
     if optimizer is not None and not _is_distributed(optimizer):
