@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import REPO, subprocess_env
 from tests.test_workflow import run
-from tests.workflow_world import PHOTOS, build_world
+from tests.workflow_world import PHOTOS, build_world, write_vqa_task
 
 pytestmark = pytest.mark.timeout(900)
 TRAIN = ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
@@ -211,43 +211,9 @@ def test_generate_and_evaluate_through_lmms_eval(qwf):
     itself, the other is not): the harness path (our registered model, the Qwen3 chat template) answers the same."""
     answers = qwf.answers
     assert [a["id"] for a in answers] == ["chelsea", "coffee"] and all(a["text"].strip() for a in answers)
-    d = qwf.p("vlm_tasks")
-    os.makedirs(d)
     rows = [{"image": "chelsea.png", "question": QUESTIONS[0][1], "answer": answers[0]["text"].strip()},
             {"image": "coffee.png", "question": QUESTIONS[1][1], "answer": "not " + answers[1]["text"]}]
-    with open(os.path.join(d, "qwf_vqa.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    with open(os.path.join(d, "qwf_utils.py"), "w") as f:
-        f.write(textwrap.dedent(f"""\
-            import os
-            from PIL import Image
-
-            def doc_to_visual(doc):
-                return [Image.open(os.path.join({qwf.w['images']!r}, doc["image"])).convert("RGB")]
-
-            def doc_to_text(doc):
-                return doc["question"]
-            """))
-    with open(os.path.join(d, "qwf_vqa.yaml"), "w") as f:
-        f.write(textwrap.dedent(f"""\
-            task: qwf_vqa
-            dataset_path: json
-            dataset_kwargs:
-              data_files:
-                test: {os.path.join(d, 'qwf_vqa.jsonl')}
-            test_split: test
-            output_type: generate_until
-            doc_to_visual: !function qwf_utils.doc_to_visual
-            doc_to_text: !function qwf_utils.doc_to_text
-            doc_to_target: answer
-            generation_kwargs:
-              max_new_tokens: 4
-              until: ["\\n"]
-            metric_list:
-              - metric: exact_match
-                aggregation: mean
-                higher_is_better: true
-            """))
+    d = write_vqa_task(qwf.p("vlm_tasks"), "qwf_vqa", qwf.w["images"], rows)
     run(["tools/evaluate.py", "--suite", "vlm", "--load", qwf.p("stage3/export"), "--tasks", "qwf_vqa::exact_match",
          "--include-path", d, "--output-dir", qwf.p("eval-vlm")])
     record = json.load(open(qwf.p("eval-vlm/results.json")))

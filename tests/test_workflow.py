@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, subprocess_env
-from tests.workflow_world import build_world
+from tests.workflow_world import build_world, write_vqa_task
 
 pytestmark = pytest.mark.timeout(1500)
 LOSS_TOL = 2e-4  # TP/PP change the order of float sums only
@@ -141,45 +141,10 @@ class Workflow:
     def vlm_tasks(self) -> str:
         """A local lmms-eval task over the photos whose first target is the grafted VLM's own greedy answer (from
         tools/generate.py) and whose second is not: exact match must be 0.5."""
-        d = self.p("vlm_tasks")
-        os.makedirs(d)
         a = self.answers
         rows = [{"image": "chelsea.png", "question": "What animal is this?", "answer": a[0]["text"].strip()},
                 {"image": "coffee.png", "question": "What is on the table?", "answer": "not " + a[1]["text"]}]
-        with open(os.path.join(d, "wf_vqa.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        with open(os.path.join(d, "wf_utils.py"), "w") as f:
-            f.write(textwrap.dedent(f"""\
-                import os
-                from PIL import Image
-
-                def doc_to_visual(doc):
-                    return [Image.open(os.path.join({self.w['images']!r}, doc["image"])).convert("RGB")]
-
-                def doc_to_text(doc):
-                    return doc["question"]
-                """))
-        with open(os.path.join(d, "wf_vqa.yaml"), "w") as f:
-            f.write(textwrap.dedent(f"""\
-                task: wf_vqa
-                dataset_path: json
-                dataset_kwargs:
-                  data_files:
-                    test: {os.path.join(d, 'wf_vqa.jsonl')}
-                test_split: test
-                output_type: generate_until
-                doc_to_visual: !function wf_utils.doc_to_visual
-                doc_to_text: !function wf_utils.doc_to_text
-                doc_to_target: answer
-                generation_kwargs:
-                  max_new_tokens: 4
-                  until: ["\\n"]
-                metric_list:
-                  - metric: exact_match
-                    aggregation: mean
-                    higher_is_better: true
-                """))
-        return d
+        return write_vqa_task(self.p("vlm_tasks"), "wf_vqa", self.w["images"], rows)
 
     @functools.cached_property
     def text_tasks(self) -> str:

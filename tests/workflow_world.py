@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import textwrap
 
 import torch
 
@@ -87,3 +88,43 @@ def build_world(root: str, llama: bool = True) -> dict:
         f.writelines(json.dumps(t) + "\n" for t in texts)
     paths["root"] = root
     return paths
+
+
+def write_vqa_task(task_dir: str, name: str, images_dir: str, rows: list[dict]) -> str:
+    """A local lmms-eval ``generate_until`` task ``name`` in ``task_dir`` over ``rows`` ({image, question, answer},
+    images under ``images_dir``), scored by exact match (for ``--include-path``). Returns ``task_dir``."""
+    os.makedirs(task_dir)
+    with open(os.path.join(task_dir, f"{name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(task_dir, f"{name}_utils.py"), "w") as f:
+        f.write(textwrap.dedent(f"""\
+            import os
+            from PIL import Image
+
+            def doc_to_visual(doc):
+                return [Image.open(os.path.join({images_dir!r}, doc["image"])).convert("RGB")]
+
+            def doc_to_text(doc):
+                return doc["question"]
+            """))
+    with open(os.path.join(task_dir, f"{name}.yaml"), "w") as f:
+        f.write(textwrap.dedent(f"""\
+            task: {name}
+            dataset_path: json
+            dataset_kwargs:
+              data_files:
+                test: {os.path.join(task_dir, f'{name}.jsonl')}
+            test_split: test
+            output_type: generate_until
+            doc_to_visual: !function {name}_utils.doc_to_visual
+            doc_to_text: !function {name}_utils.doc_to_text
+            doc_to_target: answer
+            generation_kwargs:
+              max_new_tokens: 4
+              until: ["\\n"]
+            metric_list:
+              - metric: exact_match
+                aggregation: mean
+                higher_is_better: true
+            """))
+    return task_dir
