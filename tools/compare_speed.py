@@ -25,6 +25,8 @@ def main(argv=None) -> int:
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
     p.add_argument("--attn-implementation", default=d.attn_implementation, choices=["eager", "sdpa"],
                    help="transformers' attention")
+    p.add_argument("--distributed-optimizer", action="store_true",
+                   help="ours with --use-distributed-optimizer (default: pretrain_lm's default, the plain optimizer)")
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="both sides (0: off)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)

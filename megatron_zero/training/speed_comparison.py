@@ -4,8 +4,10 @@ Both sides train the same architecture in fp32 with AdamW (betas 0.9/0.999, eps 
 gradient clipping at 1.0 on the same random token batches:
 
 * ``megatron_zero``: megatron-core ``GPTModel`` with our layer spec (the CPU path: local spec +
-  :class:`~megatron_zero.models.attention.SDPACoreAttention`), megatron DDP, the distributed optimizer and
-  :func:`~megatron_zero.training.train_step.train_step` (megatron's schedule) -- exactly what ``pretrain_lm`` runs;
+  :class:`~megatron_zero.models.attention.SDPACoreAttention`), megatron DDP, megatron's optimizer (the plain one,
+  ``pretrain_lm``'s default; ``distributed_optimizer=True`` for ``--use-distributed-optimizer``, whose shard
+  copies cost ~4% of a step at DP=1) and :func:`~megatron_zero.training.train_step.train_step` (megatron's
+  schedule) -- exactly what ``pretrain_lm`` runs;
 * ``transformers``: ``LlamaForCausalLM`` (``attn_implementation="eager"`` by default), ``loss.backward()``,
   ``clip_grad_norm_`` and ``torch.optim.AdamW``.
 
@@ -37,6 +39,7 @@ class SpeedConfig:
     attn_implementation: str = "eager"
     clip_grad: float = 1.0
     seed: int = 0
+    distributed_optimizer: bool = False
 
 
 def llama_config(cfg: SpeedConfig):
@@ -55,7 +58,7 @@ class OurStep:
         from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
 
         torch.manual_seed(cfg.seed)
-        oo = OptimizerOptions(lr=1e-5, clip_grad=cfg.clip_grad, use_distributed_optimizer=True)
+        oo = OptimizerOptions(lr=1e-5, clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.distributed_optimizer)
         self.chunks = wrap_ddp(build_llama_chunks(llama_config(cfg), RuntimeOptions(
             make_vocab_size_divisible_by=1)), oo)
         self.opt = build_optimizer(self.chunks, oo)
