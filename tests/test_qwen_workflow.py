@@ -14,14 +14,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO, subprocess_env
 from tests.test_workflow import run
-from tests.workflow_world import PHOTOS, build_world, write_vqa_task
+from tests.workflow_world import PHOTOS, build_world, write_mc_task, write_vqa_task
 
 pytestmark = pytest.mark.timeout(900)
 TRAIN = ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
@@ -278,28 +277,10 @@ def test_text_evaluation_through_lm_eval(qwf):
     target, scored alike (Qwen has no BOS: lm-eval's prefix token is the EOS, as for HF Qwen models)."""
     from tools import evaluate
 
-    d = qwf.p("text_tasks")
-    os.makedirs(d)
     docs = [{"question": "What animal is this?", "choices": ["A cat.", "A rocket."], "label": 0},
             {"question": "What is on the table?", "choices": ["A horse.", "A cup of coffee."], "label": 1},
             {"question": "Who is in the picture?", "choices": ["An astronaut.", "A man with a camera."], "label": 0}]
-    with open(os.path.join(d, "qwf_mc.jsonl"), "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in docs)
-    with open(os.path.join(d, "qwf_mc.yaml"), "w") as f:
-        f.write(textwrap.dedent(f"""\
-            task: qwf_mc
-            dataset_path: json
-            dataset_kwargs:
-              data_files:
-                test: {os.path.join(d, 'qwf_mc.jsonl')}
-            test_split: test
-            output_type: multiple_choice
-            doc_to_text: "{{{{question}}}}"
-            doc_to_choice: "{{{{choices}}}}"
-            doc_to_target: "{{{{label}}}}"
-            metric_list:
-              - metric: acc
-            """))
+    d = write_mc_task(qwf.p("text_tasks"), "qwf_mc", docs)
     assert evaluate.main(["--suite", "text", "--load", qwf.target, "--compare-load", qwf.grafted, "--tasks",
                           "qwf_mc:0:acc", "--include-path", d, "--output-dir", qwf.p("eval-text")]) == 0
     record = json.load(open(qwf.p("eval-text/results.json")))

@@ -15,13 +15,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 from tests.conftest import REPO, subprocess_env
-from tests.workflow_world import build_world, write_vqa_task
+from tests.workflow_world import build_world, write_mc_task, write_vqa_task
 
 pytestmark = pytest.mark.timeout(1500)
 LOSS_TOL = 2e-4  # TP/PP change the order of float sums only
@@ -148,30 +147,11 @@ class Workflow:
 
     @functools.cached_property
     def text_tasks(self) -> str:
-        d = self.p("text_tasks")
-        os.makedirs(d)
         docs = [{"question": "The cat sat on the", "choices": ["mat", "sea", "moon"], "label": 0},
                 {"question": "A cup of", "choices": ["coffee", "rocket"], "label": 0},
                 {"question": "The sky is", "choices": ["green", "blue"], "label": 1},
                 {"question": "An astronaut in a white", "choices": ["suit", "cat"], "label": 0}]
-        with open(os.path.join(d, "wf_mc.jsonl"), "w") as f:
-            f.writelines(json.dumps(x) + "\n" for x in docs)
-        with open(os.path.join(d, "wf_mc.yaml"), "w") as f:
-            f.write(textwrap.dedent(f"""\
-                task: wf_mc
-                dataset_path: json
-                dataset_kwargs:
-                  data_files:
-                    test: {os.path.join(d, 'wf_mc.jsonl')}
-                test_split: test
-                output_type: multiple_choice
-                doc_to_text: "{{{{question}}}}"
-                doc_to_choice: "{{{{choices}}}}"
-                doc_to_target: "{{{{label}}}}"
-                metric_list:
-                  - metric: acc
-                """))
-        return d
+        return write_mc_task(self.p("text_tasks"), "wf_mc", docs)
 
     @functools.cached_property
     def llava_export(self) -> str:

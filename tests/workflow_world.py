@@ -128,3 +128,27 @@ def write_vqa_task(task_dir: str, name: str, images_dir: str, rows: list[dict]) 
                 higher_is_better: true
             """))
     return task_dir
+
+
+def write_mc_task(task_dir: str, name: str, docs: list[dict]) -> str:
+    """A local lm-eval ``multiple_choice`` task ``name`` in ``task_dir`` over ``docs`` ({question, choices, label}),
+    scored by accuracy (for ``--include-path``). Returns ``task_dir``."""
+    os.makedirs(task_dir)
+    with open(os.path.join(task_dir, f"{name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(x) + "\n" for x in docs)
+    with open(os.path.join(task_dir, f"{name}.yaml"), "w") as f:
+        f.write(textwrap.dedent(f"""\
+            task: {name}
+            dataset_path: json
+            dataset_kwargs:
+              data_files:
+                test: {os.path.join(task_dir, f'{name}.jsonl')}
+            test_split: test
+            output_type: multiple_choice
+            doc_to_text: "{{{{question}}}}"
+            doc_to_choice: "{{{{choices}}}}"
+            doc_to_target: "{{{{label}}}}"
+            metric_list:
+              - metric: acc
+            """))
+    return task_dir
