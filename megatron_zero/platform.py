@@ -99,6 +99,12 @@ def _lazy_compile(real_compile):
     return compile_
 
 
+def _silence_fallback_warnings() -> None:
+    """Without a GPU megatron-core's fallback to its local implementations is expected: not worth a warning."""
+    for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+        warnings.filterwarnings("ignore", message=msg)
+
+
 def import_megatron_core() -> None:
     """Import ``megatron.core`` without its optional wandb hook (megatron's wandb logging is not used here; wandb's
     own import costs ~3 s per process) and with its import-time ``torch.compile`` decorations made lazy. Every
@@ -111,9 +117,8 @@ def import_megatron_core() -> None:
     blocked = "wandb" not in sys.modules
     if blocked:
         sys.modules["wandb"] = None  # makes ``import wandb`` raise ImportError: megatron's try/except skips it
-    if not HAVE_CUDA:  # expected without a GPU: megatron-core falls back to its local implementations
-        for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
-            warnings.filterwarnings("ignore", message=msg)
+    if not HAVE_CUDA:
+        _silence_fallback_warnings()
     real_compile = torch.compile
     torch.compile = _lazy_compile(real_compile)
     try:
@@ -263,8 +268,7 @@ def install_cpu_compat() -> bool:
         return False
     if _INSTALLED:
         return True
-    for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
-        warnings.filterwarnings("ignore", message=msg)
+    _silence_fallback_warnings()
 
     def set_rng_state(state, device="cuda"):
         torch.set_rng_state(state)
