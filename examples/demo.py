@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--lm-steps", type=int, default=400, help="target LLM pretraining steps")
     p.add_argument("--lm-lr", type=float, default=2e-3)
     p.add_argument("--translator-steps", type=int, default=60, help="stage 1 steps per small decoder")
-    p.add_argument("--encoder-steps", type=int, default=800, help="stage 2 steps per encoder")
+    p.add_argument("--encoder-steps", type=int, default=720, help="stage 2 steps per encoder")
     p.add_argument("--encoder-lr", type=float, default=2e-3)
     p.add_argument("--stage3-steps", type=int, default=40, help="stage 3 steps (0: skip the stage-3 rows)")
     p.add_argument("--stage3-lr", type=float, default=5e-4)
@@ -72,8 +72,8 @@ def parse_args(argv=None):
 # The toy world
 # ---------------------------------------------------------------------------------------------------------
 IMAGE_SIZE = 32
-SEQ = 40  # image conversations: up to 16 text tokens + 19 image embeddings (16 patches, CLS, start, end)
-TEXT_SEQ = 24  # text conversations: up to 21 tokens
+SEQ = 35  # image conversations: up to 16 text tokens + 19 image embeddings (16 patches, CLS, start, end)
+TEXT_SEQ = 20  # text conversations: up to 21 tokens, i.e. 20 positions that predict the next one
 WARMUP = 0.1  # fraction of each run's steps spent in linear LR warmup (then cosine to 0); gradients clipped at 1
 
 
@@ -116,7 +116,10 @@ def chat_rows(template, n: int, seed: int) -> dict:
     labels = torch.zeros(n, TEXT_SEQ, dtype=torch.long)
     mask = torch.zeros(n, TEXT_SEQ)
     for i, enc in enumerate(chat_samples(template, n, seed)):
-        ids = torch.tensor(enc.input_ids[:TEXT_SEQ + 1])
+        if len(enc.input_ids) > TEXT_SEQ + 1:
+            raise ValueError(f"a text conversation has {len(enc.input_ids)} tokens; TEXT_SEQ {TEXT_SEQ} fits "
+                             f"{TEXT_SEQ + 1}")
+        ids = torch.tensor(enc.input_ids)
         m = torch.tensor(enc.loss_mask[:TEXT_SEQ + 1], dtype=torch.float)
         tokens[i, :len(ids) - 1], labels[i, :len(ids) - 1], mask[i, :len(ids) - 1] = ids[:-1], ids[1:], m[1:]
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
@@ -269,10 +272,10 @@ def evaluate(vlm_cfg, decoder_canonical, encoder_canonical, template, samples):
         answers.append(s["answer"])
     correct = 0
     tok = template.tokenizer
-    for i in range(0, len(prompts), 50):
-        outs = generate(model, prompts[i:i + 50], images[i:i + 50], SamplingOptions(max_new_tokens=12),
+    for i in range(0, len(prompts), 150):  # KV-cached decoding: fewer, larger batches
+        outs = generate(model, prompts[i:i + 150], images[i:i + 150], SamplingOptions(max_new_tokens=12),
                         stop_token_ids=template.stop_token_ids)
-        for out, ans in zip(outs, answers[i:i + 50]):
+        for out, ans in zip(outs, answers[i:i + 150]):
             text = tok.decode([t for t in out if t not in template.stop_token_ids])
             correct += int(text.strip() == " ".join(tok.decode(tok.encode(ans)).split()))
     return total / max(count, 1), correct / max(len(prompts), 1)

@@ -258,6 +258,59 @@ def _patch_distributed_optimizer_reshardable_load() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+class _RotateHalfRope(torch.autograd.Function):
+    """RoPE in megatron's default (non-interleaved) layout, ``t * cos + rotate_half(t) * sin``, written as two
+    multiply-adds per half into one output, with the matching backward. megatron-core's unfused CPU version builds
+    ``rotate_half`` with a negation and a concatenation, then concatenates an empty pass-through part: six
+    full-size temporaries and their autograd nodes per call, twice per layer. Same arithmetic, one pass."""
+
+    @staticmethod
+    def forward(ctx, t, cos, sin):
+        h = t.shape[-1] // 2
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        o1, o2 = out[..., :h], out[..., h:]
+        t1, t2 = t[..., :h], t[..., h:]
+        torch.mul(t1, cos[..., :h], out=o1)
+        o1.addcmul_(t2, sin[..., :h], value=-1.0)  # rotate_half's first half is -t2
+        torch.mul(t2, cos[..., h:], out=o2)
+        o2.addcmul_(t1, sin[..., h:])
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        h = grad.shape[-1] // 2
+        g1, g2 = grad[..., :h], grad[..., h:]
+        gt = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+        torch.mul(g1, cos[..., :h], out=gt[..., :h])
+        gt[..., :h].addcmul_(g2, sin[..., h:])
+        torch.mul(g2, cos[..., h:], out=gt[..., h:])
+        gt[..., h:].addcmul_(g1, sin[..., :h], value=-1.0)
+        return gt, None, None
+
+
+def _patch_rope() -> None:
+    """megatron-core's unfused RoPE (used for both the bshd and the packed thd layout) -> :class:`_RotateHalfRope`
+    where it applies (non-interleaved, no MLA reordering, rotary dim = head dim); the original otherwise."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    if getattr(original, "_megatron_zero_patched", False):
+        return
+
+    def apply_bshd(t, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0):
+        if rotary_interleaved or multi_latent_attention or freqs.shape[-1] != t.shape[-1] or t.shape[-1] % 2:
+            return original(t, freqs, rotary_interleaved=rotary_interleaved,
+                             multi_latent_attention=multi_latent_attention, mscale=mscale)
+        cos = (torch.cos(freqs) * mscale).to(t.dtype)
+        sin = (torch.sin(freqs) * mscale).to(t.dtype)
+        return _RotateHalfRope.apply(t, cos, sin)
+
+    apply_bshd._megatron_zero_patched = True
+    rope_utils._apply_rotary_pos_emb_bshd = apply_bshd
+
+
 def install_cpu_compat() -> bool:
     """Patch ``torch.cuda`` entry points used by megatron-core so it runs on CPU. No-op with CUDA.
 
@@ -314,6 +367,7 @@ def install_cpu_compat() -> bool:
 
     _patch_empty_distributed_optimizer_state()
     _patch_distributed_optimizer_reshardable_load()
+    _patch_rope()
 
     mode = _CudaToCpuMode()
     mode.__enter__()  # stays active for the life of the process

@@ -89,3 +89,47 @@ def test_hf_config_transformers5_rope_parameters():
     hf5["rope_parameters"] = {"rope_theta": hf["rope_theta"], **hf["rope_scaling"]}
     back = LlamaConfig.from_hf_config(hf5, name=cfg.name)
     assert back.rope_theta == 500000.0 and back.rope_scaling_factor == 8.0
+
+
+def _reference_rope(t, freqs, interleaved=False):
+    """RoPE as megatron-core's unfused code and HF Llama write it: t * cos + rotate_half(t) * sin."""
+    if interleaved:
+        x1, x2 = t[..., ::2], t[..., 1::2]
+        rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:
+        x1, x2 = t.chunk(2, dim=-1)
+        rot = torch.cat((-x2, x1), dim=-1)
+    return t * torch.cos(freqs) + rot * torch.sin(freqs)
+
+
+@pytest.mark.parametrize("layout", ["bshd", "thd", "interleaved"])
+def test_cpu_rope_matches_the_reference_values_and_gradients(layout):
+    """The CPU layer's one-pass RoPE (installed into megatron-core's rope_utils) gives the reference's values and
+    gradients, on non-contiguous q/k views as attention passes them; the interleaved layout keeps megatron's own."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_zero import platform
+
+    platform.install_cpu_compat()
+    assert getattr(rope_utils._apply_rotary_pos_emb_bshd, "_megatron_zero_patched", False)
+    g = torch.Generator().manual_seed(0)
+    s, b, n, d = 7, 3, 4, 16
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    f = torch.outer(torch.arange(s).float(), inv)
+    freqs = torch.cat((f, f), dim=-1)[:, None, None, :]  # [s, 1, 1, d], megatron's layout
+    if layout == "thd":
+        b = 1
+    qkv = torch.randn(s, b, 3 * n, d, generator=g)
+    t = qkv[:, :, n:2 * n].clone().requires_grad_(True)
+    t_view = t[:, :, :]  # strided like the split of a fused QKV projection
+    t_ref = t.detach().clone().requires_grad_(True)
+    interleaved = layout == "interleaved"
+    out = rope_utils._apply_rotary_pos_emb_bshd(t_view, freqs, rotary_interleaved=interleaved)
+    ref = _reference_rope(t_ref, freqs, interleaved)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    w = torch.randn(ref.shape, generator=g)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-6, atol=1e-6)
+    # a wrong backward (the forward's rotation instead of its transpose) would differ by far more than that
+    assert (t.grad - _reference_rope(w, freqs, interleaved)).abs().max() > 1e-2
