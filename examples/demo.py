@@ -53,9 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--lm-steps", type=int, default=400, help="target LLM pretraining steps")
     p.add_argument("--lm-lr", type=float, default=2e-3)
     p.add_argument("--translator-steps", type=int, default=60, help="stage 1 steps per small decoder")
-    p.add_argument("--encoder-steps", type=int, default=720, help="stage 2 steps per encoder")
+    p.add_argument("--encoder-steps", type=int, default=680, help="stage 2 steps per encoder")
     p.add_argument("--encoder-lr", type=float, default=2e-3)
-    p.add_argument("--stage3-steps", type=int, default=40, help="stage 3 steps (0: skip the stage-3 rows)")
+    p.add_argument("--stage3-steps", type=int, default=24, help="stage 3 steps (0: skip the stage-3 rows)")
     p.add_argument("--stage3-lr", type=float, default=5e-4)
     p.add_argument("--train-images", type=int, default=4000, help="training images per seed (stages 2 and 3)")
     p.add_argument("--eval-images", type=int, default=300, help="held-out images (the same for every row and seed)")
@@ -538,8 +538,10 @@ def main(argv=None):
     shared_path = os.path.join(args.output_dir, "shared.pt")
     torch.save({"args": args, "cfg": cfg, "target": target, "target_dir": target_dir, "surrogate": (a, b),
                 "control": (1, k)}, shared_path)
-    jobs = [(kind, s) for kind in ("surrogate", "upper", "control", "untrained") for s in seeds]  # longest first
-    log(f"4-6/6 {len(jobs)} jobs ({len(seeds)} seeds x surrogate, upper bound, control, untrained) on "
+    # longest first (stage 2 through all 12 layers; 7 layers + stage 3; 7 layers; stage 3 only), so that the short
+    # jobs fill the end and neither worker idles while the other finishes a long one
+    jobs = [(kind, s) for kind in ("upper", "surrogate", "control", "untrained") for s in seeds]
+    log(f"4-6/6 {len(jobs)} jobs ({len(seeds)} seeds x upper bound, surrogate, control, untrained) on "
         f"{args.workers} worker processes: stage 1 ({args.translator_steps} steps), stage 2 ({args.encoder_steps} "
         f"steps, lr {args.encoder_lr}), graft, stage 3 ({args.stage3_steps} steps), evaluation on "
         f"{args.eval_images} held-out images")

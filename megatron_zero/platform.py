@@ -258,36 +258,36 @@ def _patch_distributed_optimizer_reshardable_load() -> None:
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
+def _rotate_halves(x, cos, sin_first, sin_second, sign: float):
+    """``[x1 * cos1 + sign * x2 * sin_first, x2 * cos2 - sign * x1 * sin_second]`` (halves of the last dim)."""
+    h = x.shape[-1] // 2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x1, x2, o1, o2 = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(x1, cos[..., :h], out=o1)
+    o1.addcmul_(x2, sin_first, value=sign)
+    torch.mul(x2, cos[..., h:], out=o2)
+    o2.addcmul_(x1, sin_second, value=-sign)
+    return out
+
+
 class _RotateHalfRope(torch.autograd.Function):
-    """RoPE in megatron's default (non-interleaved) layout, ``t * cos + rotate_half(t) * sin``, written as two
-    multiply-adds per half into one output, with the matching backward. megatron-core's unfused CPU version builds
-    ``rotate_half`` with a negation and a concatenation, then concatenates an empty pass-through part: six
-    full-size temporaries and their autograd nodes per call, twice per layer. Same arithmetic, one pass."""
+    """RoPE in megatron's default (non-interleaved) layout, ``t * cos + rotate_half(t) * sin`` with
+    ``rotate_half(t) = [-t2, t1]``, written as two multiply-adds per half into one output, and its transpose as
+    the backward. megatron-core's unfused CPU version builds ``rotate_half`` with a negation and a concatenation,
+    then concatenates an empty pass-through part: six full-size temporaries and their autograd nodes per call,
+    twice per layer. Same arithmetic, one pass."""
 
     @staticmethod
     def forward(ctx, t, cos, sin):
         h = t.shape[-1] // 2
-        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        o1, o2 = out[..., :h], out[..., h:]
-        t1, t2 = t[..., :h], t[..., h:]
-        torch.mul(t1, cos[..., :h], out=o1)
-        o1.addcmul_(t2, sin[..., :h], value=-1.0)  # rotate_half's first half is -t2
-        torch.mul(t2, cos[..., h:], out=o2)
-        o2.addcmul_(t1, sin[..., h:])
         ctx.save_for_backward(cos, sin)
-        return out
+        return _rotate_halves(t, cos, sin[..., :h], sin[..., h:], -1.0)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         h = grad.shape[-1] // 2
-        g1, g2 = grad[..., :h], grad[..., h:]
-        gt = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        torch.mul(g1, cos[..., :h], out=gt[..., :h])
-        gt[..., :h].addcmul_(g2, sin[..., h:])
-        torch.mul(g2, cos[..., h:], out=gt[..., h:])
-        gt[..., h:].addcmul_(g1, sin[..., :h], value=-1.0)
-        return gt, None, None
+        return _rotate_halves(grad, cos, sin[..., h:], sin[..., :h], 1.0), None, None
 
 
 def _patch_rope() -> None:
