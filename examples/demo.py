@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The end-to-end demo (``make demo``): the whole method at toy scale, on a CPU (~15 minutes on 2 cores).
+"""The end-to-end demo (``make demo``): the whole method at toy scale, on a CPU (~10 minutes on 2 cores).
 
 1. pretrain a small Llama-style target LLM on generated chat text (attribute words in random order, then a
    caption of them or the answer to a question about one of them);
