@@ -102,7 +102,7 @@ def _reference_rope(t, freqs, interleaved=False):
     return t * torch.cos(freqs) + rot * torch.sin(freqs)
 
 
-@pytest.mark.parametrize("layout", ["bshd", "thd", "interleaved"])
+@pytest.mark.parametrize("layout", ["bshd", "thd_shape", "interleaved"])
 def test_cpu_rope_matches_the_reference_values_and_gradients(layout):
     """The CPU layer's one-pass RoPE (installed into megatron-core's rope_utils) gives the reference's values and
     gradients, on non-contiguous q/k views as attention passes them; the interleaved layout keeps megatron's own."""
@@ -117,19 +117,21 @@ def test_cpu_rope_matches_the_reference_values_and_gradients(layout):
     inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     f = torch.outer(torch.arange(s).float(), inv)
     freqs = torch.cat((f, f), dim=-1)[:, None, None, :]  # [s, 1, 1, d], megatron's layout
-    if layout == "thd":
+    if layout == "thd_shape":  # megatron's thd RoPE calls the bshd one on [t, 1, np, hn] with per-token freqs
         b = 1
-    qkv = torch.randn(s, b, 3 * n, d, generator=g)
-    t = qkv[:, :, n:2 * n].clone().requires_grad_(True)
-    t_view = t[:, :, :]  # strided like the split of a fused QKV projection
+    qkv = torch.randn(s, b, 3 * n, d, generator=g).requires_grad_(True)
+    t = qkv[:, :, n:2 * n]  # a strided view, like the split of a fused QKV projection
+    assert not t.is_contiguous()
     t_ref = t.detach().clone().requires_grad_(True)
     interleaved = layout == "interleaved"
-    out = rope_utils._apply_rotary_pos_emb_bshd(t_view, freqs, rotary_interleaved=interleaved)
+    out = rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=interleaved)
     ref = _reference_rope(t_ref, freqs, interleaved)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
     w = torch.randn(ref.shape, generator=g)
     (out * w).sum().backward()
     (ref * w).sum().backward()
-    torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-6, atol=1e-6)
+    grad = qkv.grad[:, :, n:2 * n]
+    torch.testing.assert_close(grad, t_ref.grad, rtol=1e-6, atol=1e-6)
+    assert qkv.grad[:, :, :n].abs().max() == 0  # nothing leaks into the neighbouring heads
     # a wrong backward (the forward's rotation instead of its transpose) would differ by far more than that
-    assert (t.grad - _reference_rope(w, freqs, interleaved)).abs().max() > 1e-2
+    assert (grad - _reference_rope(w, freqs, interleaved)).abs().max() > 1e-2

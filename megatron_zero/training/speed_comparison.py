@@ -6,8 +6,8 @@ gradient clipping at 1.0 on the same random token batches:
 * ``megatron_zero``: megatron-core ``GPTModel`` with our layer spec (the CPU path: local spec +
   :class:`~megatron_zero.models.attention.SDPACoreAttention`), megatron DDP, megatron's optimizer (the plain one,
   ``pretrain_lm``'s default; ``distributed_optimizer=True`` for ``--use-distributed-optimizer``, whose shard
-  copies and buffer fills cost ~5-15% of a CPU step at DP=1, where it shards nothing) and :func:`~megatron_zero.training.train_step.train_step` (megatron's
-  schedule) -- exactly what ``pretrain_lm`` runs;
+  copies and buffer fills cost ~5-15% of a CPU step at DP=1, where it shards nothing) and
+  :func:`~megatron_zero.training.train_step.train_step` (megatron's schedule) -- exactly what ``pretrain_lm`` runs;
 * ``transformers``: ``LlamaForCausalLM`` (``attn_implementation="eager"`` by default), ``loss.backward()``,
   ``clip_grad_norm_`` and ``torch.optim.AdamW``.
 
