@@ -4,12 +4,12 @@ tabulates and compares, and the lmms-eval adapter matches direct VLM computation
 import dataclasses
 import json
 import os
-import textwrap
 
 import pytest
 import torch
 
 from tests.conftest import run_worker
+from tests.workflow_world import task_yaml
 
 TEXTS = ["the cat sat on the mat .", "a dog ran in the park .", "birds fly over the blue sea .",
          "is the sky green ? yes no", "question answer what color is it", "please answer or"]
@@ -22,17 +22,6 @@ DOCS = [
 ]
 TASKS = ["tiny_mc", "tiny_rolling", "tiny_gen"]
 MAX_GEN = 5
-
-
-def task_yaml(name: str, data: str, body: str) -> str:
-    return textwrap.dedent(f"""\
-        task: {name}
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            test: {data}
-        test_split: test
-        """) + textwrap.dedent(body)
 
 
 @pytest.fixture(scope="module")

@@ -94,8 +94,6 @@ def write_vqa_task(task_dir: str, name: str, images_dir: str, rows: list[dict]) 
     """A local lmms-eval ``generate_until`` task ``name`` in ``task_dir`` over ``rows`` ({image, question, answer},
     images under ``images_dir``), scored by exact match (for ``--include-path``). Returns ``task_dir``."""
     os.makedirs(task_dir)
-    with open(os.path.join(task_dir, f"{name}.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(task_dir, f"{name}_utils.py"), "w") as f:
         f.write(textwrap.dedent(f"""\
             import os
@@ -107,14 +105,7 @@ def write_vqa_task(task_dir: str, name: str, images_dir: str, rows: list[dict]) 
             def doc_to_text(doc):
                 return doc["question"]
             """))
-    with open(os.path.join(task_dir, f"{name}.yaml"), "w") as f:
-        f.write(textwrap.dedent(f"""\
-            task: {name}
-            dataset_path: json
-            dataset_kwargs:
-              data_files:
-                test: {os.path.join(task_dir, f'{name}.jsonl')}
-            test_split: test
+    return _write_json_task(task_dir, name, rows, f"""\
             output_type: generate_until
             doc_to_visual: !function {name}_utils.doc_to_visual
             doc_to_text: !function {name}_utils.doc_to_text
@@ -126,29 +117,41 @@ def write_vqa_task(task_dir: str, name: str, images_dir: str, rows: list[dict]) 
               - metric: exact_match
                 aggregation: mean
                 higher_is_better: true
-            """))
-    return task_dir
+            """)
 
 
 def write_mc_task(task_dir: str, name: str, docs: list[dict]) -> str:
     """A local lm-eval ``multiple_choice`` task ``name`` in ``task_dir`` over ``docs`` ({question, choices, label}),
     scored by accuracy (for ``--include-path``). Returns ``task_dir``."""
     os.makedirs(task_dir)
-    with open(os.path.join(task_dir, f"{name}.jsonl"), "w") as f:
-        f.writelines(json.dumps(x) + "\n" for x in docs)
-    with open(os.path.join(task_dir, f"{name}.yaml"), "w") as f:
-        f.write(textwrap.dedent(f"""\
-            task: {name}
-            dataset_path: json
-            dataset_kwargs:
-              data_files:
-                test: {os.path.join(task_dir, f'{name}.jsonl')}
-            test_split: test
+    return _write_json_task(task_dir, name, docs, """\
             output_type: multiple_choice
-            doc_to_text: "{{{{question}}}}"
-            doc_to_choice: "{{{{choices}}}}"
-            doc_to_target: "{{{{label}}}}"
+            doc_to_text: "{{question}}"
+            doc_to_choice: "{{choices}}"
+            doc_to_target: "{{label}}"
             metric_list:
               - metric: acc
-            """))
+            """)
+
+
+def task_yaml(name: str, data: str, body: str) -> str:
+    """A local lm-eval / lmms-eval task ``name`` over the test split of the JSON-lines file ``data``, followed by
+    ``body`` (the task's own YAML lines, dedented)."""
+    return textwrap.dedent(f"""\
+        task: {name}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        """) + textwrap.dedent(body)
+
+
+def _write_json_task(task_dir: str, name: str, rows: list[dict], body: str) -> str:
+    """``name.jsonl`` (the rows) and ``name.yaml`` (:func:`task_yaml` over it) in ``task_dir``. Returns it."""
+    data = os.path.join(task_dir, f"{name}.jsonl")
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(task_dir, f"{name}.yaml"), "w") as f:
+        f.write(task_yaml(name, data, body))
     return task_dir
