@@ -79,7 +79,7 @@ setup(
     name="megatron_zero",
     version="0.1.0",
     description="Zero-shot vision encoder grafting via LLM surrogates, on megatron-core",
-    packages=find_packages(include=["megatron_zero", "megatron_zero.*"]),
+    packages=find_packages(include=["megatron_zero", "megatron_zero.*", "megatron_zero_dev", "megatron_zero_dev.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={"gpu": GPU, "dev": DEV, "dali-cpu": DALI_CPU, "eval": EVAL},
