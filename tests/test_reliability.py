@@ -65,7 +65,7 @@ def n_metrics(path):
 
 def processes_mentioning(text):
     """PIDs of live processes whose command line contains ``text`` (orphaned ranks)."""
-    from megatron_zero.reliability import pids_mentioning
+    from megatron_zero_dev.reliability import pids_mentioning
 
     return pids_mentioning(text)
 
@@ -324,7 +324,7 @@ def test_bad_images_drop_their_sample_replaced_by_the_next(tmp_path):
 def test_bad_inputs_give_one_line_errors(tmp_path):
     """The bad inputs of tools/reliability.py, through the real entry points: each exits non-zero with one
     ``error:`` line naming what was wrong, no traceback and no usage dump."""
-    from megatron_zero import reliability
+    from megatron_zero_dev import reliability
 
     wanted = {"train-iters 0", "non-UTF-8 text data", "token ids beyond the vocabulary", "--save is a file",
               "generate --batch-size 0", "convert TP 0", "graft missing encoder",

@@ -11,7 +11,7 @@ resumed to the end and its losses compared with an uninterrupted run of the same
 
 Figures: trials, exact resumes (every iteration's loss equal to the reference), steps lost (iterations
 re-computed after the resume), exit codes as documented (75 for a signal through our launcher), bad inputs tried,
-clear errors (non-zero exit, one ``error:`` line, no traceback), tracebacks. The trials are :mod:`megatron_zero.reliability`.
+clear errors (non-zero exit, one ``error:`` line, no traceback), tracebacks. The trials are :mod:`megatron_zero_dev.reliability`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(argv=None) -> int:
-    from megatron_zero.reliability import run_trials
+    from megatron_zero_dev.reliability import run_trials
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=6)
