@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Import the authors' released checkpoints (facebookresearch/zero ``.pth``) -- see
-:mod:`megatron_zero.checkpointing.zero_import` for the file layout and the name mapping.
+:mod:`megatron_zero.zero_import` for the file layout and the name mapping.
 
 The 70B encoder (trained on the surrogate of Llama-3.1-70B-Instruct with ``translators_range = range(40, 79)``)::
 
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    from megatron_zero.checkpointing import zero_import
+    from megatron_zero import zero_import
     from megatron_zero.checkpointing.hf_reader import CheckpointFormatError
     from megatron_zero.checkpointing.hf_writer import SaveDirError
     from megatron_zero.checkpointing.vlm_checkpoint import VLMCheckpointError
