@@ -86,8 +86,25 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--checkpoint-verify", choices=["hash", "size"], default="hash",
                    help="on resume, check every checkpoint file against the SHA-256 (hash) or only the size "
                         "(size: for huge checkpoints) recorded when it was saved")
+    add_checkpoint_timing_args(g)
     g.add_argument("--tensorboard-dir", default=None)
     return parser
+
+
+def add_checkpoint_timing_args(g) -> None:
+    """How and when checkpoints are written (Megatron-LM's names): background saves, trainable-only saves,
+    walltime-aware exit."""
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background while training continues (megatron-core's asynchronous "
+                        "dist_checkpointing); a checkpoint is published (COMPLETE, latest marker) only once durable")
+    g.add_argument("--save-frozen", action="store_true",
+                   help="save frozen parameters too (full checkpoints); by default a run with frozen parameters "
+                        "saves only what trains and references the frozen base by its identity")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save a checkpoint and exit 75 (resumable) once the run has lasted this many minutes "
+                        "(set it below the job's walltime; no signal needed)")
+    g.add_argument("--save-interval-minutes", type=float, default=None,
+                   help="also save whenever this many minutes have passed since the last save")
 
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size: Optional[int] = None) -> None:
@@ -96,6 +113,9 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace, wor
                  "log_interval"):
         if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    for flag in ("exit_duration_in_mins", "save_interval_minutes"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     for flag in ("global_batch_size", "train_iters", "save_interval", "keep_last_checkpoints"):
         if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

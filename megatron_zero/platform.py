@@ -233,7 +233,7 @@ def _patch_distributed_optimizer_reshardable_load() -> None:
     restores (the count lives in the param groups) but ``_set_main_param_and_optimizer_states`` copies every
     state key of the destination, so loading died with ``KeyError: 'step'``. Keys the checkpoint does not carry
     are left as they are (``step`` is then set from the param group after the load, see
-    ``megatron_zero.training.checkpoint``).
+    ``megatron_zero.checkpointing.training_checkpoint``).
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 

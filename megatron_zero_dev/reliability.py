@@ -75,7 +75,7 @@ def pids_mentioning(text: str) -> list[int]:
 
 def latest(save: str):
     sys.path.insert(0, REPO)
-    from megatron_zero.training.checkpoint import latest_iteration
+    from megatron_zero.checkpointing.run_dir import latest_iteration
 
     return latest_iteration(save)
 

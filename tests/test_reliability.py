@@ -128,7 +128,7 @@ def test_preemption_signals_to_the_launcher_then_exact_resume(tmp_path):
     assert "stopped early" in out and "resumable" in out
     rc2, out2, err2 = second_run["result"]
     assert_one_line_error(rc2, out2, err2, f"--save {ckpt}", "in use by another run")
-    from megatron_zero.training.checkpoint import latest_iteration
+    from megatron_zero.checkpointing.run_dir import latest_iteration
 
     stops = [latest_iteration(str(ckpt))]
     assert stops[0] is not None and stops[0] >= 2
@@ -166,7 +166,7 @@ def test_preemption_signals_to_the_launcher_then_exact_resume(tmp_path):
 def test_save_dir_safety_and_damaged_checkpoints(tmp_path):
     """A used --save is refused (or --overwrite), a --load typo warned about; damaged checkpoints and a changed
     architecture are refused in one line; an interrupted save/prune leaves nothing loadable and is cleaned up."""
-    from megatron_zero.training import checkpoint as ckpt
+    from megatron_zero.checkpointing import run_dir as ckpt
 
     base = single() + LM + TINY + DISTOPT
     d = tmp_path / "run"
@@ -234,7 +234,7 @@ def test_save_dir_safety_and_damaged_checkpoints(tmp_path):
 
 
 def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
-    from megatron_zero.training import checkpoint as ckpt
+    from megatron_zero.checkpointing import run_dir as ckpt
 
     for it in (15, 20, 5):
         os.makedirs(tmp_path / f"iter_{it:07d}")
@@ -261,7 +261,7 @@ def test_resume_at_another_layout_continues_the_loss_curve(tmp_path):
     assert sorted(want) == [1, 2, 3, 4, 5, 6]
     tp2 = tmp_path / "tp2"  # the run as it stood after iteration 3
     shutil.copytree(run_dir, tp2, ignore=shutil.ignore_patterns("iter_0000006", ".lock"))
-    from megatron_zero.training.checkpoint import latest_iteration
+    from megatron_zero.checkpointing.run_dir import latest_iteration
 
     assert latest_iteration(str(tp2)) == 3
     got = tmp_path / "dp2.jsonl"

@@ -22,7 +22,7 @@ def kinds(tmp_path_factory):
     from megatron_zero.parallel import sharding
     from megatron_zero.parallel.initialize import initialize_parallel
     from megatron_zero.surrogate import build_hf_surrogate
-    from megatron_zero.training import checkpoint as training_checkpoint
+    from megatron_zero.checkpointing import training_checkpoint
     from megatron_zero.training.pretrain_vlm import export
     from tests.test_hf_llava import _vlm_checkpoint
 
@@ -137,7 +137,7 @@ def _fresh_weights(model):
 
 
 def test_every_decoder_form_loads_the_same_weights(kinds):
-    from megatron_zero.checkpointing.resolve import decoder_source, encoder_source, iter_decoder_canonical, load_vlm
+    from megatron_zero.checkpointing.sources import decoder_source, encoder_source, iter_decoder_canonical, load_vlm
     from megatron_zero.models.llama import RuntimeOptions, build_llama_model
     from megatron_zero.parallel import sharding
 

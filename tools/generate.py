@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from megatron_zero.checkpointing.resolve import VLM_KINDS, load_vlm, resolve_checkpoint
+    from megatron_zero.checkpointing.resolve import VLM_KINDS, resolve_checkpoint
+    from megatron_zero.checkpointing.sources import load_vlm
     from megatron_zero.data.chat_template import chat_template_for
     from megatron_zero.data.tokenizers import load_tokenizer
     from megatron_zero.inference.generate import SamplingOptions

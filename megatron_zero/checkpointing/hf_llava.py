@@ -90,7 +90,8 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
     from megatron_zero.checkpointing.hf_writer import (ShardedSafetensorsWriter, atomic_directory, check_save_dir,
                                                        copy_tokenizer_files, write_config)
     from megatron_zero.checkpointing.hf_llava_processor import write_hf_processor_files
-    from megatron_zero.checkpointing.resolve import VLM_KINDS, iter_decoder_canonical, resolve_checkpoint
+    from megatron_zero.checkpointing.resolve import VLM_KINDS, resolve_checkpoint
+    from megatron_zero.checkpointing.sources import iter_decoder_canonical
     from megatron_zero.checkpointing.vlm_checkpoint import load_image_encoder
     from megatron_zero.parallel.initialize import init_process_group
 

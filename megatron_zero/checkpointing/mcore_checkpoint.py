@@ -30,18 +30,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_zero.checkpointing.hf_writer import check_save_dir, copy_tokenizer_files, publish, temp_dir_for
+from megatron_zero.checkpointing.run_dir import CheckpointError
 from megatron_zero.models.llama_config import LlamaConfig
 from megatron_zero.parallel.sharding import TE_NORM_ALIASES, VOCAB_KEYS
-from megatron_zero.errors import UserError
 
 FORMAT_VERSION = 1
 META_FILE = "checkpoint_meta.json"
 CONFIG_FILE = "model_config.json"
 _STACKED_LAYERS = "decoder.layers."
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint directory that is missing, incomplete, or of another format/model."""
 
 
 def _rank() -> int:
@@ -80,8 +76,9 @@ def _sharded(model) -> dict:
     return _weights_only(MegatronModule.sharded_state_dict(model))
 
 
-def dist_save(sharded_state_dict: dict, path: str) -> None:
-    """``dist_checkpointing.save`` (torch_dist) without the per-process ``spawn`` helper megatron-core starts.
+def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = False):
+    """``dist_checkpointing.save`` (torch_dist) without the per-process ``spawn`` helper megatron-core starts;
+    with ``async_sharded_save`` its ``AsyncRequest`` (the write, to be scheduled) is returned.
 
     megatron-core collects its writer processes' results through a ``multiprocessing`` Manager queue created with
     the ``spawn`` start method: a fresh interpreter per saving process that imports torch to unpickle the results
@@ -95,7 +92,7 @@ def dist_save(sharded_state_dict: dict, path: str) -> None:
 
     if getattr(filesystem_async, "_results_queue", "absent") is None:  # not created yet in this process
         filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
-    dist_checkpointing.save(sharded_state_dict, path)
+    return dist_checkpointing.save(sharded_state_dict, path, async_sharded_save=async_sharded_save)
 
 
 def model_sharded_state_dict(chunks: list) -> dict[str, Any]:

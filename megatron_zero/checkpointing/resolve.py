@@ -22,20 +22,20 @@ A surrogate is an ``hf-llama`` or ``mcore-llama`` whose config records surrogate
 (``ResolvedCheckpoint.is_surrogate``). A path that is none of these is refused with one line naming the flag,
 the path and every kind that was expected.
 
-Loaders: :func:`decoder_source` / :func:`encoder_source` (weights into built model chunks, any TP/PP),
-:func:`iter_decoder_canonical` (canonical decoder tensors streamed without a model).
+This module only classifies; the loaders (weights into built model chunks at any TP/PP, canonical tensors
+streamed without a model) are in :mod:`megatron_zero.checkpointing.sources`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
-import torch
 
+from megatron_zero.checkpointing import run_dir
+from megatron_zero.checkpointing.run_dir import EXPORT_DIR, MODEL_CONFIG as _MODEL_CONFIG
 from megatron_zero.errors import UserError
-from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
 from megatron_zero.models.vlm import VLM_CONFIG_FILE, VLMConfig
 
@@ -52,10 +52,7 @@ KINDS = {
 DECODER_KINDS = ("hf-llama", "mcore-llama", "vlm", "training-export", "training-run")
 ENCODER_KINDS = ("image-encoder", "vlm", "training-export", "training-run")
 VLM_KINDS = ("vlm", "training-export", "training-run")
-EXPORT_DIR = "export"
-RUN_LATEST = "latest_checkpointed_iteration.txt"
 _META = "checkpoint_meta.json"
-_MODEL_CONFIG = "model_config.json"
 
 
 class CheckpointResolveError(UserError, ValueError):
@@ -160,20 +157,13 @@ def _vlm(path: str, given: str, kind_hint: Optional[str] = None, **extra) -> Res
 
 
 def is_training_run(path: str) -> bool:
-    """``path`` looks like a training run's ``--save`` directory (any ``iter_*`` or the latest marker)."""
-    if not os.path.isdir(path):
-        return False
-    if os.path.isfile(os.path.join(path, EXPORT_DIR, VLM_CONFIG_FILE)):
-        return True
-    return os.path.isfile(os.path.join(path, RUN_LATEST)) or any(
-        n.startswith("iter_") and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+    """``path`` looks like a training run's ``--save`` directory (an export, any ``iter_*`` or the latest marker)."""
+    return run_dir.is_training_run(path, VLM_CONFIG_FILE)
 
 
 def _training_run(path: str, flag: str) -> ResolvedCheckpoint:
-    from megatron_zero.training.checkpoint import iter_dir, latest_iteration
-
-    iteration = latest_iteration(path)
-    export = os.path.join(path, EXPORT_DIR)
+    iteration = run_dir.latest_iteration(path)
+    export = run_dir.export_dir(path)
     if os.path.isfile(os.path.join(export, VLM_CONFIG_FILE)):
         return _vlm(export, path, "training-run", run_dir=path, iteration=iteration)
     model_cfg = os.path.join(path, _MODEL_CONFIG)
@@ -184,7 +174,7 @@ def _training_run(path: str, flag: str) -> ResolvedCheckpoint:
         raise CheckpointResolveError(
             f"{flag} {path}: a training run without {EXPORT_DIR}/ (pretrain_vlm writes it when the run ends) or "
             f"{_MODEL_CONFIG}: resume it with --load {path} to finish, or pass its {EXPORT_DIR}/ once written")
-    root = iter_dir(path, iteration)
+    root = run_dir.iter_dir(path, iteration)
     cfg = LlamaConfig.load(model_cfg)
     return ResolvedCheckpoint("training-run", path, root, DecoderFiles("training", root, cfg),
                               tokenizer_dir=_tokenizer_dir(path), run_dir=path, iteration=iteration)
@@ -249,89 +239,6 @@ def resolve_checkpoint(path: str, flag: str = "--load", accept: Optional[Iterabl
     return ckpt
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Loaders
-# ---------------------------------------------------------------------------------------------------------
-def _load_training_weights(chunks: list, iteration_dir: str) -> None:
-    """The model weights of a training checkpoint (``iter_*``) into ``chunks``, at any TP/PP (optimizer state and
-    RNG are left alone: this starts from the weights, it does not resume)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_zero.checkpointing import mcore_checkpoint
-
-    loaded = dist_checkpointing.load(mcore_checkpoint.model_sharded_state_dict(chunks), iteration_dir)
-    for i, chunk in enumerate(chunks):
-        state = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
-        model = chunk
-        while hasattr(model, "module"):
-            model = model.module
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise CheckpointResolveError(f"{iteration_dir}: training checkpoint does not fit the model (missing "
-                                         f"{missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def decoder_source(ckpt: ResolvedCheckpoint):
-    """A :class:`~megatron_zero.checkpointing.sources.DecoderSource` for the checkpoint's decoder."""
-    from megatron_zero.checkpointing.sources import DecoderSource
-
-    d = ckpt.decoder
-    if d is None:
-        raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no decoder")
-    if d.format == "hf":
-        from megatron_zero.checkpointing.vlm_checkpoint import HFDecoder
-
-        return DecoderSource(d.cfg, "canonical", HFDecoder(d.path).canonical_getter(), d.path)
-    return DecoderSource(d.cfg, d.format, None, d.path)
-
-
-def encoder_source(ckpt: ResolvedCheckpoint, feature_convention: str = "zero"):
-    """An :class:`~megatron_zero.checkpointing.sources.EncoderSource` for the checkpoint's image encoder (an HF
-    CLIP directory gives the vision tower only: ``partial``)."""
-    from megatron_zero.checkpointing.sources import EncoderSource
-
-    if ckpt.encoder_dir is not None:
-        from megatron_zero.checkpointing.vlm_checkpoint import load_image_encoder
-
-        meta, tensors = load_image_encoder(ckpt.encoder_dir)
-        return EncoderSource(ClipVisionConfig.from_dict(meta["vision"]), tensors, meta["image_token_id"],
-                             ckpt.encoder_dir)
-    if ckpt.clip_dir is not None:
-        from megatron_zero.checkpointing import hf_clip
-        from megatron_zero.checkpointing.hf_reader import HFCheckpoint
-
-        reader = HFCheckpoint(ckpt.clip_dir)
-        hf_cfg = reader.config.get("vision_config", reader.config)  # a full CLIPModel config nests the tower's
-        vision = ClipVisionConfig.from_hf_config(hf_cfg, feature_convention,
-                                                 name=os.path.basename(ckpt.clip_dir.rstrip("/")))
-        getter = hf_clip.canonical_getter(reader.get, vision, hf_clip.detect_prefix(reader.weight_map.keys()))
-        tensors = {k: getter(k) for k in hf_clip.canonical_keys(vision)}
-        return EncoderSource(vision, tensors, None, ckpt.clip_dir, partial=True)
-    raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no image encoder")
-
-
-def iter_decoder_canonical(ckpt: ResolvedCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    """The decoder's canonical tensors one at a time, without building a model (torch_dist reads are collective:
-    ``torch.distributed`` must be initialised, a world of one is enough)."""
-    from megatron_zero.checkpointing import hf_llama, mcore_checkpoint
-
-    d = ckpt.decoder
-    if d is None:
-        raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no decoder")
-    if d.format == "hf":
-        from megatron_zero.checkpointing.vlm_checkpoint import HFDecoder
-
-        get = HFDecoder(d.path).canonical_getter()
-        for key in hf_llama.canonical_keys(d.cfg):
-            yield key, get(key)
-    elif d.format == "mcore":
-        yield from mcore_checkpoint.iter_llama_canonical(d.path, d.cfg)
-    else:
-        raise CheckpointResolveError(f"{ckpt.path}: streaming the decoder of a training checkpoint is not supported; "
-                                     f"load it into a model (decoder_source) or convert its export")
-
-
 def conversion_source(path: str, source_format: str, model_type: str = "llama", flag: str = "--load-dir") -> str:
     """The directory ``tools/convert_checkpoint.py`` reads for ``--source-format``/``--model-type``: ``path`` itself
     for a checkpoint of that format, or the decoder inside a training export or run (``--source-format mcore``)."""
@@ -344,20 +251,6 @@ def conversion_source(path: str, source_format: str, model_type: str = "llama", 
                                          f"checkpoint; expected " + "; or ".join(KINDS[k] for k in accept))
         return ckpt.decoder.path
     return ckpt.root
-
-
-def load_vlm(ckpt: ResolvedCheckpoint, opts=None):
-    """This rank's VLM chunk (parallel state initialised, one pipeline stage) built without random init from
-    ``opts`` (a ``RuntimeOptions``) and loaded with the checkpoint's encoder and decoder."""
-    from megatron_zero.models.llama import RuntimeOptions
-    from megatron_zero.models.vlm import build_vlm
-
-    if ckpt.vlm_config is None:
-        raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} is not a VLM")
-    model = build_vlm(ckpt.vlm_config, dataclasses.replace(opts or RuntimeOptions(), initialize_weights=False))
-    decoder_source(ckpt).load_into([model])
-    encoder_source(ckpt).load_into([model])
-    return model
 
 
 def check_resume_dir(path: Optional[str], flag: str = "--load") -> None:

@@ -1,4 +1,8 @@
-"""Where a training run's initial weights come from: one function per part, anything the resolver reads.
+"""Loading any checkpoint the resolver classifies (:mod:`megatron_zero.checkpointing.resolve`), and where a
+training run's initial weights come from: one function per part.
+
+Loaders: :func:`decoder_source` / :func:`encoder_source` (weights into built model chunks, any TP/PP),
+:func:`iter_decoder_canonical` (canonical decoder tensors streamed without a model), :func:`load_vlm`.
 
 Decoder (``--decoder-load``): anything :func:`megatron_zero.checkpointing.resolve.resolve_checkpoint` finds a
 decoder in -- an HF Llama directory (target or surrogate), a megatron_zero ``torch_dist`` model checkpoint, a VLM
@@ -11,12 +15,13 @@ embeddings start fresh).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+import os
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from megatron_zero.checkpointing.resolve import (
-    DECODER_KINDS, ENCODER_KINDS, VLM_KINDS, CheckpointResolveError, resolve_checkpoint,
+    DECODER_KINDS, ENCODER_KINDS, CheckpointResolveError, ResolvedCheckpoint, resolve_checkpoint,
 )
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
@@ -33,15 +38,6 @@ def _resolve(path: str, flag: str, accept):
         raise
     except ValueError as e:  # unrecognised, or a malformed file of a recognised kind
         raise WeightSourceError(str(e)) from None
-
-
-def vlm_checkpoint_dir(path: str) -> Optional[str]:
-    """The directory holding the VLM checkpoint ``path`` names (itself, or a training run's ``export/``), or None."""
-    try:
-        ckpt = resolve_checkpoint(path, accept=VLM_KINDS)
-    except ValueError:
-        return None
-    return ckpt.root
 
 
 @dataclasses.dataclass
@@ -65,8 +61,6 @@ class DecoderSource:
             mcore_checkpoint.load_model(decoders, self.path, skip=skip)
             return
         if self.kind == "training":
-            from megatron_zero.checkpointing.resolve import _load_training_weights
-
             _load_training_weights(decoders, self.path)
             return
         for d in decoders:
@@ -75,8 +69,6 @@ class DecoderSource:
 
 
 def resolve_decoder(path: str, flag: str = "--decoder-load") -> DecoderSource:
-    from megatron_zero.checkpointing.resolve import decoder_source
-
     return decoder_source(_resolve(path, flag, DECODER_KINDS))
 
 
@@ -113,7 +105,6 @@ class EncoderSource:
 
 def resolve_encoder(path: Optional[str], vision_preset: Optional[str] = None, feature_convention: str = "zero",
                     flag: str = "--encoder-load") -> EncoderSource:
-    from megatron_zero.checkpointing.resolve import encoder_source
     from megatron_zero.models.clip_vit import get_vision_preset
 
     if path is None:
@@ -128,3 +119,93 @@ def resolve_encoder(path: Optional[str], vision_preset: Optional[str] = None, fe
         raise
     except ValueError as e:
         raise WeightSourceError(f"{flag} {path}: {e}") from None
+
+
+def _load_training_weights(chunks: list, iteration_dir: str) -> None:
+    """The model weights of a training checkpoint (``iter_*``) into ``chunks``, at any TP/PP (optimizer state and
+    RNG are left alone: this starts from the weights, it does not resume)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_zero.checkpointing import mcore_checkpoint
+
+    loaded = dist_checkpointing.load(mcore_checkpoint.model_sharded_state_dict(chunks), iteration_dir)
+    for i, chunk in enumerate(chunks):
+        state = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
+        model = chunk
+        while hasattr(model, "module"):
+            model = model.module
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointResolveError(f"{iteration_dir}: training checkpoint does not fit the model (missing "
+                                         f"{missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def decoder_source(ckpt: ResolvedCheckpoint):
+    """A :class:`~megatron_zero.checkpointing.sources.DecoderSource` for the checkpoint's decoder."""
+    d = ckpt.decoder
+    if d is None:
+        raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no decoder")
+    if d.format == "hf":
+        from megatron_zero.checkpointing.vlm_checkpoint import HFDecoder
+
+        return DecoderSource(d.cfg, "canonical", HFDecoder(d.path).canonical_getter(), d.path)
+    return DecoderSource(d.cfg, d.format, None, d.path)
+
+
+def encoder_source(ckpt: ResolvedCheckpoint, feature_convention: str = "zero"):
+    """An :class:`~megatron_zero.checkpointing.sources.EncoderSource` for the checkpoint's image encoder (an HF
+    CLIP directory gives the vision tower only: ``partial``)."""
+    if ckpt.encoder_dir is not None:
+        from megatron_zero.checkpointing.vlm_checkpoint import load_image_encoder
+
+        meta, tensors = load_image_encoder(ckpt.encoder_dir)
+        return EncoderSource(ClipVisionConfig.from_dict(meta["vision"]), tensors, meta["image_token_id"],
+                             ckpt.encoder_dir)
+    if ckpt.clip_dir is not None:
+        from megatron_zero.checkpointing import hf_clip
+        from megatron_zero.checkpointing.hf_reader import HFCheckpoint
+
+        reader = HFCheckpoint(ckpt.clip_dir)
+        hf_cfg = reader.config.get("vision_config", reader.config)  # a full CLIPModel config nests the tower's
+        vision = ClipVisionConfig.from_hf_config(hf_cfg, feature_convention,
+                                                 name=os.path.basename(ckpt.clip_dir.rstrip("/")))
+        getter = hf_clip.canonical_getter(reader.get, vision, hf_clip.detect_prefix(reader.weight_map.keys()))
+        tensors = {k: getter(k) for k in hf_clip.canonical_keys(vision)}
+        return EncoderSource(vision, tensors, None, ckpt.clip_dir, partial=True)
+    raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no image encoder")
+
+
+def iter_decoder_canonical(ckpt: ResolvedCheckpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    """The decoder's canonical tensors one at a time, without building a model (torch_dist reads are collective:
+    ``torch.distributed`` must be initialised, a world of one is enough)."""
+    from megatron_zero.checkpointing import hf_llama, mcore_checkpoint
+
+    d = ckpt.decoder
+    if d is None:
+        raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no decoder")
+    if d.format == "hf":
+        from megatron_zero.checkpointing.vlm_checkpoint import HFDecoder
+
+        get = HFDecoder(d.path).canonical_getter()
+        for key in hf_llama.canonical_keys(d.cfg):
+            yield key, get(key)
+    elif d.format == "mcore":
+        yield from mcore_checkpoint.iter_llama_canonical(d.path, d.cfg)
+    else:
+        raise CheckpointResolveError(f"{ckpt.path}: streaming the decoder of a training checkpoint is not supported; "
+                                     f"load it into a model (decoder_source) or convert its export")
+
+
+def load_vlm(ckpt: ResolvedCheckpoint, opts=None):
+    """This rank's VLM chunk (parallel state initialised, one pipeline stage) built without random init from
+    ``opts`` (a ``RuntimeOptions``) and loaded with the checkpoint's encoder and decoder."""
+    from megatron_zero.models.llama import RuntimeOptions
+    from megatron_zero.models.vlm import build_vlm
+
+    if ckpt.vlm_config is None:
+        raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} is not a VLM")
+    model = build_vlm(ckpt.vlm_config, dataclasses.replace(opts or RuntimeOptions(), initialize_weights=False))
+    decoder_source(ckpt).load_into([model])
+    encoder_source(ckpt).load_into([model])
+    return model

@@ -1,49 +1,40 @@
 """Training checkpoints: model + optimizer + scheduler + RNG + data position, resumable exactly.
 
-Layout (megatron-core ``torch_dist`` via ``dist_checkpointing``)::
+Written with megatron-core ``dist_checkpointing`` (``torch_dist``) into a run directory
+(:mod:`megatron_zero.checkpointing.run_dir`: layout, lock, ``COMPLETE`` manifest, latest marker, pruning)::
 
     <save>/iter_0000100/           model and optimizer shards, common state (iteration, scheduler, data position)
     <save>/iter_0000100/rng/rank_00003.pt   per-rank RNG states (and optimizer_rank_*.pt: plain-optimizer state)
-    <save>/iter_0000100/COMPLETE   written last: a directory without it is never loaded
-    <save>/latest_checkpointed_iteration.txt
+    <save>/iter_0000100/COMPLETE   written last, once every file is durable: a directory without it is never loaded
 
-Writes go to ``iter_XXXXXXX.tmp`` and are renamed into place once every rank has finished, so an
-interrupted save leaves nothing that looks complete; only the newest ``keep_last`` complete checkpoints are
-kept, and never the one just written is pruned (pruning renames to ``*.deleting`` first, so an interrupted
-pruning leaves nothing loadable behind; leftovers are removed by the next run). Every file is fsynced (by the
-rank that wrote it) before ``COMPLETE`` is written and the directory renamed, so the atomicity also covers
-the loss of a node.
+Writes go to ``iter_XXXXXXX.tmp``, which is renamed into place once every rank has written, hashed and fsynced
+its files. With ``async_save`` the shards are written by a background process (megatron-core's asynchronous
+``dist_checkpointing``: a forked writer per rank, which then hashes and fsyncs what it wrote) while training
+continues; :func:`finalize_async_save` (called by the loop after every step, collectively) publishes the
+checkpoint once the write is done on every rank, and :func:`wait_for_async_save` blocks until then (before the
+next save, on preemption, at the end of training). A kill at any moment leaves no loadable incomplete checkpoint.
 
-``COMPLETE`` is a JSON manifest: iteration, the size and SHA-256 of every file (hashed by the ranks that
-wrote them, in parallel), the architecture (``model_config``) and the parallel layout. On load the files are
-verified against it (``--checkpoint-verify size`` checks sizes only, for huge checkpoints, and says so), the
-architecture must match the run's, and every piece of state (per-rank RNG, optimizer) must be present.
-
-:func:`prepare_save_dir` (called before anything is built) takes a lock on ``--save`` so two runs cannot write
-one directory, refuses to start from scratch into a directory holding another run's checkpoints (unless
-``--overwrite``, or resuming from it), and warns when ``--load`` does not exist.
+On load the files are verified against the manifest, the architecture must match the run's, and every piece of
+state (per-rank RNG, optimizer) must be present; the parallel layout may change where the optimizer state can
+follow (:func:`check_layout`).
 """
 from __future__ import annotations
 
-import hashlib
+import functools
 import json
 import os
 import random
-import re
-import shutil
-import socket
-import sys
-import time
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_zero.training.optimizer import unwrap
-from megatron_zero.errors import UserError
+from megatron_zero.checkpointing import run_dir
+from megatron_zero.checkpointing.run_dir import (
+    COMPLETE, CheckpointError, iter_dir, latest_iteration, rank as _rank, read_manifest, verify_files, warn as _warn,
+)
 
-COMPLETE = "COMPLETE"
 # The distributed optimizer's state is saved in megatron-core's ``fully_reshardable`` format (model-space tensors,
 # gathered over DP on save, sliced per rank on load), so a run resumes at any TP/PP/DP (the CPU/torch-Adam failure
 # of its loader is fixed in ``platform.install_cpu_compat``). A plain optimizer's state_dict is saved per rank with
@@ -71,261 +62,6 @@ def optimizer_sharding_type(optimizer, model_chunks=None) -> str:
     kind = OPTIMIZER_METADATA["distrib_optim_sharding_type"] if float(local) > 0 else "dp_reshardable"
     optimizer._megatron_zero_sharding = kind
     return kind
-LATEST = "latest_checkpointed_iteration.txt"
-LOCK = ".lock"
-MANIFEST_VERSION = 1
-_HASH_CHUNK = 16 << 20
-_lock_file = None  # the open, flock-ed lock of this process's --save directory (released when it exits)
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint directory that cannot be resumed from."""
-
-
-def iter_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def complete_iterations(root: str) -> list[int]:
-    """Iterations with a complete checkpoint under ``root``, oldest first."""
-    if not os.path.isdir(root):
-        return []
-    out = []
-    for name in os.listdir(root):
-        if name.startswith("iter_") and name[5:].isdigit():
-            if os.path.exists(os.path.join(root, name, COMPLETE)):
-                out.append(int(name[5:]))
-    return sorted(out)
-
-
-def _warn(message: str) -> None:
-    if _rank() == 0 and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _same_dir(a: Optional[str], b: Optional[str]) -> bool:
-    return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
-
-
-def _fsync_dir(path: str) -> None:
-    from megatron_zero.checkpointing.hf_writer import fsync_dir
-
-    fsync_dir(path)
-
-
-def _remove_tree(path: str) -> None:
-    """Delete a checkpoint directory so that an interruption leaves nothing that looks complete: rename first."""
-    if not os.path.exists(path):
-        return
-    doomed = f"{path}.deleting"
-    shutil.rmtree(doomed, ignore_errors=True)
-    os.replace(path, doomed)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def prune(root: str, keep_last: int, just_written: int) -> list[int]:
-    """Delete complete checkpoints older than ``just_written`` beyond the newest ``keep_last`` (counting it);
-    never ``just_written`` itself, nor anything newer. Returns the pruned iterations."""
-    older = [it for it in complete_iterations(root) if it < just_written]
-    doomed = older[:max(len(older) - (keep_last - 1), 0)]
-    for it in doomed:
-        _remove_tree(iter_dir(root, it))
-    return doomed
-
-
-def remove_leftovers(root: str) -> list[str]:
-    """Remove what interrupted saves and prunings left under ``root`` (``iter_*.tmp``, ``*.deleting``, iteration
-    directories without ``COMPLETE``). Only call it while holding the directory's lock."""
-    removed = []
-    if not os.path.isdir(root):
-        return removed
-    for name in sorted(os.listdir(root)):
-        path = os.path.join(root, name)
-        if not name.startswith("iter_") or not os.path.isdir(path):
-            continue
-        stale = name.endswith((".tmp", ".deleting")) or (name[5:].isdigit()
-                                                         and not os.path.exists(os.path.join(path, COMPLETE)))
-        if stale:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(name)
-    return removed
-
-
-def acquire_lock(root: str) -> None:
-    """Hold an exclusive lock on ``root`` for the rest of this process (one process per run takes it)."""
-    global _lock_file
-    import fcntl
-
-    if _lock_file is not None and _same_dir(os.path.dirname(_lock_file.name), root):
-        return
-    path = os.path.join(root, LOCK)
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise CheckpointError(f"--save {root} is in use by another run ({holder}); two runs cannot write one "
-                              f"directory: wait for it to finish or choose another --save") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}"
-            + (f", SLURM job {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else "")
-            + f", since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    _lock_file = f
-
-
-def prepare_save_dir(save: Optional[str], load: Optional[str], overwrite: bool = False) -> bool:
-    """Check ``--save``/``--load`` before a run builds anything; returns whether it will resume from ``--load``.
-
-    On the process that owns the run's files (rank 0) this also takes the lock on ``--save`` and removes the
-    leftovers of interrupted saves. Every rank raises the same :class:`CheckpointError` for a refused layout.
-    """
-    resuming = bool(load) and latest_iteration(load) is not None
-    if load and not resuming:
-        if not os.path.exists(load):
-            _warn(f"--load {load} does not exist: starting from scratch")
-        elif not os.path.isdir(load):
-            raise CheckpointError(f"--load {load} is a file, expected a checkpoint directory")
-        else:
-            _warn(f"--load {load} holds no complete checkpoint (iter_*/{COMPLETE}): starting from scratch")
-    if not save:
-        return resuming
-    if os.path.exists(save) and not os.path.isdir(save):
-        raise CheckpointError(f"--save {save} is a file, expected a directory for checkpoints")
-    existing = complete_iterations(save)
-    owner = int(os.environ.get("RANK", "0") or 0) == 0
-    if existing and not (resuming and _same_dir(load, save)):
-        shown = ", ".join(str(i) for i in existing[-4:])
-        if not overwrite:
-            raise CheckpointError(
-                f"--save {save} already holds checkpoints of another run (iteration {shown}); resume it with "
-                f"--load {save}, choose another --save, or pass --overwrite to delete them and start "
-                + ("from --load" if resuming else "from scratch"))
-    if owner:
-        try:
-            os.makedirs(save, exist_ok=True)
-        except OSError as e:
-            raise CheckpointError(f"--save {save}: cannot create the directory ({e.strerror})") from None
-        acquire_lock(save)
-        if existing and overwrite and not (resuming and _same_dir(load, save)):
-            _warn(f"--overwrite: deleting the {len(existing)} checkpoint(s) of the previous run in {save}")
-            for it in existing:
-                _remove_tree(iter_dir(save, it))
-            for name in (LATEST, "model_config.json"):
-                if os.path.exists(os.path.join(save, name)):
-                    os.remove(os.path.join(save, name))
-        elif overwrite and resuming and _same_dir(load, save):
-            _warn(f"--overwrite ignored: resuming from {save}")
-        removed = remove_leftovers(save)
-        if removed:
-            _warn(f"removed leftovers of interrupted saves in {save}: {', '.join(removed)}")
-    return resuming
-
-
-# ---- manifest: sizes and hashes of every file, written into COMPLETE ----------------------------------------
-def _writer_rank(rel: str) -> int:
-    """The rank that wrote ``rel`` (dist_checkpointing's ``__<rank>_<n>.distcp``, our per-rank files; else 0)."""
-    m = re.match(r"__(\d+)_\d+\.distcp$", os.path.basename(rel)) or re.search(r"rank_(\d+)\.pt$", rel)
-    return int(m.group(1)) if m else 0
-
-
-def _files(path: str) -> list[str]:
-    out = []
-    for dirpath, _dirs, names in os.walk(path):
-        for n in names:
-            rel = os.path.relpath(os.path.join(dirpath, n), path)
-            if rel != COMPLETE:
-                out.append(rel)
-    return sorted(out)
-
-
-def _hash_file(path: str, fsync: bool = False) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_HASH_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            h.update(chunk)
-        if fsync:
-            os.fsync(f.fileno())
-    return size, h.hexdigest()
-
-
-def _gather(obj: Any) -> list:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _my_share(files: list[str]) -> list[str]:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return [f for f in files if _writer_rank(f) % world == _rank()]
-
-
-def _manifest_files(path: str) -> dict[str, list]:
-    """Every rank hashes and fsyncs the files it wrote; returns {relative path: [size, sha256]} on every rank."""
-    files = _files(path)
-    mine = {rel: list(_hash_file(os.path.join(path, rel), fsync=True)) for rel in _my_share(files)}
-    merged: dict[str, list] = {}
-    for part in _gather(mine):
-        merged.update(part)
-    return merged
-
-
-def read_manifest(path: str) -> dict[str, Any]:
-    """The COMPLETE marker of checkpoint directory ``path`` (an old plain-text marker gives ``{"iteration"}``)."""
-    with open(os.path.join(path, COMPLETE)) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict):
-        try:
-            return {"iteration": int(text.strip())}
-        except ValueError:
-            raise CheckpointError(f"--load {path}: damaged {COMPLETE} marker (neither a manifest nor an "
-                                  f"iteration number)") from None
-    return data
-
-
-def verify_files(path: str, manifest: dict[str, Any], mode: str = "hash") -> None:
-    """Check the files of ``path`` against its manifest (every rank checks a share; all raise the same error)."""
-    files = manifest.get("files")
-    if files is None:
-        _warn(f"--load {path}: the checkpoint records no checksums (written by an older version): not verified")
-        return
-    problems = []
-    for rel in _my_share(sorted(files)):
-        size, digest = files[rel]
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            problems.append(f"{rel} is missing")
-            continue
-        actual_size = os.path.getsize(full)
-        if actual_size != size:
-            problems.append(f"{rel} has {actual_size} bytes, expected {size}")
-        elif mode == "hash":
-            _, actual = _hash_file(full)
-            if actual != digest:
-                problems.append(f"{rel} fails its SHA-256 check")
-    problems = sorted(p for part in _gather(problems) for p in part)
-    if problems:
-        raise CheckpointError(f"--load {path}: the checkpoint is damaged ({'; '.join(problems[:5])}"
-                              f"{'; ...' if len(problems) > 5 else ''}); move it away to resume from an older one")
-    if mode != "hash":
-        _warn(f"--checkpoint-verify {mode}: {path} checked by file sizes only (no hashes)")
-
-
 def _arch_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(saved) | set(current)):
@@ -347,15 +83,6 @@ def check_architecture(path: str, saved: Optional[dict[str, Any]], current: Opti
         raise CheckpointError(f"--load {path}: the checkpoint's architecture differs from this run's --model "
                               f"({'; '.join(diffs[:6])}{'; ...' if len(diffs) > 6 else ''}); resume with the "
                               f"model the run was started with")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -381,10 +108,52 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def _model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
     if len(model_chunks) == 1:
-        return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
+        return {"model": _unwrap(model_chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
+
+
+_async_queue = None  # megatron-core's AsyncCallsQueue, created by the first asynchronous save
+
+
+def _write_then_hash(write_fn, tmp: str, me: int, world: int, *args, **kwargs) -> None:
+    """The background writer of an asynchronous save: megatron-core's write, then hash + fsync of this rank's
+    shards (so the main process only hashes the small files when it publishes). It dies with its rank."""
+    _die_with_parent()
+    write_fn(*args, **kwargs)
+    run_dir.hash_own_shards(tmp, me, world)
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+
+
+def _publish(root: str, iteration: int, tmp: str, manifest: dict[str, Any], keep_last: Optional[int]) -> None:
+    """Collective: every rank hashes + fsyncs what it wrote, then rank 0 publishes the checkpoint."""
+    files = run_dir.manifest_files(tmp)
+    if _rank() == 0:
+        run_dir.publish(root, iteration, tmp, {"files": files, **manifest}, keep_last)
+    run_dir.barrier()
+
+
+def _save_rank_state(tmp: str, optimizer) -> None:
+    """This rank's RNG state (and a plain optimizer's state), written synchronously after the shards' plan."""
+    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
+    if optimizer is not None and not _is_distributed(optimizer):
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "rng", f"optimizer_rank_{_rank():05d}.pt"))
 
 
 def save_checkpoint(
@@ -396,20 +165,18 @@ def save_checkpoint(
     extra: Optional[dict[str, Any]] = None,
     keep_last: Optional[int] = None,
     meta: Optional[dict[str, Any]] = None,
+    async_save: bool = False,
 ) -> str:
     """Save a complete, resumable checkpoint of ``iteration`` under ``root``; returns its directory.
 
-    ``meta`` (e.g. ``{"model_config": ..., "layout": ...}``) is recorded in the ``COMPLETE`` manifest.
+    ``meta`` (e.g. ``{"model_config": ...}``) is recorded in the ``COMPLETE`` manifest. With ``async_save`` the
+    shards are written in the background and the checkpoint is published later by :func:`finalize_async_save`
+    (a save still in flight is waited for first: one at a time).
     """
     from megatron_zero.checkpointing.mcore_checkpoint import dist_save
 
-    final = iter_dir(root, iteration)
-    tmp = final + ".tmp"
-    if _rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)  # empty: megatron warns "Overwriting old incomplete / corrupted checkpoint" otherwise
-    _barrier()
+    wait_for_async_save()
+    tmp = run_dir.begin(root, iteration)
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None and _is_distributed(optimizer):
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -419,43 +186,42 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "extra": extra or {},
     }
-    dist_save(state, tmp)
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{_rank():05d}.pt"))
-    if optimizer is not None and not _is_distributed(optimizer):
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "rng", f"optimizer_rank_{_rank():05d}.pt"))
-    _barrier()
-    files = _manifest_files(tmp)  # every rank hashes + fsyncs what it wrote
-    if _rank() == 0:
-        manifest = {"version": MANIFEST_VERSION, "iteration": iteration, "files": files,
-                    "layout": current_layout(optimizer), **(meta or {})}
-        for d in (os.path.join(tmp, "rng"), tmp):
-            _fsync_dir(d)
-        with open(os.path.join(tmp, COMPLETE), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if os.path.exists(final):
-            _remove_tree(final)
-        os.replace(tmp, final)
-        latest_tmp = os.path.join(root, LATEST + ".tmp")
-        with open(latest_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(latest_tmp, os.path.join(root, LATEST))
-        _fsync_dir(root)
-        if keep_last:
-            prune(root, keep_last, iteration)
-    _barrier()
-    return final
+    manifest = {"layout": current_layout(optimizer), **(meta or {})}
+    if not async_save:
+        dist_save(state, tmp)
+        _save_rank_state(tmp, optimizer)
+        run_dir.barrier()
+        _publish(root, iteration, tmp, manifest, keep_last)
+        return iter_dir(root, iteration)
+    global _async_queue
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    request = dist_save(state, tmp, async_sharded_save=True)
+    _save_rank_state(tmp, optimizer)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    request = request._replace(async_fn=functools.partial(_write_then_hash, request.async_fn, tmp, _rank(), world))
+    request.add_finalize_fn(functools.partial(_publish, root, iteration, tmp, manifest, keep_last))
+    if _async_queue is None:
+        _async_queue = AsyncCallsQueue()
+    _async_queue.schedule_async_request(request)
+    return iter_dir(root, iteration)
 
 
-def latest_iteration(root: str) -> Optional[int]:
-    """The newest complete iteration under ``root`` (the ``latest`` file is only a hint)."""
-    done = complete_iterations(root)
-    return done[-1] if done else None
+def async_save_in_flight() -> bool:
+    return _async_queue is not None and _async_queue.get_num_unfinalized_calls() > 0
+
+
+def finalize_async_save(blocking: bool = False) -> bool:
+    """Publish an asynchronous save whose write has finished on every rank (collective: call it on every rank at
+    the same point); ``blocking`` waits for it. Returns whether a checkpoint was published."""
+    if not async_save_in_flight():
+        return False
+    return bool(_async_queue.maybe_finalize_async_calls(blocking=blocking))
+
+
+def wait_for_async_save() -> bool:
+    """Block until an asynchronous save in flight is durable and published (collective)."""
+    return finalize_async_save(blocking=True)
 
 
 def _is_distributed(optimizer) -> bool:
@@ -612,10 +378,10 @@ def load_checkpoint(
         raise CheckpointError(f"--load {path}: cannot be loaded into this model ({type(e).__name__}: "
                               f"{first[:300]})") from e
     if len(model_chunks) == 1:
-        unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
     else:
         for i, m in enumerate(model_chunks):
-            unwrap(m).load_state_dict(loaded[f"model{i}"])
+            _unwrap(m).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None and _is_distributed(optimizer):
         with torch.no_grad():  # fp32 main params are views of the (leaf) model params
             optimizer.load_state_dict(loaded["optimizer"])

@@ -100,7 +100,8 @@ class VLMEvaluator:
     def __init__(self, load: str, tp: int = 1, dtype: str = "fp32", tokenizer: Optional[str] = None,
                  chat_family: Optional[str] = None, yes_words: Sequence[str] = ("yes", "Yes"),
                  no_words: Sequence[str] = ("no", "No"), seed: int = 1234, prompt_format: str = "meta"):
-        from megatron_zero.checkpointing.resolve import VLM_KINDS, load_vlm, resolve_checkpoint
+        from megatron_zero.checkpointing.resolve import VLM_KINDS, resolve_checkpoint
+        from megatron_zero.checkpointing.sources import load_vlm
         from megatron_zero.data.chat_template import chat_template_for
         from megatron_zero.evaluation.text_model import open_tokenizer
         from megatron_zero.models.llama import RuntimeOptions

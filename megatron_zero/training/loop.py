@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from megatron_zero.errors import Preempted
 from megatron_zero.parallel.initialize import print_rank0
-from megatron_zero.training import checkpoint as ckpt
+from megatron_zero.checkpointing import run_dir
+from megatron_zero.checkpointing import training_checkpoint as ckpt
 from megatron_zero.training.flops import mfu
 from megatron_zero.training.train_step import StepResult, train_step
 
@@ -44,6 +45,9 @@ class LoopConfig:
     metrics_file: Optional[str] = None  # JSON lines {"iteration", "loss", "lr", "grad_norm", "real_tokens",
     #                                     "computed_tokens"} written by rank 0
     model_config: Optional[dict] = None  # the architecture, recorded in every checkpoint and checked on resume
+    async_save: bool = False  # write checkpoints in the background (published once durable)
+    exit_duration_in_mins: Optional[float] = None  # save and exit 75 once the process has run this long
+    save_interval_minutes: Optional[float] = None  # also save when this long has passed since the last save
 
     @property
     def num_microbatches(self) -> int:
@@ -66,6 +70,9 @@ class LoopConfig:
             peak_tflops=PEAK_TFLOPS.get(gpu) if platform.HAVE_CUDA else None,
             exit_after_iters=getattr(args, "exit_after_iters", None),
             metrics_file=getattr(args, "metrics_file", None),
+            async_save=getattr(args, "async_save", False),
+            exit_duration_in_mins=getattr(args, "exit_duration_in_mins", None),
+            save_interval_minutes=getattr(args, "save_interval_minutes", None),
         )
 
 
@@ -91,8 +98,8 @@ def build_scheduler(optimizer, lr: float, min_lr: float, train_iters: int, warmu
 
 def prepare_run(args) -> bool:
     """First thing after parsing: lock and check ``--save``, warn about a missing ``--load`` (see
-    :func:`megatron_zero.training.checkpoint.prepare_save_dir`); returns whether the run resumes."""
-    return ckpt.prepare_save_dir(getattr(args, "save", None), getattr(args, "load", None),
+    :func:`megatron_zero.checkpointing.run_dir.prepare_save_dir`); returns whether the run resumes."""
+    return run_dir.prepare_save_dir(getattr(args, "save", None), getattr(args, "load", None),
                                  getattr(args, "overwrite", False))
 
 
@@ -114,7 +121,7 @@ def setup_optimization(args, chunks: list, model_config: Optional[dict] = None):
     except CheckpointResolveError as e:
         raise SystemExit(f"error: {e}") from None
     start = 0
-    if args.load and ckpt.latest_iteration(args.load) is not None:
+    if args.load and run_dir.latest_iteration(args.load) is not None:
         start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, model_config=model_config,
                                         verify=getattr(args, "checkpoint_verify", "hash"))
         print_rank0(f"resumed from {args.load} at iteration {start}")
@@ -122,6 +129,7 @@ def setup_optimization(args, chunks: list, model_config: Optional[dict] = None):
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_PROCESS_START = time.time()  # --exit-duration-in-mins counts from here (as Megatron-LM's _TRAIN_START_TIME)
 
 
 class _ExitSignal:
@@ -146,11 +154,12 @@ class _ExitSignal:
                   f"{signal.Signals(signum).name}: saving a checkpoint after this step", flush=True)
         self.received = signum
 
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.received is not None else 0])
+    def any_rank(self, *local: bool) -> list[bool]:
+        """Whether a signal arrived on any rank, then each of ``local`` or-ed over the ranks (one all-reduce)."""
+        flag = torch.tensor([1 if self.received is not None else 0, *(int(x) for x in local)])
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return [bool(x) for x in flag.tolist()]
 
     def restore(self):
         if self.received is not None:
@@ -310,6 +319,7 @@ def train(
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     metrics = open(cfg.metrics_file, "a") if cfg.metrics_file and rank0 else None
     stop_at = cfg.train_iters if cfg.exit_after_iters is None else min(cfg.train_iters, cfg.exit_after_iters)
+    last_save = time.time()
     try:
         while iteration < stop_at:
             # the interleaved (virtual pipeline) schedule takes one iterator per model chunk
@@ -336,14 +346,31 @@ def train(
                                           "computed_tokens": computed}) + "\n")
                 metrics.flush()
             _maybe_test_signal(iteration)
-            interrupted = exit_signal.any_rank()
-            periodic = cfg.save_interval and iteration % cfg.save_interval == 0
-            if cfg.save and (periodic or interrupted or iteration == stop_at):
+            if cfg.async_save and ckpt.finalize_async_save():
+                print_rank0("an asynchronous checkpoint save finished and was published")
+            now = time.time()
+            interrupted, timed_out, save_due = exit_signal.any_rank(
+                cfg.exit_duration_in_mins is not None and now - _PROCESS_START > 60 * cfg.exit_duration_in_mins,
+                cfg.save_interval_minutes is not None and now - last_save > 60 * cfg.save_interval_minutes)
+            periodic = (cfg.save_interval and iteration % cfg.save_interval == 0) or save_due
+            stopping = interrupted or timed_out or iteration == stop_at
+            if cfg.save and (periodic or stopping):
                 ckpt.save_checkpoint(cfg.save, iteration, model_chunks, optimizer, scheduler,
                                      extra_state(iteration), keep_last=cfg.keep_last,
-                                     meta={"model_config": cfg.model_config} if cfg.model_config else None)
-                print_rank0(f"saved checkpoint iteration {iteration} to {cfg.save}")
+                                     meta={"model_config": cfg.model_config} if cfg.model_config else None,
+                                     async_save=cfg.async_save and not stopping)
+                print_rank0(f"{'started saving' if cfg.async_save and not stopping else 'saved'} checkpoint "
+                            f"iteration {iteration} to {cfg.save}")
+                last_save = time.time()
                 logger.pause()
+            if timed_out and not interrupted and iteration < stop_at:
+                print_rank0(f"--exit-duration-in-mins {cfg.exit_duration_in_mins:g} reached: stopped after iteration "
+                            f"{iteration}")
+                if not cfg.save:  # exit 1: nothing to resume from
+                    raise SystemExit(f"--exit-duration-in-mins reached at iteration {iteration}/{cfg.train_iters}; "
+                                     f"no --save was given, so nothing was saved")
+                raise Preempted(f"stopped at iteration {iteration}/{cfg.train_iters} (--exit-duration-in-mins), "
+                                f"checkpoint saved to {cfg.save}")
             if interrupted:
                 print_rank0(f"exit signal received: stopped after iteration {iteration}")
                 if iteration < cfg.train_iters and cfg.save:

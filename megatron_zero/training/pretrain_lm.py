@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_zero import arguments
+from megatron_zero.checkpointing import run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     if args.save and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
             and ps.get_pipeline_model_parallel_rank() == 0:
         os.makedirs(args.save, exist_ok=True)
-        cfg.save(os.path.join(args.save, "model_config.json"))
+        cfg.save(os.path.join(args.save, run_dir.MODEL_CONFIG))
     if args.instruction_data_path:
         make_iterator = instruction_batches(args, cfg, gbs, dp, parser).iteration
     else:
@@ -226,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     if args.export_model:
         from megatron_zero.checkpointing import mcore_checkpoint
 
-        out = os.path.join(args.save, "export")
+        out = run_dir.export_dir(args.save)
         mcore_checkpoint.save_model([getattr(c, "module", c) for c in chunks], out, cfg, overwrite=True,
                                     copy_files_from=args.pretrained if args.pretrained and os.path.isdir(args.pretrained)
                                     else None)

@@ -103,11 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 def tokenizer_path(given: Optional[str], decoder_path: str, parser) -> str:
     """``--tokenizer``, else the tokenizer the decoder checkpoint holds (an HF or torch_dist directory, or the
     ``decoder/`` of a VLM checkpoint / training export)."""
+    from megatron_zero.checkpointing.run_dir import export_dir
+    from megatron_zero.checkpointing.vlm_checkpoint import DECODER_DIR
     from megatron_zero.data.tokenizers import TOKENIZER_DIR_CANDIDATES
 
     if given:
         return given
-    for d in (decoder_path, os.path.join(decoder_path, "decoder"), os.path.join(decoder_path, "export", "decoder")):
+    for d in (decoder_path, os.path.join(decoder_path, DECODER_DIR), os.path.join(export_dir(decoder_path), DECODER_DIR)):
         if any(os.path.isfile(os.path.join(d, c)) for c in TOKENIZER_DIR_CANDIDATES):
             return d
     parser.error(f"--tokenizer: not given, and --decoder-load {decoder_path} holds no tokenizer "
@@ -338,8 +340,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
                     f"next ones (over all data-parallel ranks)")
     if args.save and not args.no_export:
         tok_dir = args.tokenizer if os.path.isdir(args.tokenizer) else os.path.dirname(args.tokenizer)
-        export(chunks, vlm_cfg, os.path.join(args.save, "export"), tok_dir)
-        print_rank0(f"exported the VLM to {os.path.join(args.save, 'export')}")
+        from megatron_zero.checkpointing.run_dir import export_dir
+
+        export(chunks, vlm_cfg, export_dir(args.save), tok_dir)
+        print_rank0(f"exported the VLM to {export_dir(args.save)}")
     return losses
 
 
