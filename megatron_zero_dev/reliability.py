@@ -4,7 +4,10 @@ training runs, then resume; and bad inputs to the entry points.
 Each :func:`trial` picks a launcher (``megatron_zero.launcher`` or plain ``torchrun``), TP=1 or 2 (2 processes),
 the distributed or plain optimizer, and an interruption (``kill -9`` of the launcher and every rank — a lost
 node —, SIGUSR1 or SIGTERM to the launcher) at a random moment (also during saves: ``--save-interval 1``); the run
-is then resumed to the end and its losses compared with an uninterrupted run of the same configuration.
+is then resumed to the end and its losses compared with an uninterrupted run of the same configuration. With
+``async_save`` the runs save in the background (``--async-save``), so a kill lands in a background write most of
+the time; after every interruption each checkpoint that looks complete (``COMPLETE``) is verified against its
+manifest: one that fails is a *loadable incomplete* checkpoint (the goal is none).
 :func:`run_trials` runs them and the :func:`bad_inputs` and returns the figures: trials, exact resumes, steps
 lost, exit codes as documented, bad inputs tried, clear errors (non-zero exit, one ``error:`` line, no traceback),
 tracebacks.
@@ -85,8 +88,22 @@ def config_args(cfg: dict, iters: int) -> list[str]:
     return a + (["--use-distributed-optimizer"] if cfg["distopt"] else [])
 
 
+def loadable_incomplete(save: str) -> int:
+    """Checkpoints under ``save`` that look complete (``COMPLETE``) but whose files fail their manifest."""
+    from megatron_zero.checkpointing import run_dir
+
+    bad = 0
+    for it in run_dir.complete_iterations(save):
+        path = run_dir.iter_dir(save, it)
+        try:
+            run_dir.verify_files(path, run_dir.read_manifest(path))
+        except run_dir.CheckpointError:
+            bad += 1
+    return bad
+
+
 def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log,
-          interruptions=("kill9", "SIGUSR1", "SIGTERM")) -> dict:
+          interruptions=("kill9", "SIGUSR1", "SIGTERM"), async_save: bool = False) -> dict:
     cfg = {"tp": rng.choice([1, 2]), "distopt": rng.choice([True, False])}
     kind = rng.choice(["mz", "torchrun"])
     how = rng.choice(list(interruptions))
@@ -102,7 +119,7 @@ def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log,
     os.makedirs(d)
     save, metrics = os.path.join(d, "ckpt"), os.path.join(d, "metrics.jsonl")
     common = config_args(cfg, iters) + ["--save", save, "--load", save, "--save-interval", "1", "--metrics-file",
-                                        metrics]
+                                        metrics] + (["--async-save"] if async_save else [])
     # output to a file, not a pipe: after kill -9 a helper process of a rank may keep a pipe open
     log_file = open(os.path.join(d, "interrupted.log"), "w")
     p = subprocess.Popen(launcher(kind) + common, env=env(), cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
@@ -129,6 +146,7 @@ def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log,
     orphans = pids_mentioning(save)
     for pid in orphans:
         os.kill(pid, signal.SIGKILL)
+    incomplete = loadable_incomplete(save)
     resumed_from = latest(save) or 0
     reached = max(max(read_metrics(metrics) or {0: 0}), reached)
     r = subprocess.run(launcher("mz") + common, env=env(), cwd=REPO, capture_output=True, text=True)
@@ -139,7 +157,8 @@ def trial(rng: random.Random, work: str, n: int, iters: int, refs: dict, log,
     rc_ok = expected_rc[how] is None or p.returncode == expected_rc[how] or p.returncode == 0
     res = {"trial": n, "launcher": kind, "signal": how, **cfg, "at_iteration": reached, "resumed_from": resumed_from,
            "steps_lost": max(reached - resumed_from, 0), "interrupted_rc": p.returncode, "rc_as_documented": rc_ok,
-           "orphans": len(orphans), "resume_rc": r.returncode, "exact": exact}
+           "orphans": len(orphans), "loadable_incomplete": incomplete, "resume_rc": r.returncode, "exact": exact,
+           "async_save": async_save}
     log(json.dumps(res))
     if not exact:
         log((r.stdout + r.stderr)[-3000:])
@@ -208,14 +227,14 @@ def classify(proc: subprocess.CompletedProcess) -> str:
 
 
 def run_trials(trials: int, iters: int, workdir: str, seed: int = 0, with_bad_inputs: bool = True,
-               log=print, interruptions=("kill9", "SIGUSR1", "SIGTERM")) -> dict:
+               log=print, interruptions=("kill9", "SIGUSR1", "SIGTERM"), async_save: bool = False) -> dict:
     """Run ``trials`` interruption trials (and the bad inputs) under ``workdir``; returns the summary figures."""
     rng = random.Random(seed)
     os.makedirs(workdir, exist_ok=True)
     results, refs = [], {}
     t0 = time.time()
     for n in range(trials):
-        results.append(trial(rng, workdir, n, iters, refs, log, interruptions))
+        results.append(trial(rng, workdir, n, iters, refs, log, interruptions, async_save))
         log(f"trial {n + 1}/{trials} done, {time.time() - t0:.0f} s")
     kinds = {"clear": 0, "traceback": 0, "unclear": 0, "accepted": 0}
     if with_bad_inputs:
@@ -232,6 +251,7 @@ def run_trials(trials: int, iters: int, workdir: str, seed: int = 0, with_bad_in
         "steps_lost_max": max((r["steps_lost"] for r in results), default=0),
         "exit_codes_as_documented": sum(r["rc_as_documented"] for r in results),
         "orphaned_ranks": sum(r["orphans"] for r in results),
+        "loadable_incomplete_checkpoints": sum(r["loadable_incomplete"] for r in results),
         "bad_inputs_tried": sum(kinds.values()) if with_bad_inputs else 0,
         "clear_errors": kinds["clear"], "unclear_errors": kinds["unclear"], "tracebacks": kinds["traceback"],
         "bad_inputs_accepted": kinds["accepted"], "seconds": round(time.time() - t0),

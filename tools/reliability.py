@@ -33,11 +33,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bad-inputs", action="store_true")
     p.add_argument("--interruptions", default="kill9,SIGUSR1,SIGTERM", help="drawn from (comma-separated)")
+    p.add_argument("--async-save", action="store_true", help="the runs save in the background (--async-save)")
     args = p.parse_args(argv)
     summary = run_trials(args.trials, args.iters, args.workdir, args.seed, not args.no_bad_inputs,
-                         log=lambda msg: print(msg, flush=True), interruptions=args.interruptions.split(","))
+                         log=lambda msg: print(msg, flush=True), interruptions=args.interruptions.split(","),
+                         async_save=args.async_save)
     print(json.dumps(summary, indent=1))
-    return 0 if summary["exact_resumes"] == summary["trials"] and not summary["tracebacks"] else 1
+    ok = summary["exact_resumes"] == summary["trials"] and not summary["loadable_incomplete_checkpoints"]
+    return 0 if ok and not summary["tracebacks"] else 1
 
 
 if __name__ == "__main__":
