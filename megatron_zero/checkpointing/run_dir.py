@@ -262,7 +262,7 @@ def hash_file(path: str, fsync: bool = False) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _gather(obj: Any) -> list:
+def gather(obj: Any) -> list:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
@@ -303,7 +303,7 @@ def manifest_files(path: str) -> dict[str, list]:
     for rel in _my_share(files):
         mine[rel] = known.get(rel) or list(hash_file(os.path.join(path, rel), fsync=True))
     merged: dict[str, list] = {}
-    for part in _gather(mine):
+    for part in gather(mine):
         merged.update(part)
     return merged
 
@@ -371,7 +371,7 @@ def verify_files(path: str, manifest: dict[str, Any], mode: str = "hash") -> Non
             _, actual = hash_file(full)
             if actual != digest:
                 problems.append(f"{rel} fails its SHA-256 check")
-    problems = sorted(p for part in _gather(problems) for p in part)
+    problems = sorted(p for part in gather(problems) for p in part)
     if problems:
         raise CheckpointError(f"--load {path}: the checkpoint is damaged ({'; '.join(problems[:5])}"
                               f"{'; ...' if len(problems) > 5 else ''}); move it away to resume from an older one")

@@ -126,19 +126,43 @@ def _load_training_weights(chunks: list, iteration_dir: str) -> None:
     RNG are left alone: this starts from the weights, it does not resume)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_zero.checkpointing import mcore_checkpoint
+    from megatron_zero.checkpointing import mcore_checkpoint, run_dir, training_checkpoint
 
-    loaded = dist_checkpointing.load(mcore_checkpoint.model_sharded_state_dict(chunks), iteration_dir)
+    sharded = mcore_checkpoint.model_sharded_state_dict(chunks)
+    manifest = run_dir.read_manifest(iteration_dir)
+    frozen_names: set = set()
+    if manifest.get("frozen_base"):  # trainable-only: the frozen part from the base it references, then the rest
+        frozen = training_checkpoint.split_frozen(sharded, training_checkpoint.recorded_frozen(manifest), frozen_names)
+        _load_frozen_base(chunks, iteration_dir, manifest["frozen_base"], frozen)
+    loaded = dist_checkpointing.load(sharded, iteration_dir)
     for i, chunk in enumerate(chunks):
         state = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
         model = chunk
         while hasattr(model, "module"):
             model = model.module
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        missing = [k for k in missing if not k.endswith("_extra_state") and k not in frozen_names]
         if missing or unexpected:
             raise CheckpointResolveError(f"{iteration_dir}: training checkpoint does not fit the model (missing "
                                          f"{missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _load_frozen_base(chunks: list, iteration_dir: str, recorded: dict, frozen: dict) -> None:
+    """Load the decoder base a trainable-only checkpoint references (``--pretrained``/``--decoder-load``) and check
+    it is the one it was trained on (fingerprints, where the layout allows)."""
+    from megatron_zero.checkpointing import training_checkpoint
+    from megatron_zero.models.lora import is_lora_key
+
+    paths = recorded.get("path") or {}
+    base = paths.get("--pretrained") or paths.get("--decoder-load")
+    if base is None or set(paths) - {"--pretrained", "--decoder-load"}:
+        raise CheckpointResolveError(f"{iteration_dir}: a trainable-only checkpoint of the base "
+                                     f"{training_checkpoint.describe_base(paths)}: read the run's export/ instead")
+    if not os.path.exists(base):
+        raise CheckpointResolveError(f"{iteration_dir}: a trainable-only checkpoint whose frozen base {base} no "
+                                     f"longer exists")
+    resolve_decoder(base, "frozen base").load_into(chunks, skip=is_lora_key)
+    training_checkpoint.check_frozen_base(iteration_dir, recorded, frozen)
 
 
 def decoder_source(ckpt: ResolvedCheckpoint):

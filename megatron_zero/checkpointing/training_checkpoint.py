@@ -21,6 +21,7 @@ follow (:func:`check_layout`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -120,6 +121,113 @@ def _model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
     return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
 
 
+# ---- trainable-only checkpoints: the frozen base is referenced by its identity, not saved ---------------------
+def has_frozen_parameters(model_chunks: list) -> bool:
+    """Whether any rank holds a frozen parameter (collective)."""
+    local = torch.tensor([float(any(not p.requires_grad for m in model_chunks for p in m.parameters()))])
+    if dist.is_initialized():
+        dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    return bool(local.item())
+
+
+def _first_shard(v):
+    """``v`` itself, or the first sharded tensor a ``ShardedTensorFactory`` (SwiGLU's fused fc1) builds."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    while not isinstance(v, ShardedTensor):
+        built = v.build_fn(v.key, v.data, v.replica_id, v.flattened_range)
+        v = next(iter(built.values())) if isinstance(built, dict) else built
+    return v
+
+
+def _tensor_id(v) -> str:
+    """A layout-independent name of a sharded tensor: its key and global layer (the prepended axes' offsets)."""
+    v = _first_shard(v)
+    return f"{v.key}@{','.join(map(str, v.global_offset[:v.prepend_axis_num]))}"
+
+
+def split_frozen(state: dict, is_frozen, names: Optional[set] = None) -> dict[str, Any]:
+    """Remove the entries ``is_frozen(sharded_tensor)`` accepts from the model part of ``state`` (in place);
+    returns them as ``{"<sharded key>@<global offset>": tensor}`` (this rank's shards); their state-dict names
+    go into ``names``."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    removed: dict[str, Any] = {}
+
+    def walk(d: dict) -> None:
+        for k in list(d):
+            v = d[k]
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(v, (ShardedTensor, ShardedTensorFactory)) and is_frozen(v):
+                removed[f"{v.key}@{','.join(map(str, _first_shard(v).global_offset))}"] = v
+                if names is not None:
+                    names.add(k)
+                del d[k]
+
+    for name in list(state):
+        if name.startswith("model"):
+            walk(state[name])
+    return removed
+
+
+def frozen_in(model_chunks: list):
+    """``is_frozen`` for :func:`split_frozen`: the sharded tensor is a parameter with ``requires_grad=False``."""
+    frozen = {(p.data_ptr(), p.numel()) for m in model_chunks for p in m.parameters() if not p.requires_grad}
+    return lambda v: (v.data.data_ptr(), v.data.numel()) in frozen
+
+
+def recorded_frozen(manifest: dict[str, Any]):
+    """``is_frozen`` for :func:`split_frozen`: the tensor was left out of a trainable-only checkpoint."""
+    ids = set((manifest.get("frozen_base") or {}).get("frozen", ()))
+    return lambda v: _tensor_id(v) in ids
+
+
+def architecture_hash(model_config: Optional[dict[str, Any]]) -> Optional[str]:
+    if model_config is None:
+        return None
+    return hashlib.sha256(json.dumps(model_config, sort_keys=True).encode()).hexdigest()
+
+
+def frozen_identity(frozen: dict[str, Any]) -> dict[str, Any]:
+    """The frozen tensors' layout-independent names and fingerprints (sampled rows, as grafting fingerprints
+    embeddings), gathered from all ranks."""
+    from megatron_zero.checkpointing.vlm_checkpoint import embedding_fingerprint
+
+    def fingerprint(t):
+        return embedding_fingerprint(t.detach().reshape(t.shape[0], -1) if t.dim() > 1 else t.detach().reshape(-1, 1))
+
+    mine = ({k: fingerprint(v.data) for k, v in frozen.items()}, sorted({_tensor_id(v) for v in frozen.values()}))
+    tensors: dict[str, str] = {}
+    ids: set = set()
+    for part, names in run_dir.gather(mine):
+        tensors.update(part)
+        ids.update(names)
+    return {"frozen": sorted(ids), "tensors": tensors}
+
+
+def describe_base(base: Optional[dict[str, str]]) -> str:
+    return " + ".join(f"{flag} {p}" for flag, p in (base or {}).items()) or "the base it was trained on"
+
+
+def check_frozen_base(path: str, recorded: dict[str, Any], frozen: dict[str, Any]) -> None:
+    """Refuse (one line naming the base) a run whose frozen tensors are not the base the checkpoint references."""
+    base = describe_base(recorded.get("path"))
+    for flag, p in (recorded.get("path") or {}).items():
+        if not os.path.exists(p):
+            raise CheckpointError(f"--load {path}: a trainable-only checkpoint whose frozen base ({flag} {p}) no "
+                                  f"longer exists; restore it there (checkpoints with --save-frozen hold it)")
+    current = frozen_identity(frozen)["tensors"]
+    common = sorted(set(current) & set(recorded.get("tensors", {})))
+    differ = [k for k in common if current[k] != recorded["tensors"][k]]
+    if current and not common:
+        _warn(f"--load {path}: the frozen base's fingerprints were taken at another parallel layout: not verified")
+    if differ:
+        what = f"{len(differ)} of {len(common)} frozen tensors differ, e.g. {differ[0].split('@')[0]}"
+        raise CheckpointError(f"--load {path}: a trainable-only checkpoint of the frozen base {base}, but this run's "
+                              f"frozen weights are not that base ({what}); start from {base}")
+
+
 _async_queue = None  # megatron-core's AsyncCallsQueue, created by the first asynchronous save
 
 
@@ -166,12 +274,16 @@ def save_checkpoint(
     keep_last: Optional[int] = None,
     meta: Optional[dict[str, Any]] = None,
     async_save: bool = False,
+    trainable_only: bool = False,
+    frozen_base: Optional[dict[str, str]] = None,
 ) -> str:
     """Save a complete, resumable checkpoint of ``iteration`` under ``root``; returns its directory.
 
     ``meta`` (e.g. ``{"model_config": ...}``) is recorded in the ``COMPLETE`` manifest. With ``async_save`` the
     shards are written in the background and the checkpoint is published later by :func:`finalize_async_save`
-    (a save still in flight is waited for first: one at a time).
+    (a save still in flight is waited for first: one at a time). With ``trainable_only`` frozen parameters are
+    left out and referenced instead (``frozen_base``: the flags and paths they were loaded from; recorded with
+    their fingerprints and the architecture hash, verified on load).
     """
     from megatron_zero.checkpointing.mcore_checkpoint import dist_save
 
@@ -181,12 +293,16 @@ def save_checkpoint(
     if optimizer is not None and _is_distributed(optimizer):
         state["optimizer"] = optimizer.sharded_state_dict(
             state, metadata={"distrib_optim_sharding_type": optimizer_sharding_type(optimizer, model_chunks)})
+    manifest = {"layout": current_layout(optimizer), **(meta or {})}
+    if trainable_only:
+        manifest["frozen_base"] = {"path": {k: os.path.abspath(v) for k, v in (frozen_base or {}).items()},
+                                   "architecture_hash": architecture_hash(manifest.get("model_config")),
+                                   **frozen_identity(split_frozen(state, frozen_in(model_chunks)))}
     state["common"] = {
         "iteration": iteration,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "extra": extra or {},
     }
-    manifest = {"layout": current_layout(optimizer), **(meta or {})}
     if not async_save:
         dist_save(state, tmp)
         _save_rank_state(tmp, optimizer)
@@ -368,6 +484,9 @@ def load_checkpoint(
             OPTIMIZER_METADATA["distrib_optim_sharding_type"] if manifest.get("layout") else "dp_reshardable")
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata={"distrib_optim_sharding_type": sharding})
+    frozen_names: set = set()
+    if manifest.get("frozen_base"):  # trainable-only: the frozen part is this run's (from the base), checked
+        check_frozen_base(path, manifest["frozen_base"], split_frozen(state, frozen_in(model_chunks), frozen_names))
     state["common"] = {"iteration": 0, "scheduler": None, "extra": {}}
     try:
         loaded = dist_checkpointing.load(state, path)
@@ -377,11 +496,16 @@ def load_checkpoint(
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(f"--load {path}: cannot be loaded into this model ({type(e).__name__}: "
                               f"{first[:300]})") from e
-    if len(model_chunks) == 1:
-        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
-    else:
-        for i, m in enumerate(model_chunks):
-            _unwrap(m).load_state_dict(loaded[f"model{i}"])
+    for i, m in enumerate(model_chunks):
+        part = loaded["model"] if len(model_chunks) == 1 else loaded[f"model{i}"]
+        if not frozen_names:
+            _unwrap(m).load_state_dict(part)
+            continue
+        missing, unexpected = _unwrap(m).load_state_dict(part, strict=False)
+        missing = [k for k in missing if k not in frozen_names and not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise CheckpointError(f"--load {path}: does not fit the model (missing {missing[:3]}, unexpected "
+                                  f"{unexpected[:3]})")
     if optimizer is not None and _is_distributed(optimizer):
         with torch.no_grad():  # fp32 main params are views of the (leaf) model params
             optimizer.load_state_dict(loaded["optimizer"])

@@ -48,6 +48,8 @@ class LoopConfig:
     async_save: bool = False  # write checkpoints in the background (published once durable)
     exit_duration_in_mins: Optional[float] = None  # save and exit 75 once the process has run this long
     save_interval_minutes: Optional[float] = None  # also save when this long has passed since the last save
+    save_frozen: bool = False  # full saves even with frozen parameters (else: trainable-only, base referenced)
+    frozen_base: Optional[dict] = None  # {flag: path} the frozen parameters were loaded from
 
     @property
     def num_microbatches(self) -> int:
@@ -73,6 +75,9 @@ class LoopConfig:
             async_save=getattr(args, "async_save", False),
             exit_duration_in_mins=getattr(args, "exit_duration_in_mins", None),
             save_interval_minutes=getattr(args, "save_interval_minutes", None),
+            save_frozen=getattr(args, "save_frozen", False),
+            frozen_base={f"--{k.replace('_', '-')}": getattr(args, k) for k in ("pretrained", "decoder_load",
+                                                                                "encoder_load") if getattr(args, k, None)},
         )
 
 
@@ -320,6 +325,7 @@ def train(
     metrics = open(cfg.metrics_file, "a") if cfg.metrics_file and rank0 else None
     stop_at = cfg.train_iters if cfg.exit_after_iters is None else min(cfg.train_iters, cfg.exit_after_iters)
     last_save = time.time()
+    trainable_only = bool(cfg.save) and not cfg.save_frozen and ckpt.has_frozen_parameters(model_chunks)
     try:
         while iteration < stop_at:
             # the interleaved (virtual pipeline) schedule takes one iterator per model chunk
@@ -358,7 +364,8 @@ def train(
                 ckpt.save_checkpoint(cfg.save, iteration, model_chunks, optimizer, scheduler,
                                      extra_state(iteration), keep_last=cfg.keep_last,
                                      meta={"model_config": cfg.model_config} if cfg.model_config else None,
-                                     async_save=cfg.async_save and not stopping)
+                                     async_save=cfg.async_save and not stopping, trainable_only=trainable_only,
+                                     frozen_base=cfg.frozen_base)
                 print_rank0(f"{'started saving' if cfg.async_save and not stopping else 'saved'} checkpoint "
                             f"iteration {iteration} to {cfg.save}")
                 last_save = time.time()
