@@ -135,8 +135,9 @@ def _first_shard(v):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     while not isinstance(v, ShardedTensor):
-        built = v.build_fn(v.key, v.data, v.replica_id, v.flattened_range)
-        v = next(iter(built.values())) if isinstance(built, dict) else built
+        v = v.build_fn(v.key, v.data, v.replica_id, v.flattened_range)
+        while isinstance(v, (dict, list, tuple)):
+            v = next(iter(v.values())) if isinstance(v, dict) else v[0]
     return v
 
 
@@ -346,7 +347,7 @@ def _is_distributed(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _ensure_optimizer_state(optimizer) -> None:
+def ensure_optimizer_state(optimizer) -> None:
     """Give a fresh (never stepped) Adam its state tensors so its sharded state dict can be built for loading.
 
     megatron-core's distributed optimizer reads ``state["step"]`` of every parameter when building the
@@ -477,7 +478,7 @@ def load_checkpoint(
                               f"rank {_rank()}); the checkpoint is incomplete")
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None and _is_distributed(optimizer):
-        _ensure_optimizer_state(optimizer)
+        ensure_optimizer_state(optimizer)
         saved_opt = (manifest.get("layout") or {}).get("optimizer") or ""
         # checkpoints written before the manifest recorded the layout used the DP-only reshardable format
         sharding = saved_opt.split(":", 1)[1] if saved_opt.startswith("distributed:") else (
