@@ -28,7 +28,7 @@ def test_gpu_check_refuses_without_gpu_in_one_line(tmp_path):
 
 
 def test_gpu_check_dry_run_writes_every_check(tmp_path):
-    from megatron_zero.gpu_check import CHECKS
+    from megatron_zero_dev.gpu_check import CHECKS
 
     _tool("tools/gpu_check.py", "--dry-run", "--output-dir", str(tmp_path))
     result = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -15,7 +15,7 @@ gradients flow through it to the input side: the baseline's pre-training stage),
 ``surrogate/translator`` (stage 1: the translator trains) and ``surrogate/frozen`` (stage 2). Frozen layers do
 no weight-gradient GEMMs, so their FLOPs are counted as 2x forward instead of 3x (stated in the output).
 The projected table multiplies measured step times by the steps each stage needs (Table A.4 data sizes by
-default) and shows where the surrogate saves time. The logic is :mod:`megatron_zero.training.benchmark`; the
+default) and shows where the surrogate saves time. The logic is :mod:`megatron_zero_dev.benchmark`; the
 surrogate is :func:`megatron_zero.surrogate.surrogate_config` (T(a, b) needs ``0 <= a < b < L-1``).
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv=None):
     from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
     from megatron_zero.models.llama_config import load_model_config
     from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
-    from megatron_zero.training.benchmark import benchmark_configs, check_iterations, projected_table, run_config
+    from megatron_zero_dev.benchmark import benchmark_configs, check_iterations, projected_table, run_config
 
     check_iterations(args.iters, args.warmup)
 

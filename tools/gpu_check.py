@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU acceptance run: TE vs local spec, FP8 step, CUDA cross-entropy kernel, DALI GPU vs Pillow, throughput/MFU,
 packed VLM stage-2 step, surrogate/target ratio -> one JSON + Markdown table; exit 1 on any mismatch.
-See megatron_zero/gpu_check.py.  ``make gpu-check``; on CPU ``--dry-run`` exercises the plumbing."""
+See megatron_zero_dev/gpu_check.py.  ``make gpu-check``; on CPU ``--dry-run`` exercises the plumbing."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
-    from megatron_zero import gpu_check
+    from megatron_zero_dev import gpu_check
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: plumbing only, no GPU result")
