@@ -177,7 +177,7 @@ def format_plan(result: dict, gpu_label: str, mfu_source: str) -> str:
     for method in PAPER_HOURS:
         mine = [r["hours"] for r in result["stages"] if r["method"] == method]
         paper = PAPER_HOURS[method]
-        lines.append(f"{method:9s} {i['num_gpus']:6d} " + " ".join(f"{h:{w}.2f}" for h, w in zip(mine, (7, 9, 9)))
+        lines.append(f"{method:9s} {i['num_gpus']:6d} " + " ".join(f"{h:{w}.2f}" for h, w in zip(mine, (7, 9, 9), strict=True))
                      + f" {sum(mine):12.2f}   | {PAPER_GPUS} " + " + ".join(f"{h:.2f}" for h in paper)
                      + f" = {PAPER_TOTALS[method]:.2f}"
                      + (f" (as printed; the stages sum to {sum(paper):.2f})"
