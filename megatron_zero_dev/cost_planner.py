@@ -28,6 +28,7 @@ cluster, and what the surrogate saves (stage 2 on the surrogate instead of the t
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from megatron_zero.errors import UserError
 
@@ -194,3 +195,47 @@ def format_plan(result: dict, gpu_label: str, mfu_source: str) -> str:
         f"the rest of the saving is ft. dec. on {100 * i['decoder_data_fraction']:.0f}% of the data",
     ]
     return "\n".join(lines)
+
+
+def project(args) -> dict:
+    """``tools/benchmark.py --project-only``: plan from its flags, print the table (and ``--output-json``)."""
+    from megatron_zero.models.clip_vit import get_vision_preset
+    from megatron_zero.models.llama_config import load_model_config
+    from megatron_zero.surrogate import surrogate_config
+    from megatron_zero.training.flops import PEAK_TFLOPS
+    from megatron_zero_dev.benchmark import parse_span
+
+    gpu = args.gpu_type or "A100"
+    if args.peak_tflops is None and gpu not in PEAK_TFLOPS:
+        raise PlannerError(f"--gpu-type {gpu}: unknown; choose from {', '.join(PEAK_TFLOPS)} or give --peak-tflops")
+    peak = args.peak_tflops or PEAK_TFLOPS[gpu]
+    mfu, source = args.mfu, "assumed"
+    if args.mfu_from:
+        mfu, source = measured_mfu(args.mfu_from)
+    cfg = load_model_config(args.model or "llama-3.1-70b")
+    try:
+        scfg = surrogate_config(cfg, *parse_span(args.surrogate or "40,78"))
+    except ValueError as e:
+        raise PlannerError(f"--surrogate {args.surrogate}: {e}") from None
+    result = plan(PlanInputs(cfg, scfg, get_vision_preset(args.vision), args.num_gpus_projection, peak, mfu,
+                             args.vl_samples, args.text_samples, args.decoder_data_fraction, args.vl_tokens,
+                             args.text_tokens, args.encoder_trainable_layers))
+    print(format_plan(result, gpu if args.peak_tflops is None else "GPU", source))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def measured_mfu(path: str) -> tuple[float, str]:
+    """bf16 MFU (datasheet peak) of a GPU check's throughput_bf16 record, and a description of it."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        rec = next(r for r in result["checks"] if r["check"] == "throughput_bf16")
+        mfu = rec["metrics"]["mfu_datasheet"]
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise PlannerError(f"--mfu-from {path}: no throughput_bf16 MFU in it ({type(e).__name__}: {e})") from None
+    if not mfu:
+        raise PlannerError(f"--mfu-from {path}: throughput_bf16 has no datasheet MFU (status {rec['status']})")
+    return mfu, f"measured on {result['device']}, {result['started']}"

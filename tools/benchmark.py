@@ -76,56 +76,11 @@ def build_parser():
     return p
 
 
-def project(args) -> dict:
-    """--project-only: the cost planner (megatron_zero_dev.cost_planner); prints the table, returns the plan."""
-    from megatron_zero.models.clip_vit import get_vision_preset
-    from megatron_zero.models.llama_config import load_model_config
-    from megatron_zero.surrogate import surrogate_config
-    from megatron_zero.training.flops import PEAK_TFLOPS
-    from megatron_zero_dev.benchmark import parse_span
-    from megatron_zero_dev.cost_planner import PlanInputs, PlannerError, format_plan, plan
-
-    gpu = args.gpu_type or "A100"
-    if args.peak_tflops is None and gpu not in PEAK_TFLOPS:
-        raise PlannerError(f"--gpu-type {gpu}: unknown; choose from {', '.join(PEAK_TFLOPS)} or give --peak-tflops")
-    peak = args.peak_tflops or PEAK_TFLOPS[gpu]
-    mfu, source = args.mfu, "assumed"
-    if args.mfu_from:
-        mfu, source = measured_mfu(args.mfu_from)
-    cfg = load_model_config(args.model or "llama-3.1-70b")
-    try:
-        scfg = surrogate_config(cfg, *parse_span(args.surrogate or "40,78"))
-    except ValueError as e:
-        raise PlannerError(f"--surrogate {args.surrogate}: {e}") from None
-    result = plan(PlanInputs(cfg, scfg, get_vision_preset(args.vision), args.num_gpus_projection, peak, mfu,
-                             args.vl_samples, args.text_samples, args.decoder_data_fraction, args.vl_tokens,
-                             args.text_tokens, args.encoder_trainable_layers))
-    print(format_plan(result, gpu if args.peak_tflops is None else "GPU", source))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
-
-
-def measured_mfu(path: str) -> tuple[float, str]:
-    """bf16 MFU (datasheet peak) of a GPU check's throughput_bf16 record, and a description of it."""
-    from megatron_zero_dev.cost_planner import PlannerError
-
-    try:
-        with open(path) as f:
-            result = json.load(f)
-        rec = next(r for r in result["checks"] if r["check"] == "throughput_bf16")
-        mfu = rec["metrics"]["mfu_datasheet"]
-    except (OSError, ValueError, KeyError, StopIteration) as e:
-        raise PlannerError(f"--mfu-from {path}: no throughput_bf16 MFU in it ({type(e).__name__}: {e})") from None
-    if not mfu:
-        raise PlannerError(f"--mfu-from {path}: throughput_bf16 has no datasheet MFU (status {rec['status']})")
-    return mfu, f"measured on {result['device']}, {result['started']}"
-
-
 def main(argv=None):
     args = arguments.parse(build_parser(), argv)
     if args.project_only:
+        from megatron_zero_dev.cost_planner import project
+
         return project(args)
     args.gpu_type = args.gpu_type or "H100"
     from megatron_zero import platform
