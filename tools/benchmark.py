@@ -102,16 +102,16 @@ def main(argv=None):
 
         lora = LoraConfig(args.lora_rank, targets=tuple(args.lora_targets.split(","))).to_dict() if args.lora_rank else None
     except LoraError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     try:
         configs = benchmark_configs(cfg, args.surrogate, lora)
     except ValueError as e:
-        raise SystemExit(f"error: --surrogate {args.surrogate}: {e}")
+        raise SystemExit(f"error: --surrogate {args.surrogate}: {e}") from None
     for c, _, _ in configs:
         try:
             validate(c, opts)
         except ModelConfigError as e:
-            raise SystemExit(f"error: {c.name}: {e}")
+            raise SystemExit(f"error: {c.name}: {e}") from None
     dp = initialize_from_args(args)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp * 2
