@@ -11,7 +11,8 @@ resumed to the end and its losses compared with an uninterrupted run of the same
 
 Figures: trials, exact resumes (every iteration's loss equal to the reference), steps lost (iterations
 re-computed after the resume), exit codes as documented (75 for a signal through our launcher), bad inputs tried,
-clear errors (non-zero exit, one ``error:`` line, no traceback), tracebacks. The trials are :mod:`megatron_zero_dev.reliability`.
+clear errors (non-zero exit, one ``error:`` line, no traceback), tracebacks, and (``--async-save``: background
+writes) checkpoints that look complete but fail their manifest. The trials are :mod:`megatron_zero_dev.reliability`.
 """
 from __future__ import annotations
 

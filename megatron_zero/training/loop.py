@@ -76,8 +76,8 @@ class LoopConfig:
             exit_duration_in_mins=getattr(args, "exit_duration_in_mins", None),
             save_interval_minutes=getattr(args, "save_interval_minutes", None),
             save_frozen=getattr(args, "save_frozen", False),
-            frozen_base={f"--{k.replace('_', '-')}": getattr(args, k) for k in ("pretrained", "decoder_load",
-                                                                                "encoder_load") if getattr(args, k, None)},
+            frozen_base={f"--{k.replace('_', '-')}": getattr(args, k)
+                         for k in ("pretrained", "decoder_load", "encoder_load") if getattr(args, k, None)},
         )
 
 

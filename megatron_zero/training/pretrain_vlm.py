@@ -109,7 +109,8 @@ def tokenizer_path(given: Optional[str], decoder_path: str, parser) -> str:
 
     if given:
         return given
-    for d in (decoder_path, os.path.join(decoder_path, DECODER_DIR), os.path.join(export_dir(decoder_path), DECODER_DIR)):
+    for d in (decoder_path, os.path.join(decoder_path, DECODER_DIR),
+              os.path.join(export_dir(decoder_path), DECODER_DIR)):
         if any(os.path.isfile(os.path.join(d, c)) for c in TOKENIZER_DIR_CANDIDATES):
             return d
     parser.error(f"--tokenizer: not given, and --decoder-load {decoder_path} holds no tokenizer "
