@@ -40,7 +40,8 @@ def scaled_recipe(scale: int):
                               vocab_size=big.vocab_size // scale, name=f"llama-3.1-70b-T42/{scale}")
     clip = get_vision_preset("clip-vit-l-14-336")
     vis = dataclasses.replace(clip, hidden_size=clip.hidden_size // scale,
-                              ffn_hidden_size=clip.ffn_hidden_size // scale, num_attention_heads=max(clip.num_attention_heads // scale, 1), name=f"clip-l/{scale}")
+                              ffn_hidden_size=clip.ffn_hidden_size // scale,
+                              num_attention_heads=max(clip.num_attention_heads // scale, 1), name=f"clip-l/{scale}")
     return VLMConfig(dec, vis, image_token_id=1)
 
 
