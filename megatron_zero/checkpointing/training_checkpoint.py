@@ -172,10 +172,28 @@ def split_frozen(state: dict, is_frozen, names: Optional[set] = None) -> dict[st
     return removed
 
 
-def frozen_in(model_chunks: list):
-    """``is_frozen`` for :func:`split_frozen`: the sharded tensor is a parameter with ``requires_grad=False``."""
+def frozen_in(model_chunks: list, state: dict):
+    """``is_frozen`` for :func:`split_frozen`: the sharded tensor is a parameter with ``requires_grad=False`` and
+    no rank trains another piece of its key (megatron-core saves a stacked key, e.g. the encoder's layers of which
+    only the top ones train, whole or not at all). Collective."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
     frozen = {(p.data_ptr(), p.numel()) for m in model_chunks for p in m.parameters() if not p.requires_grad}
-    return lambda v: (v.data.data_ptr(), v.data.numel()) in frozen
+    trained: set = set()
+
+    def walk(d: dict) -> None:
+        for v in d.values():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(v, (ShardedTensor, ShardedTensorFactory)) and (v.data.data_ptr(), v.data.numel()) \
+                    not in frozen:
+                trained.add(v.key)
+
+    for name in state:
+        if name.startswith("model"):
+            walk(state[name])
+    trained = set().union(*run_dir.gather(trained))
+    return lambda v: (v.data.data_ptr(), v.data.numel()) in frozen and v.key not in trained
 
 
 def recorded_frozen(manifest: dict[str, Any]):
@@ -298,7 +316,7 @@ def save_checkpoint(
     if trainable_only:
         manifest["frozen_base"] = {"path": {k: os.path.abspath(v) for k, v in (frozen_base or {}).items()},
                                    "architecture_hash": architecture_hash(manifest.get("model_config")),
-                                   **frozen_identity(split_frozen(state, frozen_in(model_chunks)))}
+                                   **frozen_identity(split_frozen(state, frozen_in(model_chunks, state)))}
     state["common"] = {
         "iteration": iteration,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -487,7 +505,8 @@ def load_checkpoint(
                                                           metadata={"distrib_optim_sharding_type": sharding})
     frozen_names: set = set()
     if manifest.get("frozen_base"):  # trainable-only: the frozen part is this run's (from the base), checked
-        check_frozen_base(path, manifest["frozen_base"], split_frozen(state, frozen_in(model_chunks), frozen_names))
+        frozen = split_frozen(state, frozen_in(model_chunks, state), frozen_names)
+        check_frozen_base(path, manifest["frozen_base"], frozen)
     state["common"] = {"iteration": 0, "scheduler": None, "extra": {}}
     try:
         loaded = dist_checkpointing.load(state, path)
