@@ -145,7 +145,8 @@ def projection(bandwidth_gbs: float) -> dict:
     encoder = tower + adapter
     full_target = big.num_parameters()
     rows = {
-        "stage2_trainable_only": stage2_trainable * (2 + BYTES_ADAM),
+        # + the encoder's frozen layers: megatron-core saves the stacked layer key whole
+        "stage2_trainable_only": stage2_trainable * (2 + BYTES_ADAM) + (encoder - stage2_trainable) * 2,
         "stage2_full": surrogate * 2 + encoder * 2 + stage2_trainable * BYTES_ADAM,
         "stage3_full": (full_target + stage2_trainable) * (2 + BYTES_ADAM) + (encoder - stage2_trainable) * 2,
     }
