@@ -19,7 +19,9 @@ def build_parser():
     from megatron_zero.training.packing_benchmark import PackingBenchmarkConfig
 
     d = PackingBenchmarkConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("seq_length", "num_image_tokens", "scale", "global_batch_size", "micro_batch_size", "num_samples",
                  "rounds", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                  "vocab_size", "seed"):

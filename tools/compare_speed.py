@@ -19,7 +19,9 @@ def main(argv=None) -> int:
     from megatron_zero.training.speed_comparison import SpeedConfig, format_result, run_comparison
 
     d = SpeedConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "vocab_size", "seq_length", "batch_size", "rounds", "warmup", "seed"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
