@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Measure a target LLM's prediction trajectory (paper Sec. 1.1, Eq. 1-4) and find its transition point.
 
-    python tools/analyze_trajectory.py --pretrained-checkpoint Llama-3.2-3B-Instruct --data genqa.jsonl --num-samples 300 \\
-        --output-dir outputs/traj-3b
-    torchrun --nproc-per-node 8 tools/analyze_trajectory.py --pretrained-checkpoint Llama-3.1-70B-Instruct --data genqa.jsonl \\
-        --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 --bf16 --output-dir outputs/traj-70b
+    python tools/analyze_trajectory.py --pretrained-checkpoint Llama-3.2-3B-Instruct --data genqa.jsonl \\
+        --num-samples 300 --output-dir outputs/traj-3b
+    torchrun --nproc-per-node 8 tools/analyze_trajectory.py --pretrained-checkpoint Llama-3.1-70B-Instruct \\
+        --data genqa.jsonl --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 --bf16 \\
+        --output-dir outputs/traj-70b
 
-``--pretrained-checkpoint``: an HF Llama directory (each rank reads only its shard of the safetensors), a megatron_zero
-``torch_dist`` checkpoint or a VLM checkpoint (its decoder); the format is detected. Launch exactly TP x PP
-processes (the analysis uses no data parallelism). ``--tokenizer`` defaults to the checkpoint's tokenizer.
+``--pretrained-checkpoint``: an HF Llama directory (each rank reads only its shard of the safetensors), a
+megatron_zero ``torch_dist`` checkpoint or a VLM checkpoint (its decoder); the format is detected. Launch exactly
+TP x PP processes (the analysis uses no data parallelism). ``--tokenizer`` defaults to the checkpoint's tokenizer.
 
 ``--data``: JSONL (or a JSON list) of records, either ``{"text": ...}`` (raw text, tokenised with a BOS token
 when the tokenizer has one) or a question/response pair -- ``{"prompt","response"}``, ``{"question","answer"}``,

@@ -2,9 +2,10 @@
 """Run the paper's benchmark suites on megatron_zero checkpoints and tabulate them.
 
     python tools/evaluate.py --suite text --pretrained-checkpoint ckpt/llama-3b --compare-checkpoint ckpt/llama-3b-srgt
-    torchrun --nproc-per-node 8 tools/evaluate.py --suite text --pretrained-checkpoint ckpt/llama-70b \
+    torchrun --nproc-per-node 8 tools/evaluate.py --suite text --pretrained-checkpoint ckpt/llama-70b \\
         --tensor-model-parallel-size 8 --bf16
-    python tools/evaluate.py --suite vlm --pretrained-checkpoint ckpt/enc_on_srgt --compare-checkpoint ckpt/enc_grafted_3b
+    python tools/evaluate.py --suite vlm --pretrained-checkpoint ckpt/enc_on_srgt \\
+        --compare-checkpoint ckpt/enc_grafted_3b
 
 ``--suite text``: lm-evaluation-harness with Table A.5's few-shot counts and metrics (MMLU 5-shot acc, HellaSwag
 10-shot acc_norm, ...; see :mod:`megatron_zero.evaluation.suites`), on any decoder checkpoint (HF Llama dir,

@@ -211,7 +211,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     dp = trainer.initialize()
     cfg = trainer.cfg  # the global batch size resolved
     print_rank0(f"megatron_zero pretrain_lm: {platform.summary()} | TP={opts.tensor_model_parallel_size} "
-                f"PP={opts.pipeline_model_parallel_size} DP={dp} | model {arch.name} ({arch.num_parameters():,} params)")
+                f"PP={opts.pipeline_model_parallel_size} DP={dp} | model {arch.name} "
+                f"({arch.num_parameters():,} params)")
 
     chunks = build_llama_chunks(arch, opts)
     if cfg.checkpoint.pretrained_checkpoint:

@@ -321,7 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     save = cfg.checkpoint.save
     if save and not cfg.checkpoint.no_export:
         tok = cfg.data.tokenizer
-        export(trainer.chunks, vlm_cfg, os.path.join(save, "export"), tok if os.path.isdir(tok) else os.path.dirname(tok))
+        export(trainer.chunks, vlm_cfg, os.path.join(save, "export"),
+               tok if os.path.isdir(tok) else os.path.dirname(tok))
         print_rank0(f"exported the VLM to {os.path.join(save, 'export')}")
     return losses
 
