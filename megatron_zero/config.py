@@ -79,6 +79,11 @@ class CheckpointConfig:
     keep_last_checkpoints: int = 2
     overwrite: bool = False
     checkpoint_verify: str = "hash"
+    # background saves, frozen weights in checkpoints, time-based exit and save (Megatron-LM names)
+    async_save: bool = False
+    save_frozen: bool = False
+    exit_duration_in_mins: Optional[float] = None
+    save_interval_minutes: Optional[float] = None
     export_model: bool = False  # pretrain_lm: write <save>/export at the end
     no_export: bool = False  # pretrain_vlm: skip writing <save>/export at the end
 
