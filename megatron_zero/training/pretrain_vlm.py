@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-format", choices=["meta", "zero"], default="meta",
                    help="meta: the family's chat format; zero: the authors' Llama-3 format, random caption-template "
                         "image prompt and loss masks (special-token loss on by default in stages 1 and 2)")
-    g.add_argument("--data-path", required=True, help="LLaVA-1.5 JSON")
-    g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to")
+    g.add_argument("--data-path", required=True,
+                   help="LLaVA-1.5 JSON, or a shard dataset directory from tools/prepare_data.py (docs/data.md)")
+    g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to (JSON only)")
     g.add_argument("--text-data-path", default=None, help="text-only instruction JSONL mixed in (stage 1: GenQA)")
     g.add_argument("--text-ratio", type=float, default=None,
                    help="share of text-only samples in the mix (default: proportional to dataset sizes)")
@@ -159,13 +160,13 @@ def check_fills_a_batch(ds, args) -> None:
             f"(--global-batch-size {args.global_batch_size}); use a smaller --global-batch-size or more data")
 
 
-def build_dataset(args, tokenizer, template, num_image_embeddings: int):
-    from megatron_zero.data.datasets import (ChatDataset, MixtureDataset, TokenizationConfig, read_instruction_jsonl,
-                                             read_llava_json)
+def build_dataset(args, tokenizer, template, num_image_embeddings: int, conversations):
+    """The training mixture: ``conversations`` (of ``--data-path``) plus ``--text-data-path``'s."""
+    from megatron_zero.data.datasets import ChatDataset, MixtureDataset, TokenizationConfig, read_instruction_jsonl
 
     tcfg = TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=num_image_embeddings,
                               loss_on_special_tokens=args.loss_on_special_tokens, prompt_seed=args.seed)
-    vision = ChatDataset.build(read_llava_json(args.data_path, args.image_root), template, tcfg, source="llava")
+    vision = ChatDataset.build(conversations, template, tcfg, source="llava")
     check_dropped(vision, "--data-path", args.data_path, args, num_image_embeddings)
     if not args.text_data_path:
         return vision
@@ -224,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     from megatron_zero import platform
     from megatron_zero.checkpointing.sources import WeightSourceError, resolve_decoder, resolve_encoder
     from megatron_zero.data.chat_template import chat_template_for
-    from megatron_zero.data.images import load_image
+    from megatron_zero.data.shards import open_llava_data
     from megatron_zero.data.tokenizers import load_tokenizer
     from megatron_zero.models.freezing import FreezingError, apply_freezing, trainable_report
     from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
@@ -292,7 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         parser.error(f"--seq-length {args.seq_length} must be a multiple of 16 with --fp8-format")
 
     # the data is checked before any model is built or weight is read
-    dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
+    source = open_llava_data(args.data_path, args.image_root, strict=args.strict_images)  # JSON or shards
+    dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings, source.conversations)
     check_fills_a_batch(dataset, args)
     dp = initialize_from_args(args)
     print_rank0(f"megatron_zero pretrain_vlm stage {args.stage}: {platform.summary()} | "
@@ -321,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
         seq_length=args.seq_length, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         dp_rank=ps.get_data_parallel_rank(), dp_size=dp, seed=args.seed,
-        load_image=lambda path: load_image(path, image_size), loss_weighting=args.loss_weighting,
+        load_image=lambda path: source.load_image(path, image_size), loss_weighting=args.loss_weighting,
         loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
         strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1,
         pack_sequences=args.pack_sequences,
