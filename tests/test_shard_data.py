@@ -26,7 +26,7 @@ def _prepare(tmp_path, out="shards", **kw):
 
 def _cli(*args):
     p = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=300)
+                       timeout=300, check=False)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -68,7 +68,7 @@ def test_shards_hold_the_json_bytes_and_energon_loader_opens_them(tmp_path):
         assert torch.equal(shards.load_image(conv.image_paths[0], 16), load_image(tmp_path / "images" / rec["image"], 16))
 
     class LlavaEncoder(DefaultTaskEncoder):
-        cookers = [energon_cooker()]
+        cookers = (energon_cooker(),)
         decoder = None  # raw bytes, to compare with the files
 
     ds = get_train_dataset(tmp_path / "shards" / "metadataset.yaml", batch_size=None, shuffle_buffer_size=None,
@@ -83,9 +83,9 @@ def test_shards_hold_the_json_bytes_and_energon_loader_opens_them(tmp_path):
 
 
 def test_corrupt_member_skipped_and_counted_or_refused(tmp_path):
+    from megatron_zero.data.chat_template import chat_template_for
     from megatron_zero.data.datasets import ChatDataset, TokenizationConfig
     from megatron_zero.data.images import ImageLoadError
-    from megatron_zero.data.chat_template import chat_template_for
     from megatron_zero.data.shards import IMAGES, ShardDataset
     from megatron_zero.data.tokenizers import load_tokenizer
     from megatron_zero.training.vlm_batches import VLMBatches
@@ -151,18 +151,18 @@ def test_prepare_resumes_and_bad_input_is_one_line(tmp_path):
     records = json.loads((tmp_path / "llava.json").read_text())
     (tmp_path / "bad.json").write_text(json.dumps([records[0], {"id": "x", "image": "gone.png",
                                                                 "conversations": records[0]["conversations"]}]))
-    rc, out, err = _cli("tools/prepare_data.py", "--data-path", str(tmp_path / "bad.json"), "--image-root",
-                        str(tmp_path / "images"), "--output-dir", str(tmp_path / "bad"))
+    rc, _, err = _cli("tools/prepare_data.py", "--data-path", str(tmp_path / "bad.json"), "--image-root",
+                      str(tmp_path / "images"), "--output-dir", str(tmp_path / "bad"))
     assert rc == 2 and err.count("\n") == 1 and "record 1 (id 'x'): image" in err and "gone.png" in err, err
     assert not (tmp_path / "bad").exists()
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "y", "conversations": "hello"}]))
-    rc, out, err = _cli("tools/prepare_data.py", "--data-path", str(tmp_path / "bad.json"), "--output-dir",
-                        str(tmp_path / "bad"))
+    rc, _, err = _cli("tools/prepare_data.py", "--data-path", str(tmp_path / "bad.json"), "--output-dir",
+                      str(tmp_path / "bad"))
     assert rc == 2 and err.count("\n") == 1 and "record 0 (id 'y')" in err, err
 
     # a shard set without its metadata: refused in one line naming what to run
     (tmp_path / "shards" / ".nv-meta" / "index.sqlite").unlink()
-    rc, out, err = _cli("-m", "megatron_zero.training.pretrain_vlm", "--stage", "3", "--decoder-load",
+    rc, _, err = _cli("-m", "megatron_zero.training.pretrain_vlm", "--stage", "3", "--decoder-load",
                         str(tmp_path / "decoder"), "--vision-model", "tiny-clip", "--tokenizer", str(tmp_path / "tok"),
                         "--data-path", str(tmp_path / "shards"), "--seq-length", "96", "--global-batch-size", "4",
                         "--train-iters", "1")

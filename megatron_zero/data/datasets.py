@@ -44,9 +44,9 @@ __all__ = [
     "Sample",
     "TokenizationConfig",
     "llava_conversation",
-    "read_llava_records",
     "read_instruction_jsonl",
     "read_llava_json",
+    "read_llava_records",
     "truncate_sample",
 ]
 

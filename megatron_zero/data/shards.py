@@ -36,9 +36,9 @@ import logging
 import os
 import tarfile
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -164,7 +164,7 @@ def _energon_prepare(path: Path, tars: list[str], workers: int) -> None:
         yield from tqdm(items, total=length, desc=f"energon prepare {path.name}", unit="shard")
 
     BaseWebdatasetFactory.prepare_dataset(EPath(path), tars, split_parts_ratio=[("train", 1.0)], shuffle_seed=None,
-                                          progress_fn=progress, workers=workers)
+                                          progress_fn=progress, workers=max(1, min(workers, len(tars))))
     with open(path / META / "dataset.yaml", "w") as f:
         yaml.safe_dump({"__module__": "megatron.energon", "__class__": "CrudeWebdataset"}, f)
 
