@@ -88,6 +88,7 @@ def test_corrupt_member_skipped_and_counted_or_refused(tmp_path):
     from megatron_zero.data.images import ImageLoadError
     from megatron_zero.data.shards import IMAGES, ShardDataset
     from megatron_zero.data.tokenizers import load_tokenizer
+    from megatron_zero.errors import DataError
     from megatron_zero.training.vlm_batches import VLMBatches
 
     _world(tmp_path)
@@ -101,22 +102,35 @@ def test_corrupt_member_skipped_and_counted_or_refused(tmp_path):
                 f.seek(info.offset_data + info.size - 12)
                 f.write(b"\0" * 12)
             break
+    # and garble conversation member 000000005.json (record 5), same length
+    for shard in sorted((tmp_path / "shards").glob("conversations-*.tar")):
+        with tarfile.open(shard) as tar:
+            info = next((m for m in tar if m.name == "000000005.json"), None)
+        if info is not None:
+            with open(shard, "r+b") as f:
+                f.seek(info.offset_data)
+                f.write(b"\xff" * info.size)
+            break
     tok = load_tokenizer(str(tmp_path / "tok"))
     template = chat_template_for(tok, None, image_placeholder=None)
 
-    def batches(strict):
-        shards = ShardDataset(tmp_path / "shards", strict=strict)
-        ds = ChatDataset.build(shards.conversations(), template, TokenizationConfig(96, 4))
+    def batches(shards, strict):
+        convs = shards.conversations()
+        ds = ChatDataset.build(convs, template, TokenizationConfig(96, 4))
         return VLMBatches(ds, image_token_id=template.image_placeholder_id, num_image_embeddings=4, seq_length=96,
-                          pad_id=0, global_batch_size=17, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0,
+                          pad_id=0, global_batch_size=16, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0,
                           load_image=lambda p: shards.load_image(p, 16), strict_images=strict)
 
-    b = batches(strict=False)
+    shards = ShardDataset(tmp_path / "shards")
+    b = batches(shards, strict=False)
+    assert shards.skipped_records == 1 and "5" not in [c.id for c in shards.conversations()]
     micro = list(b.iteration(0))  # one epoch: every sample once
-    # samples 0 and 16 drop; 16's replacement is the next index, 0 (wrapping), which drops again
-    assert b.skipped_samples == 3 and len(micro) == 17
+    # samples 0 and 15 ("shared") drop; 15's replacement is the next index, 0 (wrapping), which drops again
+    assert b.skipped_samples == 3 and len(micro) == 16
+    with pytest.raises(DataError, match=r"conversations-\d+\.tar:000000005\.json: not a JSON record"):
+        ShardDataset(tmp_path / "shards", strict=True).conversations()
     with pytest.raises(ImageLoadError, match=r"images-\d+\.tar:img000000000\.png: truncated"):
-        list(batches(strict=True).iteration(0))
+        list(batches(shards, strict=True).iteration(0))
 
 
 def test_prepare_resumes_and_bad_input_is_one_line(tmp_path):

@@ -255,21 +255,26 @@ class ShardDataset:
         out = []
         for name in tqdm(self._shard_names(self.path), desc="reading conversation shards", unit="shard",
                          disable=None):
-            with tarfile.open(self.path / name, "r:") as tar:
-                for info in tar:
-                    if not info.isfile() or not info.name.endswith(".json"):
-                        continue
-                    where = f"{self.path / name}:{info.name}"
-                    try:
-                        rec = json.loads(tar.extractfile(info).read())
-                    except ValueError as err:  # not UTF-8 / not JSON: a corrupt member
-                        self._bad_record(f"{where}: not a JSON record ({err})")
-                        continue
-                    try:
-                        out.append(llava_conversation(rec, where, default_id=info.name.split(".")[0]))
-                    except DataError as err:
-                        self._bad_record(str(err))
+            try:
+                with tarfile.open(self.path / name, "r:") as tar:
+                    for info in tar:
+                        if info.isfile() and info.name.endswith(".json"):
+                            self._read_record(tar, info, f"{self.path / name}:{info.name}", out)
+            except (OSError, tarfile.TarError) as err:
+                raise ShardDatasetError(f"{self.path / name}: unreadable shard ({err}); prepare the dataset again: "
+                                        + _PREPARE_HINT.format(path=self.path)) from None
         return out
+
+    def _read_record(self, tar: tarfile.TarFile, info: tarfile.TarInfo, where: str, out: list) -> None:
+        try:
+            rec = json.loads(tar.extractfile(info).read())
+        except ValueError as err:  # not UTF-8 / not JSON: a corrupt member
+            self._bad_record(f"{where}: not a JSON record ({err})")
+            return
+        try:
+            out.append(llava_conversation(rec, where, default_id=info.name.split(".")[0]))
+        except DataError as err:
+            self._bad_record(str(err))
 
     def _bad_record(self, message: str) -> None:
         if self.strict:
@@ -311,18 +316,17 @@ class LlavaSource:
 
     conversations: list[Conversation]
     load_image: Callable[[str, int], torch.Tensor]
-    kind: str
 
 
 def open_llava_data(data_path: str, image_root: str | None = None, strict: bool = False) -> LlavaSource:
     """A LLaVA JSON (images from ``image_root``) or a prepared shard dataset (no ``image_root``)."""
     if not is_shard_dataset(data_path):
-        return LlavaSource(read_llava_json(data_path, image_root), load_image, "json")
+        return LlavaSource(read_llava_json(data_path, image_root), load_image)
     if image_root is not None:
         raise ShardDatasetError(f"--image-root {image_root}: --data-path {data_path} is a shard dataset, which holds "
                                 f"its images; drop --image-root")
     shards = ShardDataset(data_path, strict=strict)
-    return LlavaSource(shards.conversations(), shards.load_image, "shards")
+    return LlavaSource(shards.conversations(), shards.load_image)
 
 
 def energon_cooker():
