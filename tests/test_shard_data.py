@@ -133,7 +133,18 @@ def test_corrupt_member_skipped_and_counted_or_refused(tmp_path):
         list(batches(shards, strict=True).iteration(0))
 
 
-def test_prepare_resumes_and_bad_input_is_one_line(tmp_path):
+def _prepare_in_process(capsys, *argv):
+    """tools/prepare_data.py's entry point behind the project's error boundary: (exit status, stderr)."""
+    from megatron_zero.errors import run_main
+    from tools.prepare_data import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_main(main, prog="prepare_data.py", argv=argv)
+    return exit_.value.code, capsys.readouterr().err
+
+
+def test_prepare_resumes_and_bad_input_is_one_line(tmp_path, capsys):
     import megatron_zero.data.shards as shards_mod
 
     _world(tmp_path)
@@ -165,13 +176,13 @@ def test_prepare_resumes_and_bad_input_is_one_line(tmp_path):
     records = json.loads((tmp_path / "llava.json").read_text())
     (tmp_path / "bad.json").write_text(json.dumps([records[0], {"id": "x", "image": "gone.png",
                                                                 "conversations": records[0]["conversations"]}]))
-    rc, _, err = _cli("tools/prepare_data.py", "--data-path", str(tmp_path / "bad.json"), "--image-root",
-                      str(tmp_path / "images"), "--output-dir", str(tmp_path / "bad"))
+    rc, err = _prepare_in_process(capsys, "--data-path", str(tmp_path / "bad.json"), "--image-root",
+                                  str(tmp_path / "images"), "--output-dir", str(tmp_path / "bad"))
     assert rc == 2 and err.count("\n") == 1 and "record 1 (id 'x'): image" in err and "gone.png" in err, err
     assert not (tmp_path / "bad").exists()
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "y", "conversations": "hello"}]))
-    rc, _, err = _cli("tools/prepare_data.py", "--data-path", str(tmp_path / "bad.json"), "--output-dir",
-                      str(tmp_path / "bad"))
+    rc, err = _prepare_in_process(capsys, "--data-path", str(tmp_path / "bad.json"), "--output-dir",
+                                  str(tmp_path / "bad"))
     assert rc == 2 and err.count("\n") == 1 and "record 0 (id 'y')" in err, err
 
     # a shard set without its metadata: refused in one line naming what to run
