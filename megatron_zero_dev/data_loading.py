@@ -79,7 +79,7 @@ class _Path:
         from megatron_zero.data.shards import open_llava_data
         from megatron_zero.training.vlm_batches import VLMBatches
 
-        self.name, self.samples, self.seconds, self.opens = name, 0, 0.0, 0
+        self.name, self.samples, self.seconds, self.opens, self.round_opens = name, 0, 0.0, 0, []
         _OPENS["count"], _OPENS["on"] = 0, True
         start = time.perf_counter()  # setup: reading the JSON, or the conversation shards and the indexes
         source = open_llava_data(data_path, image_root)
@@ -102,6 +102,7 @@ class _Path:
         self.seconds += time.perf_counter() - start
         _OPENS["on"] = False
         self.opens += _OPENS["count"]
+        self.round_opens.append(_OPENS["count"])
         self.samples += per_round
 
     def result(self) -> dict:
@@ -109,7 +110,7 @@ class _Path:
         return {"samples": self.samples, "seconds": round(self.seconds, 3),
                 "samples_per_s": round(self.samples / self.seconds, 2),
                 "setup_seconds": round(self.setup_seconds, 2), "setup_files_opened": self.setup_opens,
-                "files_opened_loading": self.opens,
+                "files_opened_loading": self.opens, "files_opened_per_round": self.round_opens,
                 "files_opened_per_1000_samples_loading": round(1000 * self.opens / self.samples, 2),
                 "files_opened_per_1000_samples_with_setup": round(1000 * total / self.samples, 2)}
 

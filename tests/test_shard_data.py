@@ -52,7 +52,12 @@ def test_shards_train_with_the_json_losses_and_resume_exactly(tmp_path):
 
 
 def test_shards_hold_the_json_bytes_and_energon_loader_opens_them(tmp_path):
-    from megatron.energon import DefaultTaskEncoder, WorkerConfig, get_loader, get_train_dataset
+    from megatron.energon import (
+        DefaultTaskEncoder,
+        WorkerConfig,
+        get_loader,
+        get_train_dataset,
+    )
 
     from megatron_zero.data.images import load_image
     from megatron_zero.data.shards import ShardDataset, energon_cooker

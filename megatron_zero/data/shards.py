@@ -44,9 +44,19 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megatron_zero.data.datasets import Conversation, llava_conversation, read_llava_json, read_llava_records
-from megatron_zero.data.images import (IMAGE_SIZE, ImageLoadError, check_image_bytes, decode_image,
-                                       load_image)
+from megatron_zero.data.datasets import (
+    Conversation,
+    llava_conversation,
+    read_llava_json,
+    read_llava_records,
+)
+from megatron_zero.data.images import (
+    IMAGE_SIZE,
+    ImageLoadError,
+    check_image_bytes,
+    decode_image,
+    load_image,
+)
 from megatron_zero.errors import DataError
 
 __all__ = [
@@ -285,12 +295,13 @@ class ShardDataset:
     def _reader(self):
         if self._images is None:
             from megatron.energon.epathlib import EPath
-            from megatron.energon.flavors.webdataset.itar_reader import SqliteITarEntryReader
+            from megatron.energon.flavors.webdataset.itar_reader import (
+                SqliteITarEntryReader,
+            )
 
-            shards = len(self._shard_names(self.path / IMAGES))
+            self._images = SqliteITarEntryReader(EPath(self.path / IMAGES), key_is_full_entryname=True)
             # every shard stays open: random access over shuffled samples opens each image shard once
-            self._images = SqliteITarEntryReader(EPath(self.path / IMAGES), key_is_full_entryname=True,
-                                                 itar_cache_size=max(1, shards))
+            self._images.itar_cache_size = max(1, len(self._images.tar_filenames))
             weakref.finalize(self, self._images.close)  # closed before interpreter teardown
         return self._images
 
