@@ -101,6 +101,8 @@ def detect_transition(median: Sequence[float] | torch.Tensor, fraction: float = 
     above or just below the line -- where float noise of another CPU or torch build decides which side it is
     on -- gives the same answer either way. Example: the median 0.291 0.205 0.126 0.074 0.031 0.019 0.007 ...
     (line 0.029) crosses at 4.16 and gives layer 4; with layer 4 at 0.028 instead it crosses at 3.98: layer 4.
+    No rule that picks a layer is free of an edge: this one's is a crossing at x.5, which is why the crossing is
+    reported beside the layer (``trajectory.json``, the demo's log).
     """
     return math.floor(transition_crossing(median, fraction) + 0.5)
 
