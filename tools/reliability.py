@@ -16,7 +16,6 @@ writes) checkpoints that look complete but fail their manifest. The trials are :
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,7 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None) -> int:
     from megatron_zero_dev.reliability import run_trials
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=6)
     p.add_argument("--iters", type=int, default=8, help="training iterations per run")
     p.add_argument("--workdir", default="/tmp/megatron_zero_reliability")

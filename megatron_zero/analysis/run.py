@@ -159,8 +159,8 @@ def analyze(lm, samples: list[Sample], metric: str, mode: str, batch_size: int, 
     return rows, kept, responses, num_tokens
 
 
-def trajectory_record(args, cfg, kl, median, detected: int, transition: int, kept, num_tokens, responses,
-                      num_records: int, max_length: int) -> dict:
+def trajectory_record(args, cfg, kl, median, detected: int, crossing: float, transition: int, kept, num_tokens,
+                      responses, num_records: int, max_length: int) -> dict:
     """The content of ``trajectory.json`` (``args``: ``tools/analyze_trajectory.py``'s flags)."""
     from megatron_zero.analysis.trajectory import METRIC_DEFINITIONS, TRANSITION_RULE
 
@@ -170,17 +170,19 @@ def trajectory_record(args, cfg, kl, median, detected: int, transition: int, kep
         "num_layers": cfg.num_layers,
         "median": median.tolist(),
         "detected_transition_layer": detected,
+        "transition_crossing": crossing,
         "transition_layer": transition,
         "transition_override": args.transition_layer is not None,
         "transition_rule": TRANSITION_RULE.format(fraction=args.transition_fraction),
         "per_sample": kl.tolist(),
         "sample_record_index": [s.index for s in kept],
         "sample_num_tokens": num_tokens,
-        "model": {"load_dir": os.path.abspath(args.load_dir), "name": cfg.name, "config": cfg.to_dict(),
+        "model": {"load_dir": os.path.abspath(args.pretrained_checkpoint), "name": cfg.name, "config": cfg.to_dict(),
                   "tensor_model_parallel_size": args.tensor_model_parallel_size,
-                  "pipeline_model_parallel_size": args.pipeline_model_parallel_size, "dtype": args.dtype},
+                  "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
+                  "dtype": "bf16" if args.bf16 else "fp32"},
         "data": {"path": os.path.abspath(args.data), "sha256": file_sha256(args.data),
-                 "tokenizer": os.path.abspath(args.tokenizer or args.load_dir), "mode": args.mode,
+                 "tokenizer": os.path.abspath(args.tokenizer or args.pretrained_checkpoint), "mode": args.mode,
                  "num_records": num_records, "num_samples": len(kept), "max_length": max_length,
                  **({"max_new_tokens": args.max_new_tokens, "generated_tokens": responses}
                     if args.mode == "generated" else {})},
