@@ -369,8 +369,8 @@ def train(
                 print_rank0(f"--exit-duration-in-mins {cfg.exit_duration_in_mins:g} reached: stopped after iteration "
                             f"{iteration}")
                 if not cfg.save:  # exit 1: nothing to resume from
-                    raise StoppedWithoutCheckpoint(f"--exit-duration-in-mins reached at iteration {iteration}/{cfg.train_iters}; "
-                                     f"no --save was given, so nothing was saved")
+                    raise StoppedWithoutCheckpoint(f"--exit-duration-in-mins reached at iteration {iteration}/"
+                                                   f"{cfg.train_iters}; no --save was given, so nothing was saved")
                 raise Preempted(f"stopped at iteration {iteration}/{cfg.train_iters} (--exit-duration-in-mins), "
                                 f"checkpoint saved to {cfg.save}")
             if interrupted:
