@@ -20,7 +20,7 @@ Checks (each one record in ``gpu_check.json`` and a row of ``gpu_check.md``; any
     convention, :mod:`megatron_zero.training.flops`).
 ``packed_vlm_stage2``
     A packed stage-2 VLM step (CLIP ViT-L/14-336 + adapter + those decoder layers, stage-2 freezing) on the
-    LLaVA-1.5-shaped length mix of :mod:`megatron_zero.training.packing_benchmark`: real tokens/s, real fraction.
+    LLaVA-1.5-shaped length mix of :mod:`megatron_zero_dev.packing_benchmark`: real tokens/s, real fraction.
 ``surrogate_vs_target``
     Step time of a surrogate (fewer layers) over the target's, against the ratio of their FLOPs.
 
@@ -318,7 +318,7 @@ def check_packed_vlm(ctx: Context) -> dict:
     from megatron_zero.models.clip_vit import get_vision_preset
     from megatron_zero.models.freezing import apply_freezing
     from megatron_zero.models.vlm import VLMConfig, build_vlm_chunks
-    from megatron_zero.training.packing_benchmark import IMAGE_TOKEN_ID, llava_length_mix
+    from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID, llava_length_mix
     from megatron_zero.training.train_step import train_step
     from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
 
