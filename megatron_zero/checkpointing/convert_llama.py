@@ -17,7 +17,7 @@ import sys
 import torch
 
 from megatron_zero.checkpointing import hf_llama
-from megatron_zero.checkpointing.convert import (
+from megatron_zero.checkpointing.convert_common import (
     DTYPES, PROG, Progress, check_world, dtype_of, load_canonical, log, num_weights, target_runtime_options,
 )
 from megatron_zero.checkpointing.hf_reader import CheckpointFormatError, HFCheckpoint
