@@ -139,7 +139,10 @@ def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
     ``main`` returns an exit status (``None`` = 0) or a list (a training run's losses: 0). Tears down
     torch.distributed / megatron's parallel state on the way out.
     """
+    from megatron_zero import platform
+
     prog = prog or os.path.basename(sys.argv[0]) or "megatron_zero"
+    platform.import_megatron_core()  # before the entry point imports it some slower, noisier way
     original_error = argparse.ArgumentParser.error
     argparse.ArgumentParser.error = _short_argparse_error  # every parser (and sub-parser) of this process
     code: int = EXIT_OK

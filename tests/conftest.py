@@ -5,8 +5,11 @@ import sys
 
 import pytest
 
+from megatron_zero import platform
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+platform.import_megatron_core()  # the test process is an entry point: megatron-core imported fast and quiet
 
 
 def subprocess_env(**extra: str) -> dict:

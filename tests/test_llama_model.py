@@ -110,7 +110,7 @@ def test_cpu_rope_matches_the_reference_values_and_gradients(layout):
 
     from megatron_zero import platform
 
-    platform.install_cpu_compat()
+    platform.setup_megatron_core()
     assert getattr(rope_utils._apply_rotary_pos_emb_bshd, "_megatron_zero_patched", False)
     g = torch.Generator().manual_seed(0)
     s, b, n, d = 7, 3, 4, 16

@@ -106,7 +106,7 @@ def test_stage1_tp2_then_stage2_from_export(tmp_path):
     from megatron_zero import platform
     from megatron_zero.parallel.initialize import init_process_group
 
-    platform.install_cpu_compat()
+    platform.setup_megatron_core()
     init_process_group()  # the checkpoint reader is collective (a world of one here)
     src = resolve_decoder(str(s1))
     assert src.kind == "mcore"
@@ -155,7 +155,7 @@ def test_stage3_lora_trains_only_adapters_and_encoder_side(tmp_path, capsys):
     from megatron_zero.models.lora import is_lora_key
     from megatron_zero.parallel.initialize import init_process_group
 
-    platform.install_cpu_compat()
+    platform.setup_megatron_core()
     init_process_group()
     src = resolve_decoder(str(save))
     assert src.cfg.lora["targets"] == ["q", "v", "down"] and src.cfg.lora["rank"] == 4

@@ -122,7 +122,7 @@ def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard
         raise CheckpointFormatError(f"{load_dir}: the checkpoint holds LoRA adapters (rank {cfg.lora['rank']}); "
                                     f"pass --merge-lora to fold them into the exported decoder")
     check_save_dir(save_dir, overwrite)
-    platform.install_cpu_compat()
+    platform.setup_megatron_core()
     init_process_group()
     stream = mcore_checkpoint.iter_llama_canonical(load_dir, cfg)
     if cfg.lora:

@@ -107,7 +107,7 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
     tokenizer_problem = _tokenizer_problem(ckpt.tokenizer_dir or ckpt.decoder.path)
     check_save_dir(save_dir, overwrite)
     if ckpt.decoder.format != "hf":  # torch_dist reads are collective: a world of one
-        platform.install_cpu_compat()
+        platform.setup_megatron_core()
         init_process_group()
     with atomic_directory(save_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, log=lambda m: None)

@@ -65,7 +65,7 @@ def initialize_parallel(
     seed: int = 1234,
 ) -> int:
     """Set up torch.distributed and megatron-core's parallel state; returns the data-parallel size."""
-    platform.install_cpu_compat()
+    platform.setup_megatron_core()
     init_process_group()
     from megatron.core import parallel_state, tensor_parallel
 
