@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable
 
 import torch
 

@@ -1,4 +1,5 @@
-"""Log-probabilities from vocabulary-parallel logits, without gathering the vocabulary.
+"""Log-probabilities from vocabulary-parallel logits, without gathering the vocabulary (the one home of these
+reductions: evaluation's token log-probabilities, the trajectory analysis' log-softmax, pick and KL).
 
 Under tensor parallelism the output layer leaves each TP rank with the logits of a contiguous slice of the
 (padded) vocabulary: rank ``r`` holds ids ``[r * V_local, (r + 1) * V_local)``. The log-softmax needs only three
@@ -23,10 +24,55 @@ def _tp_group_rank_size(group) -> tuple[Optional[object], int, int]:
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
+def valid_ids(shard: int, first: int, vocab_size: int, device) -> torch.Tensor:
+    """``[shard]`` bools: which of ids ``[first, first + shard)`` are tokens (not vocabulary padding)."""
+    return torch.arange(first, first + shard, device=device) < vocab_size
+
+
 def mask_vocab_padding(logits: torch.Tensor, vocab_size: int, first_id: int) -> torch.Tensor:
     """``logits[..., j]`` (the logit of id ``first_id + j``) set to ``-inf`` where that id is padding."""
-    ids = torch.arange(first_id, first_id + logits.shape[-1], device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+    return logits.masked_fill(~valid_ids(logits.shape[-1], first_id, vocab_size, logits.device), float("-inf"))
+
+
+def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> None:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+
+
+def _max_and_sum_exp(logits: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The max and the sum of ``exp(logit - max)`` over the whole vocabulary (last dim, kept), from every TP rank's
+    masked ``float`` shard: the two reductions every log-softmax here is made of."""
+    top = logits.max(-1, keepdim=True).values
+    _all_reduce(top, group, dist.ReduceOp.MAX)
+    sum_exp = (logits - top).exp().sum(-1, keepdim=True)
+    _all_reduce(sum_exp, group)
+    return top, sum_exp
+
+
+def log_softmax(logits: torch.Tensor, valid: torch.Tensor, group) -> torch.Tensor:
+    """``log softmax`` over the whole (unpadded) vocabulary of this rank's shard ``[..., V/tp]``: padding ids get
+    ``-inf``; the max and the sum of exponentials are all-reduced over ``group``."""
+    logits = logits.float().masked_fill(~valid, float("-inf"))
+    top, sum_exp = _max_and_sum_exp(logits, group)
+    return logits - top - sum_exp.log()
+
+
+def pick(log_probs: torch.Tensor, targets: torch.Tensor, first: int, group) -> torch.Tensor:
+    """``log_probs[..., targets]`` for global ids ``targets``: taken on the TP rank whose shard owns each id."""
+    shard = log_probs.shape[-1]
+    local = (targets >= first) & (targets < first + shard)
+    picked = log_probs.gather(-1, (targets - first).clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(local, picked, torch.zeros_like(picked))
+    _all_reduce(picked, group)
+    return picked
+
+
+def kl(log_q: torch.Tensor, log_p: torch.Tensor, valid: torch.Tensor, group) -> torch.Tensor:
+    """``sum_v q_v (log q_v - log p_v)`` over the whole vocabulary from both distributions' shards."""
+    terms = torch.where(valid, log_q.exp() * (log_q - log_p), torch.zeros_like(log_q))
+    out = terms.sum(-1)
+    _all_reduce(out, group)
+    return out
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -34,23 +80,16 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
     """``log p(target)`` and "target is the argmax" for each row of this rank's vocab slice ``logits [N, V_local]``.
 
     ``targets [N]`` are global token ids (< ``vocab_size``). Collective over the TP group (``group``; default
-    megatron-core's), so every TP rank must call it with the same ``targets``.
+    megatron-core's), so every TP rank must call it with the same ``targets``. The ``[N, V_local]`` log-probabilities
+    are never formed: only the targets' logits are picked.
     """
     group, rank, size = _tp_group_rank_size(group)
     v_local = logits.shape[-1]
     first = rank * v_local
     logits = mask_vocab_padding(logits.float(), vocab_size, first)
-    top = logits.max(dim=-1).values
-    if size > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    sum_exp = torch.exp(logits - top[:, None]).sum(dim=-1)
-    in_slice = (targets >= first) & (targets < first + v_local)
-    local_index = (targets - first).clamp(0, v_local - 1)
-    target_logit = torch.where(in_slice, logits.gather(-1, local_index[:, None]).squeeze(-1),
-                               torch.zeros_like(top))
-    if size > 1:
-        dist.all_reduce(sum_exp, group=group)
-        dist.all_reduce(target_logit, group=group)
+    top, sum_exp = _max_and_sum_exp(logits, group)
+    top, sum_exp = top.squeeze(-1), sum_exp.squeeze(-1)
+    target_logit = pick(logits, targets, first, group)
     return target_logit - top - torch.log(sum_exp), target_logit >= top
 
 
