@@ -108,9 +108,9 @@ def test_cpu_rope_matches_the_reference_values_and_gradients(layout):
     gradients, on non-contiguous q/k views as attention passes them; the interleaved layout keeps megatron's own."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    from megatron_zero import platform
+    from megatron_zero.platform import mcore_fixes
 
-    platform.setup_megatron_core()
+    mcore_fixes.setup_megatron_core()
     assert getattr(rope_utils._apply_rotary_pos_emb_bshd, "_megatron_zero_patched", False)
     g = torch.Generator().manual_seed(0)
     s, b, n, d = 7, 3, 4, 16

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(platform.HAVE_CUDA, reason="the CPU conditions o
 
 @pytest.fixture(scope="module", autouse=True)
 def _setup():
-    platform.setup_megatron_core()
+    mcore_fixes.setup_megatron_core()
 
 
 def _original(fn):
@@ -40,10 +40,10 @@ def test_fixes_applied_here_are_the_cpu_ones():
 
 
 def test_fix_version_guard_fails_loudly_on_another_megatron_core(monkeypatch):
-    monkeypatch.setattr(mcore_fixes, "megatron_core_version", lambda: "0.99.0")
+    monkeypatch.setattr(platform, "megatron_core_version", lambda: "0.99.0")
     installed = []
     fix = mcore_fixes.Fix("probe", "always", lambda: True, lambda: installed.append(1))
-    with pytest.raises(mcore_fixes.MegatronCoreVersionError, match=r"written for megatron-core 0\.16\.1.*0\.99\.0"):
+    with pytest.raises(platform.MegatronCoreVersionError, match=r"written for megatron-core 0\.16\.1.*0\.99\.0"):
         mcore_fixes.apply((fix,))
     assert not installed
     # a fix whose condition does not hold here is neither checked nor installed
@@ -118,8 +118,8 @@ def test_megatron_core_cpu_warnings_do_not_reach_users():
     """What a user's process prints (stderr): no "full scope is deprecated" from each TransformerConfig, no
     CUDA_DEVICE_MAX_CONNECTIONS advice (raised by megatron-core's TP linear layers), no Apex/TE fallback notes."""
     code = ("import warnings\n"
-            "from megatron_zero import platform\n"
-            "platform.setup_megatron_core()\n"
+            "from megatron_zero.platform import mcore_fixes\n"
+            "mcore_fixes.setup_megatron_core()\n"
             "from megatron_zero.models.llama import RuntimeOptions, transformer_config\n"
             "from megatron_zero.models.llama_config import LlamaConfig\n"
             "cfg = LlamaConfig(num_layers=2, hidden_size=16, ffn_hidden_size=32, num_attention_heads=2,\n"

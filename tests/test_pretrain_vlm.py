@@ -103,10 +103,10 @@ def test_stage1_tp2_then_stage2_from_export(tmp_path):
     # stage 1 changed the translator (layer 2) and nothing else of the decoder
     from megatron_zero.checkpointing.sources import resolve_decoder
 
-    from megatron_zero import platform
+    from megatron_zero.platform import mcore_fixes
     from megatron_zero.parallel.initialize import init_process_group
 
-    platform.setup_megatron_core()
+    mcore_fixes.setup_megatron_core()
     init_process_group()  # the checkpoint reader is collective (a world of one here)
     src = resolve_decoder(str(s1))
     assert src.kind == "mcore"
@@ -149,13 +149,13 @@ def test_stage3_lora_trains_only_adapters_and_encoder_side(tmp_path, capsys):
                 "--image-root", str(tmp_path / "images"), "--seq-length", "48", "--micro-batch-size", "2",
                 "--global-batch-size", "4", "--train-iters", "2", "--save", str(save)])
     assert "exported the VLM" in out
-    from megatron_zero import platform
+    from megatron_zero.platform import mcore_fixes
     from megatron_zero.checkpointing.mcore_checkpoint import iter_llama_canonical
     from megatron_zero.checkpointing.sources import resolve_decoder
     from megatron_zero.models.lora import is_lora_key
     from megatron_zero.parallel.initialize import init_process_group
 
-    platform.setup_megatron_core()
+    mcore_fixes.setup_megatron_core()
     init_process_group()
     src = resolve_decoder(str(save))
     assert src.cfg.lora["targets"] == ["q", "v", "down"] and src.cfg.lora["rank"] == 4

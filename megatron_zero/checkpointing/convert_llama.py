@@ -113,7 +113,7 @@ def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard
     """
     from tqdm import tqdm
 
-    from megatron_zero import platform
+    from megatron_zero.platform import mcore_fixes
     from megatron_zero.checkpointing import mcore_checkpoint
     from megatron_zero.parallel.initialize import init_process_group, is_rank0
 
@@ -122,7 +122,7 @@ def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard
         raise CheckpointFormatError(f"{load_dir}: the checkpoint holds LoRA adapters (rank {cfg.lora['rank']}); "
                                     f"pass --merge-lora to fold them into the exported decoder")
     check_save_dir(save_dir, overwrite)
-    platform.setup_megatron_core()
+    mcore_fixes.setup_megatron_core()
     init_process_group()
     stream = mcore_checkpoint.iter_llama_canonical(load_dir, cfg)
     if cfg.lora:

@@ -4,19 +4,23 @@ The package has three parts:
 
 * this module, capability detection: ``HAVE_CUDA``, ``HAVE_TE`` (Transformer Engine), ``HAVE_FLASH_ATTN``,
   ``HAVE_APEX``, ``HAVE_DALI``; :func:`distributed_backend` (``nccl`` on GPU, ``gloo`` on CPU), :func:`device`,
-  :func:`summary`. Importing it changes nothing.
+  :func:`summary`; the installed megatron-core's version and the guard :func:`require_version`;
+  :func:`import_megatron_core` (entry points call it first, through :func:`megatron_zero.errors.run_main`).
+  Importing the module changes nothing.
 * :mod:`megatron_zero.platform.cpu`: the essential shims that let megatron-core (GPU-only as shipped) run on CPU.
-* :mod:`megatron_zero.platform.mcore_fixes`: importing megatron-core, and the fixes to its code, each gated on the
-  condition of its bug and guarded by the megatron-core version it was written for.
-
-:func:`import_megatron_core` (entry points call it first, through :func:`megatron_zero.errors.run_main`) and
-:func:`setup_megatron_core` (called by :func:`megatron_zero.parallel.initialize.initialize_parallel` and the
-few paths that use megatron-core without it) are the only places any of it is applied.
+* :mod:`megatron_zero.platform.mcore_fixes`: the fixes to megatron-core's code, each gated on the condition of
+  its bug and guarded by the megatron-core version it was written for; and
+  :func:`~megatron_zero.platform.mcore_fixes.setup_megatron_core` (import + CPU shims + fixes), called by
+  :func:`megatron_zero.parallel.initialize.initialize_parallel` and the few paths that use megatron-core
+  without it.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import sys
+import warnings
 
 import torch
 
@@ -29,7 +33,8 @@ __all__ = [
     "distributed_backend",
     "device",
     "import_megatron_core",
-    "setup_megatron_core",
+    "megatron_core_version",
+    "require_version",
     "summary",
 ]
 
@@ -69,20 +74,81 @@ def summary() -> str:
     return ", ".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# megatron-core: its version, and importing it
+# ---------------------------------------------------------------------------------------------------------
+MEGATRON_CORE_VERSION = "0.16.1"
+
+
+class MegatronCoreVersionError(RuntimeError):
+    """A fix to megatron-core's private code meets a megatron-core version it was not written for."""
+
+
+def megatron_core_version() -> str:
+    from megatron.core import package_info
+
+    return package_info.__version__
+
+
+def require_version(what: str, written_for: str = MEGATRON_CORE_VERSION) -> None:
+    """Raise unless the installed megatron-core is the version ``what`` was written for."""
+    found = megatron_core_version()
+    if found != written_for:
+        raise MegatronCoreVersionError(
+            f"megatron_zero's {what} replaces private megatron-core code written for megatron-core {written_for}, "
+            f"but megatron-core {found} is installed: install megatron-core=={written_for} (setup.py pins it), "
+            f"or check that megatron-core {found} still needs it and update megatron_zero.platform"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Importing megatron-core
+# ---------------------------------------------------------------------------------------------------------
+def _lazy_compile(real_compile):
+    """``torch.compile`` that compiles on the first call instead of at decoration: megatron-core decorates its
+    fusions with ``torch.compile`` at import time, which imports dynamo and inductor (seconds) even in runs that
+    never call a fused kernel."""
+
+    def compile_(model=None, **kwargs):
+        if model is None:
+            return lambda fn: compile_(fn, **kwargs)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kw):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real_compile(model, **kwargs)
+            return compiled(*args, **kw)
+
+        return call
+
+    return compile_
+
+
+def silence_fallback_warnings() -> None:
+    """Without a GPU megatron-core's fallback to its local implementations is expected: not worth a warning."""
+    for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+        warnings.filterwarnings("ignore", message=msg)
+
+
 def import_megatron_core() -> None:
-    """Import megatron-core the fast and quiet way (see :func:`megatron_zero.platform.mcore_fixes.import_megatron_core`).
-    No-op once it is imported."""
-    from megatron_zero.platform import mcore_fixes
-
-    mcore_fixes.import_megatron_core()
-
-
-def setup_megatron_core() -> None:
-    """Make megatron-core ready for this machine: imported (as :func:`import_megatron_core`), the CPU shims without
-    CUDA, and the fixes whose conditions hold here. Idempotent."""
-    from megatron_zero.platform import cpu, mcore_fixes
-
-    mcore_fixes.import_megatron_core()
+    """Import ``megatron.core`` without its optional wandb hook (megatron's wandb logging is not used here; wandb's
+    own import costs ~3 s per process) and with its import-time ``torch.compile`` decorations made lazy. Every
+    process (tool, torchrun rank, test worker) pays megatron-core's import once; this halves it. wandb stays
+    importable afterwards for whoever uses it (lmms-eval). ``torch.compile`` is itself again afterwards."""
+    if "megatron.core" in sys.modules:
+        return
+    blocked = "wandb" not in sys.modules
+    if blocked:
+        sys.modules["wandb"] = None  # makes ``import wandb`` raise ImportError: megatron's try/except skips it
     if not HAVE_CUDA:
-        cpu.install()
-    mcore_fixes.apply()
+        silence_fallback_warnings()
+    real_compile = torch.compile
+    torch.compile = _lazy_compile(real_compile)
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = real_compile
+        if blocked and sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]

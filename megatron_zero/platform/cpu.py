@@ -130,10 +130,8 @@ def install() -> bool:
         return False
     if _INSTALLED:
         return True
-    from megatron_zero.platform import mcore_fixes
-
-    mcore_fixes.import_megatron_core()
-    mcore_fixes.silence_fallback_warnings()
+    platform.import_megatron_core()
+    platform.silence_fallback_warnings()
     # TP communication-overlap advice for GPUs (megatron-core's tensor_parallel.layers); no such overlap on CPU
     warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS")
 
@@ -170,7 +168,7 @@ def install() -> bool:
     torch.Tensor.cuda = lambda self, *a, **k: self
 
     # Private megatron-core code from here on: the version it was written for, or a loud error.
-    mcore_fixes.require_version("CPU shim of megatron-core's optimizer type checks and RNG setter")
+    platform.require_version("CPU shim of megatron-core's optimizer type checks and RNG setter")
     _scope_cuda_type_names()
     # Megatron-core's private RNG setter goes through torch.cuda._lazy_call, which never runs on CPU.
     from megatron.core.tensor_parallel import random as mcore_random

@@ -1,14 +1,15 @@
-"""megatron-core: importing it, and the fixes to its code that megatron_zero depends on.
+"""The fixes to megatron-core's code that megatron_zero depends on, and :func:`setup_megatron_core`.
 
 Every fix is a :class:`Fix`: the megatron-core version it was written for, the condition under which megatron-core
 takes the broken path (read from megatron-core itself where it keeps one), and the replacement. :func:`apply`
 installs the fixes whose condition holds; a fix whose condition holds on another megatron-core version fails
-loudly (:class:`MegatronCoreVersionError`) instead of replacing private code it was not written against.
+loudly (:class:`~megatron_zero.platform.MegatronCoreVersionError`) instead of replacing private code it was not
+written against.
 
 | fix | condition | what goes wrong without it |
 |---|---|---|
 | ``distributed_optimizer_empty_state`` | no Apex/TE (torch Adam) | a rank with nothing to train cannot save |
-| ``distributed_optimizer_reshardable_load`` | no Apex/TE (torch Adam) | loading the reshardable format: KeyError 'step' |
+| ``distributed_optimizer_reshardable_load`` | no Apex/TE (torch Adam) | reshardable load: KeyError 'step' |
 | ``one_pass_rope`` | no CUDA | the unfused RoPE costs six full-size temporaries |
 
 Each fix's test (``tests/test_platform.py``) shows the failure with megatron-core's original and its absence with
@@ -17,91 +18,12 @@ the fix.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import sys
-import warnings
 from collections.abc import Callable
 
 import torch
 
 from megatron_zero import platform
-
-MEGATRON_CORE_VERSION = "0.16.1"
-
-
-class MegatronCoreVersionError(RuntimeError):
-    """A fix to megatron-core's private code meets a megatron-core version it was not written for."""
-
-
-def megatron_core_version() -> str:
-    from megatron.core import package_info
-
-    return package_info.__version__
-
-
-def require_version(what: str, written_for: str = MEGATRON_CORE_VERSION) -> None:
-    """Raise unless the installed megatron-core is the version ``what`` was written for."""
-    found = megatron_core_version()
-    if found != written_for:
-        raise MegatronCoreVersionError(
-            f"megatron_zero's {what} replaces private megatron-core code written for megatron-core {written_for}, "
-            f"but megatron-core {found} is installed: install megatron-core=={written_for} (setup.py pins it), "
-            f"or check that megatron-core {found} still needs it and update {__name__}"
-        )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Importing megatron-core
-# ---------------------------------------------------------------------------------------------------------
-def _lazy_compile(real_compile):
-    """``torch.compile`` that compiles on the first call instead of at decoration: megatron-core decorates its
-    fusions with ``torch.compile`` at import time, which imports dynamo and inductor (seconds) even in runs that
-    never call a fused kernel."""
-
-    def compile_(model=None, **kwargs):
-        if model is None:
-            return lambda fn: compile_(fn, **kwargs)
-        compiled = None
-
-        @functools.wraps(model)
-        def call(*args, **kw):
-            nonlocal compiled
-            if compiled is None:
-                compiled = real_compile(model, **kwargs)
-            return compiled(*args, **kw)
-
-        return call
-
-    return compile_
-
-
-def silence_fallback_warnings() -> None:
-    """Without a GPU megatron-core's fallback to its local implementations is expected: not worth a warning."""
-    for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
-        warnings.filterwarnings("ignore", message=msg)
-
-
-def import_megatron_core() -> None:
-    """Import ``megatron.core`` without its optional wandb hook (megatron's wandb logging is not used here; wandb's
-    own import costs ~3 s per process) and with its import-time ``torch.compile`` decorations made lazy. Every
-    process (tool, torchrun rank, test worker) pays megatron-core's import once; this halves it. wandb stays
-    importable afterwards for whoever uses it (lmms-eval). ``torch.compile`` is itself again afterwards."""
-    if "megatron.core" in sys.modules:
-        return
-    blocked = "wandb" not in sys.modules
-    if blocked:
-        sys.modules["wandb"] = None  # makes ``import wandb`` raise ImportError: megatron's try/except skips it
-    if not platform.HAVE_CUDA:
-        silence_fallback_warnings()
-    real_compile = torch.compile
-    torch.compile = _lazy_compile(real_compile)
-    try:
-        import megatron.core  # noqa: F401
-    finally:
-        torch.compile = real_compile
-        if blocked and sys.modules.get("wandb", 0) is None:
-            del sys.modules["wandb"]
-
+from megatron_zero.platform import MEGATRON_CORE_VERSION, require_version
 
 # ---------------------------------------------------------------------------------------------------------
 # The fixes
@@ -263,7 +185,7 @@ FIXES: tuple[Fix, ...] = (
 
 def apply(fixes: tuple[Fix, ...] = FIXES) -> list[str]:
     """Install every fix whose condition holds here (version-guarded); returns their names. Idempotent."""
-    import_megatron_core()
+    platform.import_megatron_core()
     applied = []
     for fix in fixes:
         if fix.needed():
@@ -271,3 +193,15 @@ def apply(fixes: tuple[Fix, ...] = FIXES) -> list[str]:
             fix.install()
             applied.append(fix.name)
     return applied
+
+
+def setup_megatron_core() -> list[str]:
+    """Make megatron-core ready for this machine: imported (:func:`megatron_zero.platform.import_megatron_core`),
+    the CPU shims without CUDA (:mod:`megatron_zero.platform.cpu`), and the fixes whose conditions hold here.
+    Idempotent; returns the names of the fixes in place."""
+    from megatron_zero.platform import cpu
+
+    platform.import_megatron_core()
+    if not platform.HAVE_CUDA:
+        cpu.install()
+    return apply()
