@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_zero.checkpointing.resolve import (
-    DECODER_KINDS, ENCODER_KINDS, VLM_KINDS, CheckpointResolveError, resolve_checkpoint,
+    DECODER_KINDS, ENCODER_KINDS, CheckpointResolveError, resolve_checkpoint,
 )
 from megatron_zero.models.clip_vit import ClipVisionConfig
 from megatron_zero.models.llama_config import LlamaConfig
@@ -33,15 +33,6 @@ def _resolve(path: str, flag: str, accept):
         raise
     except ValueError as e:  # unrecognised, or a malformed file of a recognised kind
         raise WeightSourceError(str(e)) from None
-
-
-def vlm_checkpoint_dir(path: str) -> Optional[str]:
-    """The directory holding the VLM checkpoint ``path`` names (itself, or a training run's ``export/``), or None."""
-    try:
-        ckpt = resolve_checkpoint(path, accept=VLM_KINDS)
-    except ValueError:
-        return None
-    return ckpt.root
 
 
 @dataclasses.dataclass
