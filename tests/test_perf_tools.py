@@ -1,18 +1,15 @@
 """The performance tools' plumbing at tiny sizes (no timing is asserted): tools/gpu_check.py (refusal without a GPU,
 --dry-run writing its JSON + Markdown), tools/benchmark_packing.py and tools/compare_speed.py."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from megatron_zero import platform
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import run_cli
 
 
 def _tool(*args, check=True):
-    p = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=600)
+    p = run_cli(args)
     if check:
         assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
     return p

@@ -1,8 +1,6 @@
 """megatron_zero.platform: importing the package changes nothing; each megatron-core fix is needed (megatron-core's
 original fails the test's case) and works (the fixed version passes it); the version guard fails loudly; the CPU
 shims stay in their scope; megatron-core's CPU-meaningless warnings do not reach users."""
-import subprocess
-import sys
 import types
 
 import pytest
@@ -10,6 +8,7 @@ import torch
 
 from megatron_zero import platform
 from megatron_zero.platform import mcore_fixes
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.skipif(platform.HAVE_CUDA, reason="the CPU conditions of the fixes and shims")
 
@@ -30,7 +29,7 @@ def test_importing_megatron_zero_changes_nothing():
             "assert 'megatron.core' not in sys.modules, 'megatron.core imported'\n"
             "assert (torch.compile, torch.Tensor.type, torch.cuda.current_device) == (compile_, type_, cur)\n"
             "assert torch.randn(1).type() == 'torch.FloatTensor'\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = run_cli(["-c", code], timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -129,7 +128,7 @@ def test_megatron_core_cpu_warnings_do_not_reach_users():
             "warnings.warn('When using async grad allreduce it is recommended to set the environment variable '\n"
             "              'CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup')\n"
             "warnings.warn('the probe')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    proc = run_cli(["-c", code], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "the probe" in proc.stderr  # warnings do reach stderr
     for noise in ("full scope is deprecated", "CUDA_DEVICE_MAX_CONNECTIONS", "Apex is not installed",

@@ -5,13 +5,11 @@ export is what the next stage loads, and the length-weighted loss path.
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import run_cli
 
 
 def _world(tmp_path):
@@ -60,9 +58,7 @@ def _world(tmp_path):
 def _run(args, nproc=1):
     """pretrain_vlm as a user starts it: under torchrun for several processes, plainly for one (a world of one
     needs no launcher process)."""
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launch, "-m", "megatron_zero.training.pretrain_vlm", *args]
-    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    p = run_cli(["-m", "megatron_zero.training.pretrain_vlm", *args], nproc=nproc, timeout=400)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
     return p.stdout
 
@@ -92,10 +88,8 @@ def test_stage1_tp2_then_stage2_from_export(tmp_path):
     image = sorted((tmp_path / "images").iterdir())[0]
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"id": "q", "prompt": "what shape is it", "images": [str(image)]})
                                             + "\n")
-    gen = subprocess.run([sys.executable, "tools/generate.py", "--checkpoint", str(s1 / "export"), "--prompts",
-                          str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "3", "--output",
-                          str(tmp_path / "answers.jsonl")], cwd=REPO, env=subprocess_env(), capture_output=True,
-                         text=True, timeout=300)
+    gen = run_cli(["tools/generate.py", "--checkpoint", s1 / "export", "--prompts", tmp_path / "prompts.jsonl",
+                   "--max-new-tokens", "3", "--output", tmp_path / "answers.jsonl"], timeout=300)
     assert gen.returncode == 0, (gen.stdout + gen.stderr)[-4000:]
     (answer,) = [json.loads(x) for x in open(tmp_path / "answers.jsonl")]
     assert answer["id"] == "q" and isinstance(answer["text"], str)

@@ -144,7 +144,6 @@ def test_tp2_pp2_conversion_logits_and_bit_exact_export(tmp_path):
     transformers' logits, and mcore -> hf gives back the original tensors bit for bit (reloadable by
     transformers with the same logits). The LoRA TP=2 == TP=1 check rides in the same launch (tests/test_lora.py
     builds its reference; here it is run when that reference exists)."""
-    import transformers
 
     from tests.conftest import run_worker
 
@@ -205,7 +204,6 @@ def test_build_surrogate_keeps_layers_bit_exact(tmp_path, preset, single_process
     """tools/build_surrogate.py on an HF Qwen checkpoint: T(1, 2) keeps layers 0, 1 (translator), 3 bit for bit
     (q/k norms and q/k/v biases included) and is a model of the same family transformers loads; the same from
     the target converted to a sharded (torch_dist) checkpoint gives a sharded surrogate with the same tensors."""
-    import transformers
 
     from tools import build_surrogate
 

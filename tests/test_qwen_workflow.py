@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env
-from tests.test_workflow import run
+from tests.conftest import REPO, run_cli_ok, subprocess_env
 from tests.workflow_world import PHOTOS, build_world, write_mc_task, write_vqa_task
 
 pytestmark = pytest.mark.timeout(900)
@@ -47,8 +46,8 @@ def hf_llava_answers(*cases: tuple) -> list[dict]:
     """tests/workers/hf_llava_generate.py (one launch) in a Python without megatron_zero on its path; ``cases``:
     (export, image, question, max_new_tokens)."""
     env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
-    out = run([os.path.join(REPO, "tests", "workers", "hf_llava_generate.py"), *(str(x) for c in cases for x in c)],
-              env=env)
+    out = run_cli_ok([os.path.join(REPO, "tests", "workers", "hf_llava_generate.py"), *(str(x) for c in cases for x in c)],
+                     env=env)
     return [json.loads(line) for line in out.splitlines() if line.startswith('{"text"')]
 
 
@@ -74,9 +73,9 @@ class QwenWorkflow:
         return os.path.join(self.root, name)
 
     def _vlm(self, name: str, *args: str) -> list[dict]:
-        run(["-m", "megatron_zero.training.pretrain_vlm", *args, "--data-path", self.w["llava_json"],
-             "--image-root", self.w["images"], *TRAIN, "--save", self.p(name), "--metrics-file",
-             self.p(f"{name}.jsonl")])
+        run_cli_ok(["-m", "megatron_zero.training.pretrain_vlm", *args, "--data-path", self.w["llava_json"],
+                    "--image-root", self.w["images"], *TRAIN, "--save", self.p(name), "--metrics-file",
+                    self.p(f"{name}.jsonl")])
         return [json.loads(line) for line in open(self.p(f"{name}.jsonl"))]
 
     @functools.cached_property
@@ -213,8 +212,8 @@ def test_generate_and_evaluate_through_lmms_eval(qwf):
     rows = [{"image": "chelsea.png", "question": QUESTIONS[0][1], "answer": answers[0]["text"].strip()},
             {"image": "coffee.png", "question": QUESTIONS[1][1], "answer": "not " + answers[1]["text"]}]
     d = write_vqa_task(qwf.p("vlm_tasks"), "qwf_vqa", qwf.w["images"], rows)
-    run(["tools/evaluate.py", "--suite", "vlm", "--load", qwf.p("stage3/export"), "--tasks", "qwf_vqa::exact_match",
-         "--include-path", d, "--output-dir", qwf.p("eval-vlm")])
+    run_cli_ok(["tools/evaluate.py", "--suite", "vlm", "--load", qwf.p("stage3/export"), "--tasks", "qwf_vqa::exact_match",
+                "--include-path", d, "--output-dir", qwf.p("eval-vlm")])
     record = json.load(open(qwf.p("eval-vlm/results.json")))
     assert next(iter(record["checkpoints"].values()))["scores"]["qwf_vqa"] == pytest.approx(0.5)
 

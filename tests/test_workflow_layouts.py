@@ -7,12 +7,10 @@ built, each a one-line error with exit status 2."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import run_cli
 from tests.test_pretrain_vlm import _world
 
 pytestmark = pytest.mark.timeout(900)
@@ -28,11 +26,9 @@ def world(tmp_path_factory):
 
 
 def _vlm(world, *args, nproc=4, expect=0):
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launch, "-m", "megatron_zero.training.pretrain_vlm", "--decoder-load", str(world / "decoder"),
-           "--data-path", str(world / "llava.json"), "--image-root", str(world / "images"), "--seq-length", "48",
-           "--micro-batch-size", "1", "--log-interval", "1", *args]
-    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    p = run_cli(["-m", "megatron_zero.training.pretrain_vlm", "--decoder-load", world / "decoder",
+                 "--data-path", world / "llava.json", "--image-root", world / "images", "--seq-length", "48",
+                 "--micro-batch-size", "1", "--log-interval", "1", *args], nproc=nproc)
     out = p.stdout + p.stderr
     assert p.returncode == expect, out[-5000:]
     return out
@@ -66,12 +62,10 @@ def test_stage3_target_layout(world, tmp_path):
 
 def test_benchmark_layout():
     # benchmark_70b.sbatch: TP8 x PP2, sequence parallel, surrogate vs target -> TP2 x PP2 on the tiny preset
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "tools/benchmark.py",
-           "--model", "tiny", "--surrogate", "1,2", "--tensor-model-parallel-size", "2",
-           "--pipeline-model-parallel-size", "2", "--sequence-parallel", "--recompute-activations",
-           "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "2", "--iters", "3",
-           "--warmup", "1"]
-    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    p = run_cli(["tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--tensor-model-parallel-size", "2",
+                 "--pipeline-model-parallel-size", "2", "--sequence-parallel", "--recompute-activations",
+                 "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "2", "--iters", "3",
+                 "--warmup", "1"], nproc=4)
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
     assert "Projected training hours" in p.stdout
 
@@ -95,9 +89,8 @@ def test_surrogate_from_a_trajectory_that_leaves_nothing_to_drop(world, tmp_path
     """The detected layer is named, why it cannot be used, and a span that can; no flag the user never gave."""
     traj = tmp_path / "trajectory.json"
     traj.write_text(json.dumps({"transition_layer": 2, "num_layers": 4}))  # b = L-2 = 2: nothing to drop
-    p = subprocess.run([sys.executable, "tools/build_surrogate.py", "--load-dir", str(world / "decoder"),
-                        "--save-dir", str(tmp_path / "srgt"), "--from-trajectory", str(traj)],
-                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    p = run_cli(["tools/build_surrogate.py", "--load-dir", world / "decoder", "--save-dir", tmp_path / "srgt",
+                 "--from-trajectory", traj], timeout=300)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "detected transition layer 2" in p.stderr and "the default end L-2 = 2" in p.stderr
     assert "--translator-end 2" in p.stderr and "--translator-start 1" in p.stderr  # the suggested span T(1,2)
@@ -105,7 +98,6 @@ def test_surrogate_from_a_trajectory_that_leaves_nothing_to_drop(world, tmp_path
 
 
 def test_benchmark_needs_enough_iterations():
-    p = subprocess.run([sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--iters", "2"],
-                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    p = run_cli(["tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--iters", "2"], timeout=300)
     assert p.returncode == 2 and "--iters 2: need at least 3 timed iterations" in p.stderr
     assert "Traceback" not in p.stderr
