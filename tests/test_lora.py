@@ -20,7 +20,7 @@ def lora_cfg(targets=("q", "k", "v", "o", "gate", "up", "down"), rank=4, preset=
 
 def random_canonical(cfg, seed=0):
     """Base weights and adapters (B non-zero, so the adapters change the output) for ``cfg``."""
-    from tests.qwen_models import hf_model
+    from tests.tiny_models import hf_model
 
     base = dataclasses.replace(cfg, lora=None)
     ref = hf_model(base, seed=seed)
@@ -128,7 +128,7 @@ def test_lora_training_cli_end_to_end(single_process, tmp_path):
     from megatron_zero.checkpointing import mcore_checkpoint
     from megatron_zero.models.llama import build_llama_model
     from tests.conftest import run_cli
-    from tests.qwen_models import hf_model
+    from tests.tiny_models import hf_model
 
     cfg = get_preset("tiny-qwen3")
     target = hf_model(cfg, seed=11)

@@ -9,7 +9,7 @@ import torch
 from megatron_zero.checkpointing import hf_llama
 from megatron_zero.models.llama_config import PRESETS, DecoderConfig, UnsupportedModelError, get_preset
 from megatron_zero.parallel import sharding
-from tests.qwen_models import hf_model
+from tests.tiny_models import hf_model
 
 # Parameter counts of the HF releases (sum of numel over the safetensors shards of Qwen/<name>).
 PUBLISHED_PARAMS = {

@@ -33,7 +33,7 @@ def qwen_target(path: str, preset: str, seed: int = 0, **overrides) -> str:
     import dataclasses
 
     from megatron_zero.models.llama_config import get_preset
-    from tests.qwen_models import hf_model, write_qwen_tokenizer
+    from tests.tiny_models import hf_model, write_qwen_tokenizer
 
     texts = [f"{q} {a}\n" for _, q, a in PHOTOS] + ["You are Qwen, created by Alibaba Cloud.\n"]
     vocab = write_qwen_tokenizer(path, texts, vocab_size=300)
@@ -135,7 +135,7 @@ class QwenWorkflow:
         from megatron_zero.grafting import DECODER_DIR
         from megatron_zero.models.llama_config import get_preset
         from megatron_zero.parallel.initialize import initialize_parallel
-        from tests.qwen_models import write_qwen_tokenizer
+        from tests.tiny_models import write_qwen_tokenizer
         from tests.test_hf_llava import _vlm_checkpoint
         from tools import convert_checkpoint, generate
 
