@@ -7,6 +7,7 @@ import torch
 from megatron_zero.checkpointing import hf_llama
 from megatron_zero.models.llama_config import get_preset
 from megatron_zero.parallel import sharding
+from tests.tiny_models import hf_model
 
 
 @pytest.fixture(scope="module")
@@ -15,21 +16,6 @@ def single_process():
 
     initialize_parallel(1, 1, seed=3)
     yield
-
-
-def hf_model(cfg, seed=0):
-    import transformers
-
-    torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype")})
-    hf_cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # HF initialises norms to 1; randomise them so the mapping of norms is tested too
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return model
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-tied"])

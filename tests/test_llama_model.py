@@ -8,6 +8,7 @@ from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validat
 from megatron_zero.models.llama_config import PRESETS, LlamaConfig, get_preset, padded_vocab_size
 from megatron_zero.parallel.initialize import ParallelConfigError, check_world
 from megatron_zero.parallel.pipeline_layout import megatron_layout, split_layers
+from tests.tiny_models import hf_causal_lm
 
 # Parameter counts of the HF releases (sum of numel over the safetensors shards).
 PUBLISHED_PARAMS = {
@@ -25,12 +26,8 @@ def test_preset_parameter_counts_match_releases(name):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
 def test_preset_parameter_count_matches_transformers(name):
-    import transformers
-
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in PRESETS[name].to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype")})
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(hf_cfg)
+        model = hf_causal_lm(PRESETS[name])
     n = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     assert n == PRESETS[name].num_parameters()
 
