@@ -74,3 +74,12 @@ def layout_check_output(checks: dict, name: str, stage: str) -> str:
     if f"WORKER {name} rc=0" not in out:
         pytest.fail(f"layout_checks.py {stage}: worker {name} did not pass:\n{out[-6000:]}")
     return out
+
+
+@pytest.fixture(scope="module")
+def wf(request, tmp_path_factory):
+    """The whole workflow of one decoder family (``request.param``: its :class:`tests.workflow_world.Pipeline`
+    subclass), each step run once per module."""
+    from tests.workflow_world import Pipeline
+
+    return Pipeline.of(request.param)(str(tmp_path_factory.mktemp(f"workflow-{request.param}")))

@@ -17,10 +17,10 @@ import os
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, run_cli_ok, subprocess_env
-from tests.workflow_world import build_world, write_mc_task, write_vqa_task
+from tests.conftest import run_cli, run_cli_ok
+from tests.workflow_world import Pipeline, hf_llava_answers, write_mc_task, write_vqa_task
 
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.parametrize("wf", ["llama"], indirect=True)]
 LOSS_TOL = 2e-4  # TP/PP change the order of float sums only
 TRAIN = ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
          "--log-interval", "1", "--lr", "1e-3"]
@@ -29,30 +29,20 @@ SLURM_LAYOUT = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-
                 "--use-distributed-optimizer", "--overlap-grad-reduce", "--recompute-activations"]
 
 
-def metrics(path: str) -> list[float]:
-    return [json.loads(line)["loss"] for line in open(path)]
-
-
 def first_lr(path: str) -> float:
     return json.loads(open(path).readline())["lr"]
 
 
-class Workflow:
+class Workflow(Pipeline):
     """The steps, each run once (cached) in the order the README gives them."""
 
-    def __init__(self, root: str):
-        self.root = root
-        self.w = build_world(root)
-        self.outputs: dict[str, str] = {}
-
-    def p(self, name: str) -> str:
-        return os.path.join(self.root, name)
+    family = "llama"
+    train = TRAIN
 
     @functools.cached_property
     def converted(self) -> str:
-        run_cli_ok(["tools/convert_checkpoint.py", "--source-format", "hf", "--target-format", "mcore",
-                    "--load-dir", self.w["llama"], "--save-dir", self.p("llama-tp2"), "--target-tensor-parallel-size", "2"],
-                   nproc=2)
+        run_cli_ok(["tools/convert_checkpoint.py", "--source-format", "hf", "--target-format", "mcore", "--load-dir",
+                    self.w["llama"], "--save-dir", self.p("llama-tp2"), "--target-tensor-parallel-size", "2"], nproc=2)
         return self.p("llama-tp2")
 
     @functools.cached_property
@@ -71,18 +61,16 @@ class Workflow:
         return self.p("srgt")
 
     def _stage1(self, name: str, layout: list, nproc: int) -> list[float]:
-        self.outputs[name] = run_cli_ok(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "1", "--decoder-load", self.surrogate,
-                    "--encoder-load", self.w["clip"], "--feature-convention", "llava", "--data-path", self.w["llava_json"],
-                    "--image-root", self.w["images"], "--text-data-path", self.w["text_jsonl"], *TRAIN, *layout,
-                    "--save", self.p(name), "--metrics-file", self.p(f"{name}.jsonl")], nproc=nproc)
-        return metrics(self.p(f"{name}.jsonl"))
+        rows = self.pretrain_vlm(name, "--stage", "1", "--decoder-load", self.surrogate, "--encoder-load",
+                                 self.w["clip"], "--feature-convention", "llava", "--text-data-path",
+                                 self.w["text_jsonl"], *layout, nproc=nproc)
+        return [r["loss"] for r in rows]
 
     def _stage2(self, name: str, layout: list, nproc: int) -> list[float]:
-        self.outputs[name] = run_cli_ok(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "2", "--decoder-load", self.p("stage1"),
-                    "--encoder-load", self.p("stage1"), "--encoder-trainable-layers", "2", "--loss-on-special-tokens",
-                    "--data-path", self.w["llava_json"], "--image-root", self.w["images"], *TRAIN, *layout,
-                    "--save", self.p(name), "--metrics-file", self.p(f"{name}.jsonl")], nproc=nproc)
-        return metrics(self.p(f"{name}.jsonl"))
+        rows = self.pretrain_vlm(name, "--stage", "2", "--decoder-load", self.p("stage1"), "--encoder-load",
+                                 self.p("stage1"), "--encoder-trainable-layers", "2", "--loss-on-special-tokens",
+                                 *layout, nproc=nproc)
+        return [r["loss"] for r in rows]
 
     @functools.cached_property
     def stage1(self) -> list[float]:
@@ -112,11 +100,7 @@ class Workflow:
     @functools.cached_property
     def answers(self) -> list[dict]:
         """Greedy answers of the grafted VLM to one question per photo (4 new tokens)."""
-        with open(self.p("prompts.jsonl"), "w") as f:
-            for name, question in (("chelsea", "What animal is this?"), ("coffee", "What is on the table?")):
-                f.write(json.dumps({"id": name, "prompt": question,
-                                    "images": [os.path.join(self.w["images"], f"{name}.png")]}) + "\n")
-        run_cli_ok(["tools/generate.py", "--checkpoint", self.grafted, "--prompts", self.p("prompts.jsonl"),
+        run_cli_ok(["tools/generate.py", "--checkpoint", self.grafted, "--prompts", self.write_prompts(),
                     "--output", self.p("answers.jsonl"), "--max-new-tokens", "4"])
         return [json.loads(line) for line in open(self.p("answers.jsonl"))]
 
@@ -139,14 +123,9 @@ class Workflow:
 
     @functools.cached_property
     def llava_export(self) -> str:
-        run_cli_ok(["tools/convert_checkpoint.py", "--model-type", "vlm", "--source-format", "vlm", "--target-format", "hf",
-                    "--load-dir", self.grafted, "--save-dir", self.p("hf-llava")])
+        run_cli_ok(["tools/convert_checkpoint.py", "--model-type", "vlm", "--source-format", "vlm", "--target-format",
+                    "hf", "--load-dir", self.grafted, "--save-dir", self.p("hf-llava")])
         return self.p("hf-llava")
-
-
-@pytest.fixture(scope="module")
-def wf(tmp_path_factory):
-    return Workflow(str(tmp_path_factory.mktemp("workflow")))
 
 
 def test_converted_target_back_to_hf_keeps_token_ids_and_dtype(wf):
@@ -226,7 +205,8 @@ def test_vlm_evaluation_through_lmms_eval(wf):
     record = json.load(open(wf.p("eval-vlm/results.json")))
     assert record["checkpoints"]["grafted"]["scores"]["wf_vqa"] == pytest.approx(0.5)
     out = run_cli_ok(["-m", "lmms_eval", "--model", "megatron_zero_vlm", "--model_args", f"load={wf.grafted}",
-                      "--tasks", "wf_vqa", "--include_path", tasks, "--batch_size", "2", "--output_path", wf.p("lmms-out")])
+                      "--tasks", "wf_vqa", "--include_path", tasks, "--batch_size", "2", "--output_path",
+                      wf.p("lmms-out")])
     results = [os.path.join(dp, f) for dp, _, fs in os.walk(wf.p("lmms-out")) for f in fs if f.endswith("results.json")]
     assert len(results) == 1, out[-3000:]
     assert json.load(open(results[0]))["results"]["wf_vqa"]["exact_match,none"] == pytest.approx(0.5)
@@ -249,11 +229,8 @@ def test_llava_export_is_usable_from_transformers_alone(wf):
     from megatron_zero.data.tokenizers import load_tokenizer
 
     export, answer = wf.llava_export, wf.answers[0]
-    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
     image = os.path.join(wf.w["images"], "chelsea.png")
-    out = run_cli_ok([os.path.join(REPO, "tests", "workers", "hf_llava_generate.py"), export, image,
-                             "What animal is this?", "4"], env=env)
-    hf = json.loads(next(line for line in out.splitlines() if line.startswith('{"text"')))
+    hf = hf_llava_answers((export, image, "What animal is this?", 4))[0]
     assert hf["text"] == answer["text"]
     # the same prompt tokens (image token expanded to one per patch) and the same pixels as our preprocessing
     template = chat_template_for(load_tokenizer(wf.w["llama"]))
