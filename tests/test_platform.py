@@ -18,6 +18,13 @@ def _setup():
     mcore_fixes.setup_megatron_core()
 
 
+def _python(code: str):
+    """``python -c code`` in a fresh process (the test environment); it must exit 0."""
+    proc = run_cli(["-c", code], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
 def _original(fn):
     assert getattr(fn, "_megatron_zero_patched", False), f"{fn} is not megatron_zero's fix"
     return fn._megatron_zero_original
@@ -29,8 +36,7 @@ def test_importing_megatron_zero_changes_nothing():
             "assert 'megatron.core' not in sys.modules, 'megatron.core imported'\n"
             "assert (torch.compile, torch.Tensor.type, torch.cuda.current_device) == (compile_, type_, cur)\n"
             "assert torch.randn(1).type() == 'torch.FloatTensor'\n")
-    proc = run_cli(["-c", code], timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    _python(code)
 
 
 def test_fixes_applied_here_are_the_cpu_ones():
@@ -128,8 +134,7 @@ def test_megatron_core_cpu_warnings_do_not_reach_users():
             "warnings.warn('When using async grad allreduce it is recommended to set the environment variable '\n"
             "              'CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup')\n"
             "warnings.warn('the probe')\n")
-    proc = run_cli(["-c", code], timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = _python(code)
     assert "the probe" in proc.stderr  # warnings do reach stderr
     for noise in ("full scope is deprecated", "CUDA_DEVICE_MAX_CONNECTIONS", "Apex is not installed",
                   "Transformer Engine and Apex"):
