@@ -8,7 +8,7 @@ import torch
 
 from megatron_zero import platform
 from megatron_zero.platform import mcore_fixes
-from tests.conftest import run_cli
+from tests.conftest import run_cli, subprocess_env
 
 pytestmark = pytest.mark.skipif(platform.HAVE_CUDA, reason="the CPU conditions of the fixes and shims")
 
@@ -18,9 +18,9 @@ def _setup():
     mcore_fixes.setup_megatron_core()
 
 
-def _python(code: str):
-    """``python -c code`` in a fresh process (the test environment); it must exit 0."""
-    proc = run_cli(["-c", code], timeout=300)
+def _python(code: str, env: dict | None = None):
+    """``python -c code`` in a fresh process (the test environment unless ``env``); it must exit 0."""
+    proc = run_cli(["-c", code], env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -134,7 +134,8 @@ def test_megatron_core_cpu_warnings_do_not_reach_users():
             "warnings.warn('When using async grad allreduce it is recommended to set the environment variable '\n"
             "              'CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup')\n"
             "warnings.warn('the probe')\n")
-    proc = _python(code)
+    # as a user runs it: the test environment's PYTHONWARNINGS=ignore would hide everything
+    proc = _python(code, env={k: v for k, v in subprocess_env().items() if k != "PYTHONWARNINGS"})
     assert "the probe" in proc.stderr  # warnings do reach stderr
     for noise in ("full scope is deprecated", "CUDA_DEVICE_MAX_CONNECTIONS", "Apex is not installed",
                   "Transformer Engine and Apex"):
