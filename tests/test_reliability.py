@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli, subprocess_env
+from tests.conftest import REPO, subprocess_env
 
 TINY = ["--model", "tiny", "--mock-data", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
         "--lr", "3e-3", "--lr-warmup-fraction", "0.2", "--log-interval", "1"]
@@ -40,7 +40,7 @@ def single():
 
 
 def run(cmd, timeout=900, **env):
-    p = run_cli(cmd[1:], env=subprocess_env(**env), timeout=timeout)  # cmd: [python, ...] as single()/torchrun() build
+    p = subprocess.run(cmd, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     return p.returncode, p.stdout, p.stderr
 
 
