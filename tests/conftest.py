@@ -28,7 +28,7 @@ def run_cli(args, nproc: int = 1, env: dict | None = None, timeout: int = 600) -
     needs no launcher process), in :func:`subprocess_env` unless ``env`` is given. stdout and stderr captured."""
     launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     return subprocess.run([sys.executable, *launch, *map(str, args)], cwd=REPO, env=env or subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def run_cli_ok(args, nproc: int = 1, env: dict | None = None, timeout: int = 600) -> str:

@@ -105,7 +105,7 @@ def test_tools_are_thin(tool):
 
 def _module_name(path: str) -> str:
     rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
-    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+    return rel.removesuffix(".__init__")
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import textwrap
+from typing import ClassVar
 
 import torch
 
@@ -169,8 +170,8 @@ class Pipeline:
     family: ``pytest.mark.parametrize("wf", [family], indirect=True)``."""
 
     family = ""
-    train: list = []  # pretrain_vlm's batch and run-length flags
-    _by_family: dict = {}
+    train: ClassVar[list] = []  # pretrain_vlm's batch and run-length flags
+    _by_family: ClassVar[dict] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -200,9 +201,9 @@ class Pipeline:
     def write_prompts(self) -> str:
         """``prompts.jsonl`` for tools/generate.py: one of :data:`QUESTIONS` per photo."""
         with open(self.p("prompts.jsonl"), "w") as f:
-            for name, question in QUESTIONS:
-                f.write(json.dumps({"id": name, "prompt": question,
-                                    "images": [os.path.join(self.w["images"], f"{name}.png")]}) + "\n")
+            f.writelines(json.dumps({"id": name, "prompt": question,
+                                     "images": [os.path.join(self.w["images"], f"{name}.png")]}) + "\n"
+                         for name, question in QUESTIONS)
         return self.p("prompts.jsonl")
 
 

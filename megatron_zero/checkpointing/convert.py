@@ -9,7 +9,8 @@ One module per format: :mod:`~megatron_zero.checkpointing.convert_llama` (HF Lla
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from megatron_zero.checkpointing import convert_clip, convert_llama
 from megatron_zero.models.llama import ModelConfigError

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import resource
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from megatron_zero.checkpointing.hf_llava import LlavaExportError
 from megatron_zero.checkpointing.hf_reader import CheckpointFormatError
 from megatron_zero.checkpointing.hf_writer import SaveDirError
-from megatron_zero.checkpointing.hf_llava import LlavaExportError
 from megatron_zero.checkpointing.mcore_checkpoint import CheckpointError
 from megatron_zero.checkpointing.resolve import CheckpointResolveError
 from megatron_zero.checkpointing.vlm_checkpoint import VLMCheckpointError

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_zero import platform
-from megatron_zero.platform import mcore_fixes
 from megatron_zero.errors import UserError
+from megatron_zero.platform import mcore_fixes
 
 
 class ParallelConfigError(UserError, ValueError):

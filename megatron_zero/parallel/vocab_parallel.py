@@ -83,7 +83,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
     megatron-core's), so every TP rank must call it with the same ``targets``. The ``[N, V_local]`` log-probabilities
     are never formed: only the targets' logits are picked.
     """
-    group, rank, size = _tp_group_rank_size(group)
+    group, rank, _ = _tp_group_rank_size(group)
     v_local = logits.shape[-1]
     first = rank * v_local
     logits = mask_vocab_padding(logits.float(), vocab_size, first)

@@ -25,6 +25,7 @@ import torch
 from megatron_zero import platform
 from megatron_zero.platform import MEGATRON_CORE_VERSION, require_version
 
+
 # ---------------------------------------------------------------------------------------------------------
 # The fixes
 # ---------------------------------------------------------------------------------------------------------
