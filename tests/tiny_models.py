@@ -38,11 +38,13 @@ def hf_model(cfg, seed=0):
 
 
 def hf_clip_model(cfg, seed: int = 0):
-    """A transformers ``CLIPVisionModel`` of our ``ClipVisionConfig`` with random weights (norms and biases too)."""
+    """A transformers ``CLIPVisionModel`` of our ``ClipVisionConfig`` (or of a transformers ``CLIPVisionConfig``)
+    with random weights (norms and biases too)."""
     import transformers
 
     torch.manual_seed(seed)
-    hf_cfg = transformers.CLIPVisionConfig(**cfg.to_hf_config())
+    hf_cfg = cfg if isinstance(cfg, transformers.CLIPVisionConfig) else transformers.CLIPVisionConfig(
+        **cfg.to_hf_config())
     hf_cfg._attn_implementation = "eager"
     model = transformers.CLIPVisionModel(hf_cfg).eval()
     with torch.no_grad():  # HF initialises norms to 1/0 and biases to 0: randomise so their mapping is tested
@@ -52,6 +54,7 @@ def hf_clip_model(cfg, seed: int = 0):
             elif name.endswith("bias"):
                 p.normal_(0, 0.3)
     return model
+
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|vision_pad|>", "<|image_pad|>"]
