@@ -30,7 +30,7 @@ LAYERS = {
     "checkpointing": 4, "inference": 4,
     "training": 5, "evaluation": 5, "arguments": 5,
     "surrogate": 6, "grafting": 6, "analysis": 6,     # the method
-    "launcher": 7, "gpu_check": 7, "reliability": 7,  # entry-point helpers; dev tooling on its way out
+    "launcher": 7, "reliability": 7,                  # entry-point helper; dev tooling on its way out
 }
 # Import edges that break the layering today, each owned by a parallel branch of issue #25 that removes it; the
 # integrator deletes an entry once that branch is merged (the test fails on an entry that no longer exists).
@@ -43,11 +43,7 @@ KNOWN_VIOLATIONS = {
     ("megatron_zero.checkpointing.resolve", "megatron_zero.training.checkpoint"),
     ("megatron_zero.checkpointing.zero_import", "megatron_zero.surrogate"),
     ("megatron_zero.checkpointing.resolve", "megatron_zero.checkpointing.sources"),
-    # branch "gpu": training/benchmark.py (moving to megatron_zero_dev) imports the method
-    ("megatron_zero.training.benchmark", "megatron_zero.surrogate"),
 }
-# branch "gpu" moves this GPU acceptance check into megatron_zero_dev (it uses the packing benchmark's length mix)
-DEV_TOOLING_STILL_IN_LIBRARY = {"megatron_zero/gpu_check.py"}
 
 
 def imported_modules(path: str, package: str) -> list[tuple[int, str]]:
@@ -205,6 +201,5 @@ def test_cycle_finder():
 def test_core_library_does_not_import_dev_tooling_or_tools():
     edges = [f"{os.path.relpath(p, REPO)}:{line} imports {m}" for p in _python_files(PACKAGE)
              for line, m in imported_modules(p, _module_name(p).rpartition(".")[0])
-             if m.split(".")[0] in ("megatron_zero_dev", "tools")
-             and os.path.relpath(p, REPO) not in DEV_TOOLING_STILL_IN_LIBRARY]
+             if m.split(".")[0] in ("megatron_zero_dev", "tools")]
     assert not edges, "\n".join(edges)

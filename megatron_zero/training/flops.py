@@ -9,7 +9,7 @@ Per token, per layer, for forward + backward (3x forward; 2 FLOPs per multiply-a
 
 This is the formula of Megatron-LM's ``num_floating_point_operations`` (and hence of Megatron-Bridge's
 published throughput tables), so MFU numbers compare directly. Norms, RoPE, softmax and the loss are not
-counted.
+counted. The vision encoder's FLOPs can be added with :func:`vit_flops_per_image`.
 """
 from __future__ import annotations
 
@@ -35,6 +35,27 @@ def decoder_flops_per_step(cfg, global_batch: int, seq_length: int, padded_vocab
         + V / (2 * L * h)  # logits, spread over the layers
     )
     return 12.0 * global_batch * seq_length * L * h * h * per_layer
+
+
+def decoder_training_flops(cfg, global_batch: int, seq_length: int, trainable_layers: int | None = None,
+                           padded_vocab: int | None = None) -> float:
+    """:func:`decoder_flops_per_step` with only ``trainable_layers`` of the decoder's layers trained (default: all).
+    Frozen layers still pass gradients to what lies below them (the adapter, the encoder, a translator), so they do
+    the forward and the input-gradient GEMMs but no weight-gradient GEMMs: 2x forward instead of 3x. (A stage that
+    trains nothing below the decoder would need no backward at all; the paper's stages all do.)"""
+    full = decoder_flops_per_step(cfg, global_batch, seq_length, padded_vocab)
+    trainable = cfg.num_layers if trainable_layers is None else trainable_layers
+    return full * (1 - (cfg.num_layers - trainable) / (3 * cfg.num_layers))
+
+
+def vit_flops_per_image(num_layers: int, hidden: int, mlp: int, tokens: int, trainable_layers: int | None = None) -> float:
+    """Encoder FLOPs per image, forward + backward (bidirectional attention, two-matrix GELU MLP).
+
+    Frozen layers below the first trainable one need no backward: they cost 1x instead of 3x.
+    """
+    fwd_per_layer = 2 * tokens * (4 * hidden * hidden + 2 * hidden * mlp) + 4 * tokens * tokens * hidden
+    trainable = num_layers if trainable_layers is None else trainable_layers
+    return fwd_per_layer * (3 * trainable + (num_layers - trainable))
 
 
 def mfu(flops_per_step: float, step_time_s: float, num_devices: int, peak_tflops: float) -> tuple[float, float]:
