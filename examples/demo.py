@@ -43,7 +43,9 @@ KINDS = ("upper_bound", "surrogate_own", "surrogate_graft", "control_own", "cont
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default="outputs/demo")
     p.add_argument("--seed", type=int, default=1234, help="seed of the target LLM, its data and the held-out images")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds for stages 1-3 (seed, seed+1, ...)")

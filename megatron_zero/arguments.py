@@ -1,14 +1,31 @@
-"""Megatron-style command-line flags, grouped so every tool composes the groups it needs.
+"""The command-line vocabulary of every entry point and tool: Megatron-style flag groups, one parser class.
 
 Flag names follow Megatron-LM (``--tensor-model-parallel-size``, ``--pipeline-model-parallel-size``,
-``--sequence-parallel``, ``--micro-batch-size``, ``--global-batch-size``, ``--bf16`` ...); data parallelism is
-whatever remains of the world size. :func:`validate_args` turns bad combinations into a one-line
-``parser.error`` naming the flag.
+``--sequence-parallel``, ``--micro-batch-size``, ``--global-batch-size``, ``--bf16``, ``--load``, ``--save``,
+``--pretrained-checkpoint`` ...); data parallelism is whatever remains of the world size. Old spellings stay
+accepted as deprecated aliases (:func:`add_deprecated_alias`, one warning line; the table is docs/flags.md).
+:func:`parse` reads a command line once into a :class:`megatron_zero.config.RunConfig` and validates it.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Optional, Sequence
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+from megatron_zero.config import ConfigError, RunConfig, validate
+from megatron_zero.errors import EXIT_USER_ERROR, emit_error, want_traceback
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line, ``<prog>: error: <message> (see --help)``, exit 2
+    (no usage dump; ``MEGATRON_ZERO_TRACEBACK=1`` prints the usage too). Sub-parsers are of this class as well."""
+
+    def error(self, message: str):
+        if want_traceback():
+            self.print_usage(sys.stderr)
+        emit_error(self.prog, f"{message} (see --help)")
+        sys.exit(EXIT_USER_ERROR)
 
 
 def positive_int(text: str) -> int:
@@ -29,6 +46,62 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {text!r}") from None
 
 
+def _warn_deprecated(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    print(f"{parser.prog}: warning: {old} is deprecated, use {new}", file=sys.stderr, flush=True)
+
+
+class _AcceptsDeprecatedAliases:
+    """Mixed into a flag's action: an old spelling (``deprecated_aliases``) warns once, then acts as the flag."""
+
+    deprecated_aliases: dict[str, str]
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.deprecated_aliases:
+            _warn_deprecated(parser, option_string, self.deprecated_aliases[option_string])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _action(parser: argparse.ArgumentParser, flag: str) -> argparse.Action:
+    for action in parser._actions:
+        if flag in action.option_strings:
+            return action
+    raise KeyError(flag)
+
+
+def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Accept ``old`` as a deprecated spelling of the already added flag ``new`` (the same action, so ``required``
+    and the flag's type/choices hold for both; only ``new`` shows in ``--help``)."""
+    target = _action(parser, new)
+    if not isinstance(target, _AcceptsDeprecatedAliases):
+        target.__class__ = type(f"Deprecated{type(target).__name__}", (_AcceptsDeprecatedAliases, type(target)), {})
+        target.deprecated_aliases = {}
+    target.deprecated_aliases[old] = new
+    parser._option_string_actions[old] = target
+
+
+class _DtypeAlias(argparse.Action):
+    """``--dtype fp32|bf16|float32|bfloat16`` (deprecated): ``--bf16`` or nothing."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _warn_deprecated(parser, f"{option_string} {values}", "--bf16" if values in ("bf16", "bfloat16") else
+                         "the default (fp32)")
+        setattr(namespace, self.dest, values in ("bf16", "bfloat16"))
+
+
+def add_precision_args(g) -> None:
+    """``--bf16`` (Megatron-LM), with the deprecated ``--dtype`` spellings of older tools."""
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
+    g.add_argument("--dtype", dest="bf16", action=_DtypeAlias, choices=["fp32", "bf16", "float32", "bfloat16"],
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_pretrained_checkpoint_arg(parser, *, required: bool = False, help: str, old: Sequence[str] = ()) -> None:
+    """``--pretrained-checkpoint`` (Megatron-LM): model weights to read (never written), with ``old`` spellings."""
+    parser.add_argument("--pretrained-checkpoint", required=required, default=None, help=help)
+    for flag in old:
+        add_deprecated_alias(parser, flag, "--pretrained-checkpoint")
+
+
 def add_parallel_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP degree")
@@ -46,7 +119,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None,
                    help="model preset name, model_config.json, or a checkpoint directory holding one")
-    g.add_argument("--bf16", action="store_true", help="bf16 parameters and compute")
+    add_precision_args(g)
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None,
                    help="FP8 compute with Transformer Engine (GPU only)")
     g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed")
@@ -63,6 +136,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP")
     g.add_argument("--seq-length", type=int, default=2048)
     g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--exit-after-iters", type=int, default=None, help="stop (and save) after this many iterations")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-fraction", type=float, default=0.03)
@@ -75,7 +149,7 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
-    g.add_argument("--log-interval", type=int, default=1)
+    g = parser.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, help="checkpoint directory to save into")
     g.add_argument("--load", default=None, help="checkpoint directory to resume from")
     g.add_argument("--save-interval", type=int, default=None)
@@ -86,43 +160,39 @@ def add_training_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--checkpoint-verify", choices=["hash", "size"], default="hash",
                    help="on resume, check every checkpoint file against the SHA-256 (hash) or only the size "
                         "(size: for huge checkpoints) recorded when it was saved")
+    g = parser.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None,
+                   help="append per-iteration JSON lines (loss, lr, grad norm, tokens), written by rank 0")
     return parser
 
 
-def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace, world_size: Optional[int] = None) -> None:
-    """Check flag combinations that don't need the model; errors name the flag."""
-    for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size", "seq_length",
-                 "log_interval"):
-        if getattr(args, flag, 1) is not None and getattr(args, flag, 1) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    for flag in ("global_batch_size", "train_iters", "save_interval", "keep_last_checkpoints"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if getattr(args, "sequence_parallel", False) and args.tensor_model_parallel_size == 1:
-        parser.error("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None)
-    if vpp is not None and (vpp < 1 or args.pipeline_model_parallel_size == 1):
-        parser.error("--virtual-pipeline-model-parallel-size needs --pipeline-model-parallel-size > 1")
-    if world_size is not None:
-        mp = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-        if world_size % mp:
-            parser.error(
-                f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
-                f"--pipeline-model-parallel-size = {mp}"
-            )
-        dp = world_size // mp
-        gbs = getattr(args, "global_batch_size", None)
-        mbs = getattr(args, "micro_batch_size", None)
-        if gbs is not None and mbs is not None and gbs % (mbs * dp):
-            parser.error(
-                f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}"
-            )
+def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, required: Sequence[str] = (),
+          resolve: Optional[Callable[[RunConfig], RunConfig]] = None) -> RunConfig:
+    """The command line as a validated :class:`RunConfig` (``required``: flags the entry point cannot do without;
+    ``resolve``: fills the values that depend on other flags before validation). A bad value exits 2 with one
+    line (``parser.error``). Every flag of ``parser`` must have its place in :class:`RunConfig`."""
+    return _parse(parser, argv, required, resolve, strict=True)[0]
 
 
-def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    import os
+def parse_tool(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
+               required: Sequence[str] = ()) -> tuple[RunConfig, argparse.Namespace]:
+    """For a tool (a CLI, not library code) that composes the shared flag groups with flags of its own: the
+    validated :class:`RunConfig` of the shared flags, and the parsed command line for the tool's own."""
+    return _parse(parser, argv, required, None, strict=False)
 
+
+def _parse(parser, argv, required, resolve, strict: bool) -> tuple[RunConfig, argparse.Namespace]:
     args = parser.parse_args(argv)
-    validate_args(parser, args, int(os.environ.get("WORLD_SIZE", "1")))
-    return args
+    cfg = RunConfig.from_flags(vars(args), strict=strict)
+    try:
+        for flag in required:
+            if getattr(args, flag.lstrip("-").replace("-", "_")) is None:
+                raise ConfigError(f"{flag} is required")
+        if resolve is not None:
+            cfg = resolve(cfg)
+        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        parser.error(str(e))
+    return cfg, args

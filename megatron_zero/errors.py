@@ -5,7 +5,8 @@ runs its ``main`` through :func:`run_main`:
 
 * a :class:`UserError` (bad flag, file, record, checkpoint) prints **one line**, ``<prog>: error: <message>``,
   naming the file, flag or record, and exits :data:`EXIT_USER_ERROR` (2);
-* an argument error prints one line (``<prog>: error: ... (see --help)``) instead of argparse's usage dump;
+* an argument error prints one line (``<prog>: error: ... (see --help)``) instead of argparse's usage dump
+  (every parser is a :class:`megatron_zero.arguments.ArgumentParser`);
 * a missing/unreadable file (``OSError`` with a file name) is a user error too;
 * anything else is a bug: one line naming the exception and where it was raised, exit 1;
 * ``MEGATRON_ZERO_TRACEBACK=1`` prints the full traceback in every case;
@@ -17,7 +18,6 @@ node; later ones by every rank that hits them, prefixed with ``[rank N]``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import traceback
@@ -40,6 +40,10 @@ class UserError(Exception):
 
 class DataError(UserError, ValueError):
     """A data file or record that cannot be used (names the file and record)."""
+
+
+class StoppedWithoutCheckpoint(Exception):
+    """A preemption signal stopped a run that has no ``--save``: nothing to resume from (exit 1)."""
 
 
 class Preempted(SystemExit):
@@ -69,7 +73,7 @@ def _world() -> tuple[int, int, bool]:
     return rank, int(os.environ.get("LOCAL_RANK", "0") or 0), initialized
 
 
-def _emit(prog: str, message: str) -> None:
+def emit_error(prog: str, message: str) -> None:
     rank, local_rank, initialized = _world()
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1 and not initialized and local_rank != 0:
@@ -102,6 +106,8 @@ def describe(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code for ``exc``."""
     if isinstance(exc, UserError):
         return str(exc), EXIT_USER_ERROR
+    if isinstance(exc, StoppedWithoutCheckpoint):
+        return str(exc), EXIT_INTERNAL_ERROR
     if isinstance(exc, UnicodeDecodeError):
         return (f"not UTF-8 text ({exc.reason} at byte {exc.start}); give a UTF-8 file", EXIT_USER_ERROR)
     if isinstance(exc, OSError) and exc.filename is not None:
@@ -119,19 +125,6 @@ def describe(exc: BaseException) -> tuple[str, int]:
             f"(set {TRACEBACK_ENV}=1 for the full traceback)", EXIT_INTERNAL_ERROR)
 
 
-def _short_argparse_error(self: argparse.ArgumentParser, message: str):
-    if want_traceback():
-        self.print_usage(sys.stderr)
-    _emit(self.prog, f"{message} (see --help)")
-    sys.exit(EXIT_USER_ERROR)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line (no usage dump)."""
-
-    error = _short_argparse_error
-
-
 def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
              argv: Optional[Sequence[str]] = None) -> None:
     """Run an entry point's ``main`` behind the error boundary and exit with its status (never returns).
@@ -143,8 +136,6 @@ def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
 
     prog = prog or os.path.basename(sys.argv[0]) or "megatron_zero"
     platform.import_megatron_core()  # before the entry point imports it some slower, noisier way
-    original_error = argparse.ArgumentParser.error
-    argparse.ArgumentParser.error = _short_argparse_error  # every parser (and sub-parser) of this process
     code: int = EXIT_OK
     try:
         result = main() if argv is None else main(list(argv))
@@ -157,12 +148,9 @@ def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
         code = EXIT_PREEMPTED
         _ignore_preemption_signals()
     except SystemExit as e:
-        if isinstance(e.code, str):  # raise SystemExit("error: ...") - already one line
-            text = e.code.strip()
-            print(f"{prog}: {text}" if text.startswith("error:") else text, file=sys.stderr, flush=True)
-            code = EXIT_USER_ERROR if "error:" in text else EXIT_INTERNAL_ERROR
-        else:
-            code = e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_INTERNAL_ERROR)
+        if isinstance(e.code, str):  # sys.exit("message"): as Python reports it (errors are UserError)
+            print(e.code.strip(), file=sys.stderr, flush=True)
+        code = e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_INTERNAL_ERROR)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         code = 130
@@ -170,9 +158,7 @@ def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
         if want_traceback():
             traceback.print_exc()
         message, code = describe(e)
-        _emit(prog, message)
-    finally:
-        argparse.ArgumentParser.error = original_error
+        emit_error(prog, message)
     if code in (EXIT_OK, EXIT_PREEMPTED):  # after an error, peers may be stuck in a collective: just exit
         _teardown()
     sys.stdout.flush()
@@ -192,10 +178,12 @@ def _ignore_preemption_signals() -> None:
 
 
 def _teardown() -> None:
-    try:
-        if "megatron_zero.parallel.initialize" in sys.modules:
-            from megatron_zero.parallel.initialize import destroy_parallel
-
-            destroy_parallel()
+    try:  # megatron's parallel state and the process group, if this process set them up
+        parallel_state = sys.modules.get("megatron.core.parallel_state")
+        if parallel_state is not None and parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - the run's status is already decided
         pass

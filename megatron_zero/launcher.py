@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import sys
+from functools import partial
 from typing import Optional, Sequence
 
 from megatron_zero.errors import EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, want_traceback
@@ -97,6 +98,8 @@ def _record_status(code: int) -> None:
 
 def launch(argv: Sequence[str]) -> int:
     from torch.distributed import run as torchrun
+
+    from megatron_zero.arguments import ArgumentParser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     forwarder = _Forwarder()
@@ -105,7 +108,9 @@ def launch(argv: Sequence[str]) -> int:
     if not want_traceback():
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        torchrun.run(torchrun.parse_args(_with_signals_option(list(argv))))
+        parser = torchrun.get_args_parser()
+        parser.error = partial(ArgumentParser.error, parser)  # torchrun's flag errors: one line too
+        torchrun.run(parser.parse_args(_with_signals_option(list(argv))))
         code = EXIT_OK
     except ChildFailedError as e:
         codes = sorted({f.exitcode for f in e.failures.values()})

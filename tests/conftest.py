@@ -40,6 +40,15 @@ def run_cli_ok(args, nproc: int = 1, env: dict | None = None, timeout: int = 600
     return out
 
 
+def exit_status(main, argv) -> int:
+    """Run a tool's ``main`` as its script does, behind :func:`megatron_zero.errors.run_main`; its exit status."""
+    from megatron_zero.errors import run_main
+
+    with pytest.raises(SystemExit) as exited:
+        run_main(main, argv=argv)
+    return exited.value.code
+
+
 def worker_output(script: str, *args: str, nproc: int = 1, timeout: int = 600) -> tuple[int, str]:
     """Run ``tests/workers/<script>`` (under torchrun when nproc > 1): (exit status, stdout + stderr)."""
     p = run_cli([os.path.join(REPO, "tests", "workers", script), *args], nproc=nproc, timeout=timeout)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_zero.checkpointing.hf_writer import ShardedSafetensorsWriter, atomic_directory
-from tests.conftest import run_worker
+from tests.conftest import exit_status, run_worker
 from tools import convert_checkpoint as cc
 
 VOCAB = 300
@@ -139,7 +139,7 @@ def test_convert_tp2_pp2_reshard_and_roundtrip(hf_dir, tmp_path):
 
 # ---- bad input: one-line errors naming the file or flag ------------------------------------------------------
 def run_main(capsys, *argv):
-    code = cc.main(list(argv))
+    code = exit_status(cc.main, list(argv))
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert "Traceback" not in err and len(err.splitlines()) == 1, err

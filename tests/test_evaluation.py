@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import run_worker
+from tests.conftest import exit_status, run_worker
 from tests.tiny_models import hf_causal_lm
 from tests.workflow_world import task_yaml
 
@@ -227,12 +227,12 @@ def test_evaluate_tool_compares_two_checkpoints(setup, harness_samples, capsys):
 def test_evaluate_tool_fails_clearly_without_data(setup, capsys):
     from tools.evaluate import main
 
-    code = main(["--suite", "text", "--load", setup["ckpt"], "--tasks", "tiny_missing",
-                 "--include-path", setup["missing"], "--output-dir", str(setup["root"] / "none")])
+    code = exit_status(main, ["--suite", "text", "--load", setup["ckpt"], "--tasks", "tiny_missing",
+                              "--include-path", setup["missing"], "--output-dir", str(setup["root"] / "none")])
     err = capsys.readouterr().err
     assert code == 2
     assert "tiny_missing" in err and "not available" in err and "--include-path" in err
-    assert main(["--suite", "text", "--load", str(setup["root"] / "absent"), "--tasks", "x"]) == 2
+    assert exit_status(main, ["--suite", "text", "--load", str(setup["root"] / "absent"), "--tasks", "x"]) == 2
     assert "no such checkpoint directory" in capsys.readouterr().err
 
 

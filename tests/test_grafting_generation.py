@@ -20,6 +20,7 @@ from megatron_zero.models.llama import build_llama_model
 from megatron_zero.models.llama_config import get_preset
 from megatron_zero.models.vlm import VLMConfig, build_vlm, load_vlm_canonical
 from megatron_zero.parallel import sharding
+from tests.conftest import exit_status
 
 TEXTS = ["a cat sits on the mat", "is there a dog in the picture", "yes no maybe", "describe the image briefly"]
 
@@ -90,7 +91,7 @@ def test_graft_refuses_a_foreign_target_unless_forced(setup, capsys):
 
     out = setup["root"] / "vlm_other"
     args = ["--encoder", str(setup["encoder_dir"]), "--target", str(setup["other"]), "--output", str(out)]
-    assert graft_main(args) == 2
+    assert exit_status(graft_main, args) == 2
     err = capsys.readouterr().err
     assert "not of the target" in err and "word-embedding table differs" in err and "--force" in err
     assert not out.exists()
@@ -171,4 +172,4 @@ def test_generate_tool(setup, grafted, tmp_path):
     assert generate_main(common + ["--binary"]) == 0
     assert all(json.loads(line)["text"] in ("yes", "no") for line in answers.read_text().splitlines())
     prompts.write_text(json.dumps({"prompt": "<image> and <image>", "images": ["red.png"]}) + "\n")
-    assert generate_main(common) == 2
+    assert exit_status(generate_main, common) == 2

@@ -7,6 +7,7 @@ import torch
 
 from megatron_zero.models.clip_vit import get_vision_preset
 from megatron_zero.models.llama_config import LlamaConfig
+from tests.conftest import exit_status
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,7 @@ def test_default_convention_is_refused_with_reasons(tmp_path, world_of_one):
     # the same through the conversion tool: one line on stderr, exit status 2, nothing written
     from tools import convert_checkpoint
 
-    code = convert_checkpoint.main(["--load-dir", str(tmp_path / "vlm"), "--save-dir", str(tmp_path / "hf"),
-                                    "--model-type", "vlm", "--source-format", "vlm", "--target-format", "hf"])
+    code = exit_status(convert_checkpoint.main, ["--load-dir", str(tmp_path / "vlm"), "--save-dir",
+                                                 str(tmp_path / "hf"), "--model-type", "vlm", "--source-format", "vlm",
+                                                 "--target-format", "hf"])
     assert code == 2 and not (tmp_path / "hf").exists()

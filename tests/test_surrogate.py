@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+from megatron_zero.errors import UserError
+
 from megatron_zero.models.llama_config import get_preset
 from megatron_zero.surrogate import compute_ratio, layer_map, surrogate_config, surrogate_key
 
@@ -88,22 +90,22 @@ def test_build_surrogate_hf(tmp_path):
         (["--translator-start", "2", "--target-pipeline-parallel-size", "2"], "is for sharded"),
         (["--from-trajectory", str(tmp_path / "missing.json")], "no such file"),
     ]:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(UserError, match=message):
             build_surrogate.main(["--load-dir", target_dir, "--save-dir", out] + extra)
     (tmp_path / "other.json").write_text(json.dumps({"transition_layer": 2, "num_layers": 80}))
-    with pytest.raises(SystemExit, match="80-layer model"):
+    with pytest.raises(UserError, match="80-layer model"):
         build_surrogate.main(["--load-dir", target_dir, "--save-dir", out, "--from-trajectory",
                               str(tmp_path / "other.json")])
-    with pytest.raises(SystemExit, match="not empty|--overwrite"):
+    with pytest.raises(UserError, match="not empty|--overwrite"):
         build_surrogate.main(["--load-dir", target_dir, "--save-dir", str(tmp_path / "srgt"), "--translator-start", "2"])
-    with pytest.raises(SystemExit, match="is itself a surrogate"):
+    with pytest.raises(UserError, match="is itself a surrogate"):
         build_surrogate.main(["--load-dir", str(tmp_path / "srgt"), "--save-dir", out, "--translator-start", "1"])
     # a checkpoint whose tensors do not match its config (a layer missing) is refused before anything is written
     cfg.num_hidden_layers = 4
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "short")
     conf = json.loads((tmp_path / "short" / "config.json").read_text())
     (tmp_path / "short" / "config.json").write_text(json.dumps({**conf, "num_hidden_layers": 6}))
-    with pytest.raises(SystemExit, match="model.layers.5"):
+    with pytest.raises(UserError, match="model.layers.5"):
         build_surrogate.main(["--load-dir", str(tmp_path / "short"), "--save-dir", out, "--translator-start", "1"])
     assert not (tmp_path / "x").exists()
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_zero.errors import UserError
+
 from megatron_zero.analysis.trajectory import detect_transition, position_kl
 from tests.tiny_models import hf_causal_lm
 
@@ -175,6 +177,6 @@ def test_analyze_trajectory_tool(tmp_path, world_of_one, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"title": "x"}) + "\n")
-    with pytest.raises(SystemExit, match="record 1: a record needs 'text'"):
+    with pytest.raises(UserError, match="record 1: a record needs 'text'"):
         analyze_trajectory.main(["--load-dir", str(tmp_path / "ckpt"), "--data", str(bad), "--output-dir",
                                  str(tmp_path / "x")])

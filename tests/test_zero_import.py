@@ -11,6 +11,9 @@ import json
 import pytest
 import torch
 
+from megatron_zero.errors import UserError
+from tests.conftest import exit_status
+
 D, CLIP_D, IMG_ID = 32, 32, 7
 
 
@@ -211,7 +214,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, capsys):
           str(tmp_path / "s")], "holds decoder layer 3, but the translator(s) of --surrogate"),
     ]
     for argv, message in cases:
-        assert import_zero_checkpoint.main(argv) == 2, argv
+        assert exit_status(import_zero_checkpoint.main, argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
     assert not (tmp_path / "e").exists() and not (tmp_path / "s").exists()
@@ -231,7 +234,7 @@ def test_multi_range_surrogate_their_translators_and_graft(setup, tmp_path):
     for bad, message in ((["--translator-range", "0:2", "--translator-range", "3:4", "--num-translators", "2"],
                           "need >= 3"), (["--translator-range", "0:2", "--translator-range", "3:5"], "L-1 = 5"),
                          (["--translator-range", "0:2", "--translator-start", "1"], "not both")):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(UserError, match=message):
             build_surrogate.main(["--load-dir", str(root / "target"), "--save-dir", str(srgt)] + bad)
     assert build_surrogate.main(["--load-dir", str(root / "target"), "--save-dir", str(srgt),
                                  "--translator-range", "0:1", "--translator-range", "2:4"]) == 0

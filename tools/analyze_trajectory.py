@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Measure a target LLM's prediction trajectory (paper Sec. 1.1, Eq. 1-4) and find its transition point.
 
-    python tools/analyze_trajectory.py --load-dir Llama-3.2-3B-Instruct --data genqa.jsonl --num-samples 300 \\
-        --output-dir outputs/traj-3b
-    torchrun --nproc-per-node 8 tools/analyze_trajectory.py --load-dir Llama-3.1-70B-Instruct --data genqa.jsonl \\
-        --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 --dtype bf16 --output-dir outputs/traj-70b
+    python tools/analyze_trajectory.py --pretrained-checkpoint Llama-3.2-3B-Instruct --data genqa.jsonl \\
+        --num-samples 300 --output-dir outputs/traj-3b
+    torchrun --nproc-per-node 8 tools/analyze_trajectory.py --pretrained-checkpoint Llama-3.1-70B-Instruct \\
+        --data genqa.jsonl --tensor-model-parallel-size 4 --pipeline-model-parallel-size 2 --bf16 \\
+        --output-dir outputs/traj-70b
 
-``--load-dir``: an HF Llama directory (each rank reads only its shard of the safetensors), a megatron_zero
-``torch_dist`` checkpoint or a VLM checkpoint (its decoder); the format is detected. Launch exactly TP x PP
-processes (the analysis uses no data parallelism). ``--tokenizer`` defaults to the checkpoint's tokenizer.
+``--pretrained-checkpoint``: an HF Llama directory (each rank reads only its shard of the safetensors), a
+megatron_zero ``torch_dist`` checkpoint or a VLM checkpoint (its decoder); the format is detected. Launch exactly
+TP x PP processes (the analysis uses no data parallelism). ``--tokenizer`` defaults to the checkpoint's tokenizer.
 
 ``--data``: JSONL (or a JSON list) of records, either ``{"text": ...}`` (raw text, tokenised with a BOS token
 when the tokenizer has one) or a question/response pair -- ``{"prompt","response"}``, ``{"question","answer"}``,
@@ -39,8 +40,11 @@ PROG = "analyze_trajectory"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--load-dir", required=True, help="HF Llama directory, megatron_zero or VLM checkpoint")
+    from megatron_zero import arguments
+
+    p = arguments.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    arguments.add_pretrained_checkpoint_arg(p, required=True, old=["--load-dir"],
+                                            help="HF Llama directory, megatron_zero or VLM checkpoint")
     p.add_argument("--data", required=True, help="JSONL/JSON records: {'text'} or question/response pairs")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the checkpoint's)")
     p.add_argument("--num-samples", type=int, default=300)
@@ -52,7 +56,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--transition-layer", type=int, default=None, help="override the detected transition layer")
     p.add_argument("--transition-fraction", type=float, default=0.1)
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model weights and activations")
+    arguments.add_precision_args(p)
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     args = p.parse_args(argv)
@@ -74,28 +78,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_zero.analysis.run import (TrajectoryInputError, analyze, conversation, encode_records, plot,
                                             read_records, trajectory_record)
     from megatron_zero.analysis.trajectory import detect_transition
-    from megatron_zero.evaluation.text_model import EvaluationError, ParallelTextModel
-    from megatron_zero.parallel.initialize import ParallelConfigError
+    from megatron_zero.evaluation.text_model import ParallelTextModel
 
-    try:
-        records = read_records(args.data, args.num_samples)
-        for i, rec in enumerate(records):  # fail on bad data before loading the model
-            conversation(rec, f"--data {args.data} record {i + 1}")
-        lm = ParallelTextModel(args.load_dir, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                               dtype=args.dtype, tokenizer=args.tokenizer)
-        cfg = lm.cfg
-        if args.transition_layer is not None and not 0 <= args.transition_layer < cfg.num_layers:
-            raise TrajectoryInputError(f"--transition-layer {args.transition_layer} is outside the model's "
-                                       f"{cfg.num_layers} layers")
-        samples = encode_records(records, lm.tokenizer, args.data, lm.cfg.family)
-    except (TrajectoryInputError, EvaluationError, ParallelConfigError) as e:
-        raise SystemExit(f"{PROG}: error: {e}") from None
+    records = read_records(args.data, args.num_samples)
+    for i, rec in enumerate(records):  # fail on bad data before loading the model
+        conversation(rec, f"--data {args.data} record {i + 1}")
+    lm = ParallelTextModel(args.pretrained_checkpoint, args.tensor_model_parallel_size,
+                           args.pipeline_model_parallel_size, dtype="bf16" if args.bf16 else "fp32",
+                           tokenizer=args.tokenizer)
+    cfg = lm.cfg
+    if args.transition_layer is not None and not 0 <= args.transition_layer < cfg.num_layers:
+        raise TrajectoryInputError(f"--transition-layer {args.transition_layer} is outside the model's "
+                                   f"{cfg.num_layers} layers")
+    samples = encode_records(records, lm.tokenizer, args.data, lm.cfg.family)
     rank0 = dist.get_rank() == 0
     max_length = min(args.max_length, cfg.max_position_embeddings)
     rows, kept, responses, num_tokens = analyze(lm, samples, args.metric, args.mode, args.batch_size, max_length,
                                                 args.max_new_tokens, progress=rank0)
     if not kept:
-        raise SystemExit(f"{PROG}: error: no sample of --data {args.data} has 2 or more tokens")
+        raise TrajectoryInputError(f"no sample of --data {args.data} has 2 or more tokens")
     if not rank0:
         return 0
     kl = torch.stack(rows)

@@ -37,7 +37,7 @@ from megatron_zero import arguments  # noqa: E402
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arguments.add_parallel_args(p)
     arguments.add_model_args(p)
     g = p.add_argument_group("benchmark")
@@ -77,42 +77,40 @@ def build_parser():
 
 
 def main(argv=None):
-    args = arguments.parse(build_parser(), argv)
+    run, args = arguments.parse_tool(build_parser(), argv)
     if args.project_only:
         from megatron_zero_dev.cost_planner import project
 
         return project(args)
     args.gpu_type = args.gpu_type or "H100"
     from megatron_zero import platform
+    from megatron_zero.config import ConfigError
     from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
     from megatron_zero.models.llama_config import load_model_config
-    from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
+    from megatron_zero.parallel.initialize import initialize_from_config, print_rank0
     from megatron_zero_dev.benchmark import benchmark_configs, check_iterations, projected_table, run_config
 
     check_iterations(args.iters, args.warmup)
 
     if args.model is None:
-        raise SystemExit("error: --model is required (a preset such as tiny or llama-3.1-70b)")
+        raise ConfigError("--model is required (a preset such as tiny or llama-3.1-70b)")
     if args.seq_length is None:
         args.seq_length = 2048 if platform.HAVE_CUDA else 128
     cfg = load_model_config(args.model)
-    opts = RuntimeOptions.from_args(args)
-    try:
-        from megatron_zero.models.lora import LoraConfig, LoraError
+    opts = RuntimeOptions.from_config(run.parallel, run.model)
+    from megatron_zero.models.lora import LoraConfig
 
-        lora = LoraConfig(args.lora_rank, targets=tuple(args.lora_targets.split(","))).to_dict() if args.lora_rank else None
-    except LoraError as e:
-        raise SystemExit(f"error: {e}") from None
+    lora = LoraConfig(args.lora_rank, targets=tuple(args.lora_targets.split(","))).to_dict() if args.lora_rank else None
     try:
         configs = benchmark_configs(cfg, args.surrogate, lora)
     except ValueError as e:
-        raise SystemExit(f"error: --surrogate {args.surrogate}: {e}") from None
+        raise ConfigError(f"--surrogate {args.surrogate}: {e}") from None
     for c, _, _ in configs:
         try:
             validate(c, opts)
         except ModelConfigError as e:
-            raise SystemExit(f"error: {c.name}: {e}") from None
-    dp = initialize_from_args(args)
+            raise ConfigError(f"{c.name}: {e}") from None
+    dp = initialize_from_config(run.parallel, args.seed)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp * 2
     print_rank0(f"benchmark: {platform.summary()} | TP={opts.tensor_model_parallel_size} "

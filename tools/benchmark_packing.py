@@ -19,7 +19,9 @@ def build_parser():
     from megatron_zero_dev.packing_benchmark import PackingBenchmarkConfig
 
     d = PackingBenchmarkConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in ("seq_length", "num_image_tokens", "scale", "global_batch_size", "micro_batch_size", "num_samples",
                  "rounds", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                  "vocab_size", "seed"):
@@ -33,13 +35,14 @@ def build_parser():
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_zero import platform
+    from megatron_zero.config import ConfigError
     from megatron_zero.parallel import initialize
     from megatron_zero_dev import packing_benchmark as pb
 
     cfg = pb.main_config(args)
     if cfg.seq_length < 1 or cfg.global_batch_size % cfg.micro_batch_size:
-        raise SystemExit(f"error: --global-batch-size {cfg.global_batch_size} must be a multiple of "
-                         f"--micro-batch-size {cfg.micro_batch_size}")
+        raise ConfigError(f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
+                          f"--micro-batch-size {cfg.micro_batch_size}")
     initialize.initialize_parallel(1, 1, seed=cfg.seed)
     mix = pb.length_mix_summary(pb.llava_length_mix(cfg.num_samples, cfg.seq_length, cfg.num_image_tokens, cfg.scale,
                                                     cfg.seed, cfg.vocab_size), cfg.num_image_tokens, cfg.seq_length)

@@ -34,7 +34,9 @@ PROG = "build_surrogate"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-dir", required=True, help="target checkpoint (HF Llama dir or megatron_zero checkpoint)")
     p.add_argument("--save-dir", required=True)
     p.add_argument("--translator-start", type=int, default=None, help="a: the translator is a copy of layer a")
@@ -61,9 +63,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    from megatron_zero.checkpointing.hf_reader import CheckpointFormatError
-    from megatron_zero.checkpointing.hf_writer import SaveDirError
-    from megatron_zero.checkpointing.mcore_checkpoint import CheckpointError
+    from megatron_zero.errors import UserError
     from megatron_zero.surrogate import SurrogateError, build_surrogate_checkpoint
 
     layout = {"pp": args.target_pipeline_parallel_size, "stage_layers": args.target_pipeline_stage_layers,
@@ -75,8 +75,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    control_unfreeze_early=args.control_unfreeze_early,
                                    translator_ranges=args.translator_range, num_translators=args.num_translators,
                                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    except (SurrogateError, CheckpointFormatError, CheckpointError, SaveDirError, ValueError, KeyError) as e:
-        raise SystemExit(f"{PROG}: error: {e}") from None
+    except (ValueError, KeyError) as e:  # a checkpoint that lacks what a surrogate needs: bad input too
+        if isinstance(e, UserError):
+            raise
+        raise SurrogateError(str(e)) from None
     return 0
 
 

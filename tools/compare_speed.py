@@ -19,7 +19,9 @@ def main(argv=None) -> int:
     from megatron_zero_dev.speed_comparison import SpeedConfig, format_result, run_comparison
 
     d = SpeedConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
               "vocab_size", "seq_length", "batch_size", "rounds", "warmup", "seed"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(d, f))
@@ -30,10 +32,12 @@ def main(argv=None) -> int:
     p.add_argument("--clip-grad", type=float, default=d.clip_grad, help="both sides (0: off)")
     p.add_argument("--output-json", default=None)
     args = p.parse_args(argv)
+    from megatron_zero.config import ConfigError
+
     cfg = SpeedConfig(**{k: v for k, v in vars(args).items() if k in SpeedConfig.__dataclass_fields__})
     if cfg.num_attention_heads % cfg.num_query_groups or cfg.hidden_size % cfg.num_attention_heads:
-        raise SystemExit(f"error: --num-attention-heads {cfg.num_attention_heads} must divide --hidden-size "
-                         f"{cfg.hidden_size} and be a multiple of --num-query-groups {cfg.num_query_groups}")
+        raise ConfigError(f"--num-attention-heads {cfg.num_attention_heads} must divide --hidden-size "
+                          f"{cfg.hidden_size} and be a multiple of --num-query-groups {cfg.num_query_groups}")
     from megatron_zero import platform
     from megatron_zero.parallel import initialize
 
@@ -52,4 +56,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_zero.errors import run_main
+
+    run_main(main)

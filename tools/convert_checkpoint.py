@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from megatron_zero.arguments import positive_int  # noqa: E402
 from megatron_zero.checkpointing.convert import convert_checkpoint  # noqa: E402
-from megatron_zero.checkpointing.convert_common import DTYPES, PROG, USER_ERRORS, log, peak_rss_mb  # noqa: E402
+from megatron_zero.checkpointing.convert_common import DTYPES, PROG, log, peak_rss_mb  # noqa: E402
 from megatron_zero.checkpointing.hf_writer import parse_size  # noqa: E402
 
 
@@ -51,7 +51,9 @@ def _size(text: str) -> int:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load-dir", required=True, help="source checkpoint directory")
     p.add_argument("--save-dir", required=True, help="target checkpoint directory (written atomically)")
     p.add_argument("--source-format", choices=("hf", "mcore", "vlm"), required=True,
@@ -80,15 +82,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
-        start_rss = peak_rss_mb()
-        convert_checkpoint(args.load_dir, args.save_dir, args.source_format, args.target_format, args.model_type,
-                           args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                           args.target_pipeline_stage_layers, args.params_dtype, args.max_shard_size, args.overwrite,
-                           merge_lora=args.merge_lora)
-    except USER_ERRORS as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+    start_rss = peak_rss_mb()
+    convert_checkpoint(args.load_dir, args.save_dir, args.source_format, args.target_format, args.model_type,
+                       args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
+                       args.target_pipeline_stage_layers, args.params_dtype, args.max_shard_size, args.overwrite,
+                       merge_lora=args.merge_lora)
     peaks = [peak_rss_mb()]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         peaks = [None] * torch.distributed.get_world_size()

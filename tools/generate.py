@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Image(s) + prompt -> text with a VLM checkpoint (tools/graft.py output, a training run or its <save>/export).
 
-    python tools/generate.py --checkpoint ckpt/vlm_70b --prompts prompts.jsonl --output answers.jsonl
+    python tools/generate.py --pretrained-checkpoint ckpt/vlm_70b --prompts prompts.jsonl --output answers.jsonl
     torchrun --nproc-per-node 8 tools/generate.py --tensor-model-parallel-size 8 --bf16 ...
 
 ``--prompts`` is JSONL, one request a line: ``{"id": ..., "prompt": "...", "images": ["a.jpg", ...]}``. Each
@@ -27,8 +27,11 @@ from megatron_zero.arguments import positive_int  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="VLM checkpoint: graft output, a training run or its export/")
+    from megatron_zero import arguments
+
+    p = arguments.ArgumentParser(description=__doc__.split("\n\n")[0])
+    arguments.add_pretrained_checkpoint_arg(p, required=True, old=["--checkpoint"],
+                                            help="VLM checkpoint: graft output, a training run or its export/")
     p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the checkpoint's decoder/)")
     p.add_argument("--chat-family", default=None, help="chat template family (default: detected from the tokenizer)")
     p.add_argument("--prompt-format", default="meta", choices=["meta", "zero"],
@@ -44,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes-words", default="yes,Yes", help="spellings of 'yes' for --binary")
     p.add_argument("--no-words", default="no,No", help="spellings of 'no' for --binary")
     p.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    p.add_argument("--bf16", action="store_true")
+    arguments.add_precision_args(p)
     return p
 
 
@@ -60,17 +63,13 @@ def main(argv=None) -> int:
     from megatron_zero.models.llama import RuntimeOptions
     from megatron_zero.parallel.initialize import destroy_parallel, initialize_parallel, is_rank0
 
-    try:
-        requests = read_requests(args.prompts)
-        options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-        ckpt = resolve_checkpoint(args.checkpoint, "--checkpoint", accept=VLM_KINDS)
-        cfg = ckpt.vlm_config
-        tokenizer = load_tokenizer(args.tokenizer or ckpt.tokenizer_dir or ckpt.root)
-        template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id,
-                                     prompt_format=args.prompt_format, model_family=cfg.decoder.family)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        return 2
+    requests = read_requests(args.prompts)
+    options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    ckpt = resolve_checkpoint(args.pretrained_checkpoint, "--pretrained-checkpoint", accept=VLM_KINDS)
+    cfg = ckpt.vlm_config
+    tokenizer = load_tokenizer(args.tokenizer or ckpt.tokenizer_dir or ckpt.root)
+    template = chat_template_for(tokenizer, args.chat_family, image_placeholder=cfg.image_token_id,
+                                 prompt_format=args.prompt_format, model_family=cfg.decoder.family)
     initialize_parallel(args.tensor_model_parallel_size, 1, seed=args.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = load_vlm(ckpt, RuntimeOptions(tensor_model_parallel_size=args.tensor_model_parallel_size,

@@ -15,7 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None) -> int:
     from megatron_zero_dev import gpu_check
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: plumbing only, no GPU result")
     p.add_argument("--output-dir", default="gpu_check_results")
     p.add_argument("--only", default=None, help="comma-separated check names: " + ", ".join(n for n, _ in gpu_check.CHECKS))

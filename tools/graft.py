@@ -11,7 +11,6 @@ Exit status 2 on bad input.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -19,7 +18,9 @@ import sys
 def main(argv=None) -> int:
     from megatron_zero.grafting import graft
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", required=True,
                    help="image-encoder checkpoint (trained on a surrogate), or the training run / export holding it")
     p.add_argument("--target", required=True, help="target decoder: HF Llama directory (config.json + safetensors)")
@@ -27,11 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="graft even if the provenance checks fail")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     args = p.parse_args(argv)
-    try:
-        record = graft(args.encoder, args.target, args.output, force=args.force, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as e:  # GraftingError, checkpoint and save-dir errors are ValueErrors
-        print(f"graft.py: error: {e}", file=sys.stderr)
-        return 2
+    record = graft(args.encoder, args.target, args.output, force=args.force, overwrite=args.overwrite)
     for note in record.get("notes", []):
         print(f"graft.py: note: {note}", file=sys.stderr)
     for problem in record["problems"]:

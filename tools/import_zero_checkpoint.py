@@ -29,7 +29,9 @@ PROG = "import_zero_checkpoint.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder-file", default=None, help="their stage-2 .pth (surrogate-trained encoder)")
     p.add_argument("--translator-file", default=None, help="their stage-1 .pth (adapter + translator)")
     p.add_argument("--clip", default=None, help="HF CLIP directory their encoder starts from "
@@ -54,9 +56,6 @@ def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
     from megatron_zero.checkpointing import zero_import
-    from megatron_zero.checkpointing.hf_reader import CheckpointFormatError
-    from megatron_zero.checkpointing.hf_writer import SaveDirError
-    from megatron_zero.checkpointing.vlm_checkpoint import VLMCheckpointError
 
     if not (args.output_encoder or args.output_surrogate):
         p.error("give --output-encoder and/or --output-surrogate")
@@ -66,23 +65,19 @@ def main(argv=None) -> int:
         p.error("--output-encoder needs --encoder-file and/or --translator-file")
     if args.output_surrogate and not (args.translator_file and args.surrogate):
         p.error("--output-surrogate needs --translator-file and --surrogate")
-    try:
-        ranges = [zero_import.parse_range(r) for r in args.translator_range or []]
-        result = {}
-        if args.output_encoder:
-            meta = zero_import.import_encoder(
-                args.clip, args.output_encoder, encoder_file=args.encoder_file, translator_file=args.translator_file,
-                target=args.target, ranges=ranges, num_translators=args.num_translators, surrogate=args.surrogate,
-                image_token_id=args.image_token_id, overwrite=args.overwrite)
-            result["encoder"] = {"output": args.output_encoder, "trained_with": meta["trained_with"]["name"]}
-        if args.output_surrogate:
-            record = zero_import.import_translator(args.translator_file, args.surrogate, args.output_surrogate,
-                                                   args.overwrite, args.max_shard_size,
-                                                   log=lambda m: print(f"[{PROG}] {m}", file=sys.stderr))
-            result["surrogate"] = {"output": args.output_surrogate, "layers": record["layers"]}
-    except (zero_import.ZeroImportError, VLMCheckpointError, SaveDirError, CheckpointFormatError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+    ranges = [zero_import.parse_range(r) for r in args.translator_range or []]
+    result = {}
+    if args.output_encoder:
+        meta = zero_import.import_encoder(
+            args.clip, args.output_encoder, encoder_file=args.encoder_file, translator_file=args.translator_file,
+            target=args.target, ranges=ranges, num_translators=args.num_translators, surrogate=args.surrogate,
+            image_token_id=args.image_token_id, overwrite=args.overwrite)
+        result["encoder"] = {"output": args.output_encoder, "trained_with": meta["trained_with"]["name"]}
+    if args.output_surrogate:
+        record = zero_import.import_translator(args.translator_file, args.surrogate, args.output_surrogate,
+                                               args.overwrite, args.max_shard_size,
+                                               log=lambda m: print(f"[{PROG}] {m}", file=sys.stderr))
+        result["surrogate"] = {"output": args.output_surrogate, "layers": record["layers"]}
     print(json.dumps(result))
     return 0
 

@@ -15,7 +15,6 @@ clear errors (non-zero exit, one ``error:`` line, no traceback), tracebacks. The
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,7 +25,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main(argv=None) -> int:
     from megatron_zero.reliability import run_trials
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from megatron_zero.arguments import ArgumentParser
+
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--trials", type=int, default=6)
     p.add_argument("--iters", type=int, default=8, help="training iterations per run")
     p.add_argument("--workdir", default="/tmp/megatron_zero_reliability")

@@ -44,20 +44,21 @@ class RuntimeOptions:
     initialize_weights: bool = True
 
     @classmethod
-    def from_args(cls, args) -> "RuntimeOptions":
+    def from_config(cls, parallel, model) -> "RuntimeOptions":
+        """From a run's :class:`megatron_zero.config.ParallelConfig` and :class:`~megatron_zero.config.ModelConfig`."""
         return cls(
-            tensor_model_parallel_size=args.tensor_model_parallel_size,
-            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-            pipeline_stage_layers=args.pipeline_stage_layers,
-            sequence_parallel=args.sequence_parallel,
-            params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-            bf16=args.bf16,
-            fp8=args.fp8_format,
-            fp8_recipe=args.fp8_recipe,
-            recompute_activations=args.recompute_activations,
-            use_te={"auto": None, "te": True, "local": False}[args.transformer_impl],
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+            pipeline_stage_layers=parallel.pipeline_stage_layers,
+            sequence_parallel=parallel.sequence_parallel,
+            params_dtype=torch.bfloat16 if model.bf16 else torch.float32,
+            bf16=model.bf16,
+            fp8=model.fp8_format,
+            fp8_recipe=model.fp8_recipe,
+            recompute_activations=model.recompute_activations,
+            use_te={"auto": None, "te": True, "local": False}[model.transformer_impl],
+            make_vocab_size_divisible_by=model.make_vocab_size_divisible_by,
         )
 
 

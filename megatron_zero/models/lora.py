@@ -90,11 +90,12 @@ class LoraConfig:
         return cls(int(d["rank"]), float(d["alpha"]), float(d["dropout"]), tuple(d["targets"]))
 
     @classmethod
-    def from_args(cls, args) -> Optional["LoraConfig"]:
-        if not getattr(args, "lora_rank", None):
+    def from_config(cls, model) -> Optional["LoraConfig"]:
+        """From a run's :class:`megatron_zero.config.ModelConfig` (``None`` without ``--lora-rank``)."""
+        if not model.lora_rank:
             return None
-        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        return cls(args.lora_rank, args.lora_alpha, args.lora_dropout, targets)
+        targets = tuple(t.strip() for t in model.lora_targets.split(",") if t.strip())
+        return cls(model.lora_rank, model.lora_alpha, model.lora_dropout, targets)
 
 
 def add_lora_arguments(parser) -> None:

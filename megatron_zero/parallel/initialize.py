@@ -84,14 +84,10 @@ def initialize_parallel(
     return dp
 
 
-def initialize_from_args(args) -> int:
-    """:func:`initialize_parallel` from parsed Megatron-style flags (see :mod:`megatron_zero.arguments`)."""
-    return initialize_parallel(
-        args.tensor_model_parallel_size,
-        args.pipeline_model_parallel_size,
-        args.virtual_pipeline_model_parallel_size,
-        seed=args.seed,
-    )
+def initialize_from_config(parallel, seed: int) -> int:
+    """:func:`initialize_parallel` from a run's :class:`megatron_zero.config.ParallelConfig`."""
+    return initialize_parallel(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                               parallel.virtual_pipeline_model_parallel_size, seed=seed)
 
 
 def destroy_parallel() -> None:

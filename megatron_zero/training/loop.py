@@ -19,7 +19,8 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_zero.errors import Preempted
+from megatron_zero.config import CheckpointConfig, RunConfig
+from megatron_zero.errors import Preempted, StoppedWithoutCheckpoint
 from megatron_zero.parallel.initialize import print_rank0
 from megatron_zero.training import checkpoint as ckpt
 from megatron_zero.training.flops import mfu
@@ -50,22 +51,21 @@ class LoopConfig:
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
 
     @classmethod
-    def from_args(cls, args, data_parallel_size: int, global_batch_size: int,
-                  flops_per_step: Optional[float] = None) -> "LoopConfig":
-        """From the flags of :func:`megatron_zero.arguments.add_training_args` (+ exit/metrics flags)."""
+    def from_config(cls, cfg: RunConfig, data_parallel_size: int, flops_per_step: Optional[float] = None,
+                    model_config: Optional[dict] = None) -> "LoopConfig":
+        """From a run's configuration (its global batch size resolved)."""
         from megatron_zero import platform
         from megatron_zero.training.flops import PEAK_TFLOPS
 
         gpu = os.environ.get("MEGATRON_ZERO_GPU_TYPE", "H100")
+        t, c = cfg.training, cfg.checkpoint
         return cls(
-            train_iters=args.train_iters, global_batch_size=global_batch_size,
-            micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-            data_parallel_size=data_parallel_size, log_interval=args.log_interval, save=args.save,
-            save_interval=args.save_interval, keep_last=args.keep_last_checkpoints,
-            tensorboard_dir=args.tensorboard_dir, flops_per_step=flops_per_step,
+            train_iters=t.train_iters, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+            seq_length=t.seq_length, data_parallel_size=data_parallel_size, log_interval=cfg.logging.log_interval,
+            save=c.save, save_interval=c.save_interval, keep_last=c.keep_last_checkpoints,
+            tensorboard_dir=cfg.logging.tensorboard_dir, flops_per_step=flops_per_step,
             peak_tflops=PEAK_TFLOPS.get(gpu) if platform.HAVE_CUDA else None,
-            exit_after_iters=getattr(args, "exit_after_iters", None),
-            metrics_file=getattr(args, "metrics_file", None),
+            exit_after_iters=t.exit_after_iters, metrics_file=cfg.logging.metrics_file, model_config=model_config,
         )
 
 
@@ -89,35 +89,31 @@ def build_scheduler(optimizer, lr: float, min_lr: float, train_iters: int, warmu
     )
 
 
-def prepare_run(args) -> bool:
+def prepare_run(checkpoint: CheckpointConfig) -> bool:
     """First thing after parsing: lock and check ``--save``, warn about a missing ``--load`` (see
     :func:`megatron_zero.training.checkpoint.prepare_save_dir`); returns whether the run resumes."""
-    return ckpt.prepare_save_dir(getattr(args, "save", None), getattr(args, "load", None),
-                                 getattr(args, "overwrite", False))
+    return ckpt.prepare_save_dir(checkpoint.save, checkpoint.load, checkpoint.overwrite)
 
 
-def setup_optimization(args, chunks: list, model_config: Optional[dict] = None):
-    """DDP-wrap ``chunks``, build the optimizer and LR schedule from the flags, and resume from ``--load`` if it
+def setup_optimization(cfg: RunConfig, chunks: list, model_config: Optional[dict] = None):
+    """DDP-wrap ``chunks``, build the optimizer and LR schedule of ``cfg``, and resume from ``--load`` if it
     holds a checkpoint (of the architecture ``model_config``). Returns ``(chunks, optimizer, scheduler,
     start_iteration)``."""
+    from megatron_zero.checkpointing.resolve import check_resume_dir
     from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
 
-    oopts = OptimizerOptions.from_args(args)
+    o, load = cfg.optimizer, cfg.checkpoint.load
+    oopts = OptimizerOptions.from_config(o, bf16=cfg.model.bf16)
     chunks = wrap_ddp(chunks, oopts)
     optimizer = build_optimizer(chunks, oopts)
-    scheduler = build_scheduler(optimizer, args.lr, args.min_lr, args.train_iters, args.lr_warmup_fraction,
-                                args.lr_decay_style, args.weight_decay)
-    from megatron_zero.checkpointing.resolve import CheckpointResolveError, check_resume_dir
-
-    try:
-        check_resume_dir(args.load)
-    except CheckpointResolveError as e:
-        raise SystemExit(f"error: {e}") from None
+    scheduler = build_scheduler(optimizer, o.lr, o.min_lr, cfg.training.train_iters, o.lr_warmup_fraction,
+                                o.lr_decay_style, o.weight_decay)
+    check_resume_dir(load)
     start = 0
-    if args.load and ckpt.latest_iteration(args.load) is not None:
-        start, _ = ckpt.load_checkpoint(args.load, chunks, optimizer, scheduler, model_config=model_config,
-                                        verify=getattr(args, "checkpoint_verify", "hash"))
-        print_rank0(f"resumed from {args.load} at iteration {start}")
+    if load and ckpt.latest_iteration(load) is not None:
+        start, _ = ckpt.load_checkpoint(load, chunks, optimizer, scheduler, model_config=model_config,
+                                        verify=cfg.checkpoint.checkpoint_verify)
+        print_rank0(f"resumed from {load} at iteration {start}")
     return chunks, optimizer, scheduler, start
 
 
@@ -350,8 +346,8 @@ def train(
                     raise Preempted(f"stopped early at iteration {iteration}/{cfg.train_iters}, checkpoint saved to "
                                     f"{cfg.save}")
                 if iteration < cfg.train_iters:  # exit 1: nothing to resume from
-                    raise SystemExit(f"stopped by a signal at iteration {iteration}/{cfg.train_iters}; no --save was "
-                                     f"given, so nothing was saved")
+                    raise StoppedWithoutCheckpoint(f"stopped by a signal at iteration {iteration}/{cfg.train_iters}; "
+                                                   f"no --save was given, so nothing was saved")
                 break
     finally:
         exit_signal.restore()

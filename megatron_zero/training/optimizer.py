@@ -25,13 +25,14 @@ class OptimizerOptions:
     bf16: bool = False
 
     @classmethod
-    def from_args(cls, args) -> "OptimizerOptions":
+    def from_config(cls, o, bf16: bool) -> "OptimizerOptions":
+        """From a :class:`megatron_zero.config.OptimizerConfig` (the LR schedule's fields are the scheduler's)."""
         return cls(
-            lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-            overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
-            bf16=args.bf16,
+            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+            use_distributed_optimizer=o.use_distributed_optimizer,
+            overlap_grad_reduce=o.overlap_grad_reduce, overlap_param_gather=o.overlap_param_gather,
+            bf16=bf16,
         )
 
 

@@ -16,19 +16,22 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_zero import arguments
+from megatron_zero.config import ConfigError, RunConfig
+from megatron_zero.errors import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arguments.add_parallel_args(p)
     arguments.add_model_args(p)
     arguments.add_training_args(p)
     from megatron_zero.models.lora import add_lora_arguments
 
     add_lora_arguments(p)
-    p.add_argument("--pretrained", default=None,
-                   help="start from these decoder weights (HF directory, torch_dist model checkpoint from "
-                        "tools/convert_checkpoint.py, or VLM checkpoint); with --lora-rank the adapters start fresh")
+    arguments.add_pretrained_checkpoint_arg(
+        p, old=["--pretrained"],
+        help="start from these decoder weights (HF directory, torch_dist model checkpoint from "
+             "tools/convert_checkpoint.py, or VLM checkpoint); with --lora-rank the adapters start fresh")
     p.add_argument("--export-model", action="store_true",
                    help="at the end write <save>/export, a torch_dist model checkpoint (with the LoRA adapters when "
                         "training LoRA) that tools/convert_checkpoint.py exports to HF (--merge-lora)")
@@ -43,195 +46,204 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pack-sequences", action=argparse.BooleanOptionalAction, default=True,
                    help="instruction data: several samples per row, attention and RoPE positions per sample "
                         "(default; --no-pack-sequences: one padded sample per row)")
-    g.add_argument("--exit-after-iters", type=int, default=None, help="stop (and save) after this many iterations")
-    g.add_argument("--metrics-file", default=None, help="append per-iteration JSON lines (loss, lr, grad norm)")
     return p
 
 
-def load_tokens(args, vocab_size: Optional[int] = None) -> np.ndarray:
-    if args.mock_data:
+def resolve_model_flag(cfg: RunConfig) -> RunConfig:
+    """``--model`` defaults to the architecture of ``--pretrained-checkpoint``."""
+    if cfg.model.model is None:
+        if not cfg.checkpoint.pretrained_checkpoint:
+            raise ConfigError("--model is required (a preset name or model_config.json)")
+        cfg = cfg.replace("model", model=cfg.checkpoint.pretrained_checkpoint)
+    return cfg
+
+
+def load_tokens(cfg: RunConfig, vocab_size: Optional[int] = None) -> np.ndarray:
+    d = cfg.data
+    if d.mock_data:
         from megatron_zero.models.llama_config import load_model_config
 
-        vocab = vocab_size or load_model_config(args.model).vocab_size
-        return np.random.default_rng(args.seed).integers(0, vocab, size=max(args.seq_length * 4096, 1 << 16))
-    if not args.data_path:
-        raise SystemExit("error: give --data-path or --mock-data")
-    if not os.path.exists(args.data_path):
-        raise SystemExit(f"error: --data-path {args.data_path}: no such file")
-    if args.data_path.endswith(".npy"):
+        vocab = vocab_size or load_model_config(cfg.model.model).vocab_size
+        seq_length = cfg.training.seq_length
+        return np.random.default_rng(cfg.training.seed).integers(0, vocab, size=max(seq_length * 4096, 1 << 16))
+    path = d.data_path
+    if not path:
+        raise DataError("give --data-path or --mock-data")
+    if not os.path.exists(path):
+        raise DataError(f"--data-path {path}: no such file")
+    if path.endswith(".npy"):
         try:
-            tokens = np.load(args.data_path)
+            tokens = np.load(path)
         except (ValueError, OSError, EOFError) as e:
-            raise SystemExit(f"error: --data-path {args.data_path}: not a readable .npy token array ({e})") from None
+            raise DataError(f"--data-path {path}: not a readable .npy token array ({e})") from None
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-            raise SystemExit(f"error: --data-path {args.data_path}: expected a 1-D integer token array, got "
-                             f"{tokens.dtype} of shape {tokens.shape}")
+            raise DataError(f"--data-path {path}: expected a 1-D integer token array, got "
+                            f"{tokens.dtype} of shape {tokens.shape}")
         return tokens
-    if not args.tokenizer:
-        raise SystemExit(f"error: --data-path {args.data_path} is text: --tokenizer is required")
+    if not d.tokenizer:
+        raise DataError(f"--data-path {path} is text: --tokenizer is required")
     from megatron_zero.data.tokenizers import load_tokenizer
 
-    tok = load_tokenizer(args.tokenizer)
+    tok = load_tokenizer(d.tokenizer)
     ids: list[int] = []
-    with open(args.data_path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         try:
             lines = list(f)
         except UnicodeDecodeError as e:
-            raise SystemExit(f"error: --data-path {args.data_path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+            raise DataError(f"--data-path {path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
         for line_no, line in enumerate(lines, 1):
             text = line
-            if args.data_path.endswith(".jsonl"):
+            if path.endswith(".jsonl"):
                 try:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError):
-                    raise SystemExit(f"error: {args.data_path}:{line_no}: expected a JSON object with 'text'") from None
+                    raise DataError(f"{path}:{line_no}: expected a JSON object with 'text'") from None
             ids.extend(tok.encode(text))
             if tok.eos_id is not None:
                 ids.append(tok.eos_id)
     return np.asarray(ids, dtype=np.int64)
 
 
-def instruction_batches(args, cfg, gbs: int, dp: int, parser):
-    """Chat-formatted instruction samples as (packed) micro-batches: :class:`VLMBatches` without images."""
-    from megatron.core import parallel_state as ps
+def resolve_model(cfg: RunConfig):
+    """The architecture to train (``--model``, with ``--lora-rank`` adapters), checked against the parallel layout."""
+    from megatron_zero.models.llama import RuntimeOptions, validate
+    from megatron_zero.models.llama_config import load_model_config
+    from megatron_zero.models.lora import LoraConfig
 
-    from megatron_zero.data.chat_template import chat_template_for
-    from megatron_zero.data.datasets import ChatDataset, TokenizationConfig, read_instruction_jsonl
-    from megatron_zero.data.tokenizers import load_tokenizer
-    from megatron_zero.training.vlm_batches import VLMBatches
-
-    if not args.tokenizer:
-        parser.error(f"--instruction-data-path {args.instruction_data_path}: --tokenizer is required")
-    if not os.path.exists(args.instruction_data_path):
-        parser.error(f"--instruction-data-path {args.instruction_data_path}: no such file")
-    tokenizer = load_tokenizer(args.tokenizer)
-    template = chat_template_for(tokenizer, args.chat_template, model_family=cfg.family)
-    dataset = ChatDataset.build(read_instruction_jsonl(args.instruction_data_path), template,
-                                TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=1), source="text")
-    if len(dataset) == 0:
-        parser.error(f"--instruction-data-path {args.instruction_data_path}: no trainable sample")
-    return VLMBatches(dataset, image_token_id=None, num_image_embeddings=1, seq_length=args.seq_length,
-                      pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, global_batch_size=gbs,
-                      micro_batch_size=args.micro_batch_size, dp_rank=ps.get_data_parallel_rank(), dp_size=dp,
-                      seed=args.seed, dp_group=ps.get_data_parallel_group(), pack_sequences=args.pack_sequences,
-                      microbatch_multiple=args.pipeline_model_parallel_size
-                      if args.virtual_pipeline_model_parallel_size else 1)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> list:
-    parser = build_parser()
-    args = arguments.parse(parser, argv)
-    from megatron_zero.training.loop import install_exit_signals
-
-    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
-    if args.model is None and not args.pretrained:
-        parser.error("--model is required (a preset name or model_config.json)")
-    if args.export_model and not args.save:
-        parser.error("--export-model writes <save>/export: give --save")
-    if args.train_iters is None:
-        parser.error("--train-iters is required")
-    from megatron_zero.training.loop import prepare_run
-
-    prepare_run(args)
-
-    from megatron.core import parallel_state as ps
-
-    from megatron_zero.data.token_windows import TokenWindows
-    from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, build_llama_chunks
-    from megatron_zero.models.llama_config import load_model_config, padded_vocab_size
-    from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
-    from megatron_zero import platform
-    from megatron_zero.training.flops import decoder_flops_per_step
-    from megatron_zero.training.loop import LoopConfig, setup_optimization, train
-    from megatron_zero.training.train_step import lm_forward_step
-
-    if args.model is None and args.pretrained:
-        args.model = args.pretrained
-    if args.model is None:
-        parser.error("--model: give a preset, a model_config.json or a checkpoint directory (or --pretrained)")
-    if os.path.isdir(args.model):  # the architecture of any checkpoint the resolver reads
+    model = cfg.model.model
+    if os.path.isdir(model):  # the architecture of any checkpoint the resolver reads
         from megatron_zero.checkpointing.resolve import DECODER_KINDS, resolve_checkpoint
 
         try:
-            cfg = resolve_checkpoint(args.model, "--model", DECODER_KINDS).decoder.cfg
+            arch = resolve_checkpoint(model, "--model", DECODER_KINDS).decoder.cfg
         except ValueError as e:
             try:  # a directory holding just a model_config.json / config.json
-                cfg = load_model_config(args.model)
+                arch = load_model_config(model)
             except (FileNotFoundError, ValueError):
-                parser.error(str(e))
+                raise ConfigError(str(e)) from None
     else:
-        cfg = load_model_config(args.model)
-    from megatron_zero.models.lora import LoraConfig, LoraError
-
-    try:
-        lora = LoraConfig.from_args(args)
-    except LoraError as e:
-        parser.error(str(e))
+        arch = load_model_config(model)
+    lora = LoraConfig.from_config(cfg.model)
     if lora is not None:
-        if cfg.lora:
-            parser.error(f"--lora-rank: model {args.model} already has LoRA adapters {cfg.lora}")
-        cfg = dataclasses.replace(cfg, lora=lora.to_dict())
-    opts = RuntimeOptions.from_args(args)
-    try:
-        from megatron_zero.models.llama import validate
+        if arch.lora:
+            raise ConfigError(f"--lora-rank: model {model} already has LoRA adapters {arch.lora}")
+        arch = dataclasses.replace(arch, lora=lora.to_dict())
+    opts = RuntimeOptions.from_config(cfg.parallel, cfg.model)
+    validate(arch, opts)
+    return arch, opts
 
-        validate(cfg, opts)
-    except ModelConfigError as e:
-        parser.error(str(e))
-    if not args.instruction_data_path:  # bad data fails here, before anything is built
-        tokens = load_tokens(args, cfg.vocab_size)
-        if len(tokens) and (int(tokens.max()) >= cfg.vocab_size or int(tokens.min()) < 0):
-            raise SystemExit(f"error: --data-path {args.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())} "
-                             f"but the model's vocabulary is 0..{cfg.vocab_size - 1}: tokenize with the model's tokenizer")
-    dp = initialize_from_args(args)
+
+def instruction_dataset(cfg: RunConfig, arch):
+    """Chat-formatted instruction samples (loss on the responses) and the tokenizer's pad id."""
+    from megatron_zero.data.chat_template import chat_template_for
+    from megatron_zero.data.datasets import ChatDataset, TokenizationConfig, read_instruction_jsonl
+    from megatron_zero.data.tokenizers import load_tokenizer
+
+    d = cfg.data
+    if not d.tokenizer:
+        raise ConfigError(f"--instruction-data-path {d.instruction_data_path}: --tokenizer is required")
+    if not os.path.exists(d.instruction_data_path):
+        raise DataError(f"--instruction-data-path {d.instruction_data_path}: no such file")
+    tokenizer = load_tokenizer(d.tokenizer)
+    template = chat_template_for(tokenizer, d.chat_template, model_family=arch.family)
+    dataset = ChatDataset.build(read_instruction_jsonl(d.instruction_data_path), template,
+                                TokenizationConfig(max_seq_len=cfg.training.seq_length, num_image_tokens=1),
+                                source="text")
+    if len(dataset) == 0:
+        raise DataError(f"--instruction-data-path {d.instruction_data_path}: no trainable sample")
+    return dataset, tokenizer.pad_id
+
+
+def load_pretrained(cfg: RunConfig, arch, chunks: list) -> None:
+    """``--pretrained-checkpoint`` into ``chunks`` (LoRA adapters start fresh)."""
+    from megatron_zero.checkpointing.sources import resolve_decoder
+    from megatron_zero.models.lora import is_lora_key
+    from megatron_zero.parallel.initialize import print_rank0
+
+    path = cfg.checkpoint.pretrained_checkpoint
+    source = resolve_decoder(path, "--pretrained-checkpoint")
+    base = dataclasses.replace(arch, lora=None, name=source.cfg.name, surrogate=source.cfg.surrogate)
+    if dataclasses.replace(source.cfg, lora=None) != base:
+        raise ConfigError(f"--pretrained-checkpoint {path}: its architecture differs from --model {cfg.model.model}")
+    source.load_into(chunks, skip=is_lora_key if arch.lora else None)
+    print_rank0(f"loaded decoder weights from {path}")
+
+
+def export_model(cfg: RunConfig, arch, chunks: list) -> None:
+    from megatron_zero.checkpointing import mcore_checkpoint
+    from megatron_zero.parallel.initialize import print_rank0
+
+    out = os.path.join(cfg.checkpoint.save, "export")
+    pretrained = cfg.checkpoint.pretrained_checkpoint
+    mcore_checkpoint.save_model([getattr(c, "module", c) for c in chunks], out, arch, overwrite=True,
+                                copy_files_from=pretrained if pretrained and os.path.isdir(pretrained) else None)
+    print_rank0(f"exported the model to {out}" + (" (with its LoRA adapters: convert_checkpoint --merge-lora)"
+                                                 if arch.lora else ""))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list:
+    from megatron_zero.training.loop import install_exit_signals
+
+    cfg = arguments.parse(build_parser(), argv, required=["--train-iters"], resolve=resolve_model_flag)
+    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
+    from megatron_zero.training.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    from megatron.core import parallel_state as ps
+
+    from megatron_zero import platform
+    from megatron_zero.data.token_windows import TokenWindows
+    from megatron_zero.models.llama import build_llama_chunks
+    from megatron_zero.models.llama_config import padded_vocab_size
+    from megatron_zero.parallel.initialize import print_rank0
+    from megatron_zero.training.flops import decoder_flops_per_step
+    from megatron_zero.training.train_step import lm_forward_step
+    from megatron_zero.training.vlm_batches import VLMBatches
+
+    arch, opts = resolve_model(cfg)
+    tokens = None
+    if not cfg.data.instruction_data_path:  # bad data fails here, before anything is built
+        tokens = load_tokens(cfg, arch.vocab_size)
+        if len(tokens) and (int(tokens.max()) >= arch.vocab_size or int(tokens.min()) < 0):
+            raise DataError(f"--data-path {cfg.data.data_path}: token ids span {int(tokens.min())}..{int(tokens.max())}"
+                            f" but the model's vocabulary is 0..{arch.vocab_size - 1}: tokenize with the model's "
+                            f"tokenizer")
+    dp = trainer.initialize()
+    cfg = trainer.cfg  # the global batch size resolved
     print_rank0(f"megatron_zero pretrain_lm: {platform.summary()} | TP={opts.tensor_model_parallel_size} "
-                f"PP={opts.pipeline_model_parallel_size} DP={dp} | model {cfg.name} ({cfg.num_parameters():,} params)")
-    gbs = args.global_batch_size or args.micro_batch_size * dp
-    if gbs % (args.micro_batch_size * dp):
-        parser.error(f"--global-batch-size {gbs} is not divisible by --micro-batch-size x DP = {args.micro_batch_size * dp}")
+                f"PP={opts.pipeline_model_parallel_size} DP={dp} | model {arch.name} "
+                f"({arch.num_parameters():,} params)")
 
-    chunks = build_llama_chunks(cfg, opts)
-    if args.pretrained:
-        from megatron_zero.checkpointing.sources import resolve_decoder
-        from megatron_zero.models.lora import is_lora_key
-
-        source = resolve_decoder(args.pretrained, "--pretrained")
-        base = dataclasses.replace(cfg, lora=None, name=source.cfg.name, surrogate=source.cfg.surrogate)
-        if dataclasses.replace(source.cfg, lora=None) != base:
-            parser.error(f"--pretrained {args.pretrained}: its architecture differs from --model {args.model}")
-        source.load_into(chunks, skip=is_lora_key if cfg.lora else None)
-        print_rank0(f"loaded decoder weights from {args.pretrained}")
-    if cfg.lora:
+    chunks = build_llama_chunks(arch, opts)
+    if cfg.checkpoint.pretrained_checkpoint:
+        load_pretrained(cfg, arch, chunks)
+    if arch.lora:
         from megatron_zero.models.lora import num_trainable_parameters
 
-        print_rank0(f"LoRA rank {cfg.lora['rank']} alpha {cfg.lora['alpha']} on {','.join(cfg.lora['targets'])}: "
-                    f"{num_trainable_parameters(cfg):,} trainable parameters, base frozen")
-    chunks, optimizer, scheduler, start = setup_optimization(args, chunks, cfg.to_dict())
-    loop_cfg = LoopConfig.from_args(args, dp, gbs, decoder_flops_per_step(
-        cfg, gbs, args.seq_length, padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size)))
-    loop_cfg.model_config = cfg.to_dict()
-    if args.save and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
-            and ps.get_pipeline_model_parallel_rank() == 0:
-        os.makedirs(args.save, exist_ok=True)
-        cfg.save(os.path.join(args.save, "model_config.json"))
-    if args.instruction_data_path:
-        make_iterator = instruction_batches(args, cfg, gbs, dp, parser).iteration
+        print_rank0(f"LoRA rank {arch.lora['rank']} alpha {arch.lora['alpha']} on {','.join(arch.lora['targets'])}: "
+                    f"{num_trainable_parameters(arch):,} trainable parameters, base frozen")
+    t = cfg.training
+    if cfg.data.instruction_data_path:
+        dataset, pad_id = instruction_dataset(cfg, arch)
+        make_iterator = VLMBatches.from_config(dataset, cfg, pad_id=pad_id).iteration
     else:
-        data = TokenWindows(tokens, args.seq_length, seed=args.seed)
+        data = TokenWindows(tokens, t.seq_length, seed=t.seed)
         dp_rank = ps.get_data_parallel_rank()
 
         def make_iterator(it):
-            return data.iteration_microbatches(it, gbs, args.micro_batch_size, dp_rank, dp)
-    losses = train(loop_cfg, chunks, optimizer, scheduler, lm_forward_step, make_iterator, start_iteration=start)
-    if args.export_model:
-        from megatron_zero.checkpointing import mcore_checkpoint
-
-        out = os.path.join(args.save, "export")
-        mcore_checkpoint.save_model([getattr(c, "module", c) for c in chunks], out, cfg, overwrite=True,
-                                    copy_files_from=args.pretrained if args.pretrained and os.path.isdir(args.pretrained)
-                                    else None)
-        print_rank0(f"exported the model to {out}" + (" (with its LoRA adapters: convert_checkpoint --merge-lora)"
-                                                     if cfg.lora else ""))
+            return data.iteration_microbatches(it, t.global_batch_size, t.micro_batch_size, dp_rank, dp)
+    trainer.build(chunks, lm_forward_step, make_iterator, model_config=arch.to_dict(),
+                  flops_per_step=decoder_flops_per_step(arch, t.global_batch_size, t.seq_length,
+                                                        padded_vocab_size(arch.vocab_size,
+                                                                          opts.tensor_model_parallel_size)))
+    save = cfg.checkpoint.save
+    if save and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0 \
+            and ps.get_pipeline_model_parallel_rank() == 0:
+        os.makedirs(save, exist_ok=True)
+        arch.save(os.path.join(save, "model_config.json"))
+    losses = trainer.run()
+    if cfg.checkpoint.export_model:
+        export_model(cfg, arch, trainer.chunks)
     return losses
 
 

@@ -30,6 +30,7 @@ import os
 from typing import Optional, Sequence
 
 from megatron_zero import arguments
+from megatron_zero.config import ConfigError, RunConfig
 from megatron_zero.errors import DataError
 
 STAGE_PRESETS = {
@@ -42,7 +43,7 @@ DEFAULT_ENCODER_TRAINABLE_LAYERS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = arguments.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     arguments.add_parallel_args(p)
     arguments.add_model_args(p)
     arguments.add_training_args(p)
@@ -91,8 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on without the conversations whose image does not fit in --seq-length")
     g.add_argument("--strict-images", action="store_true",
                    help="fail on a missing/corrupt image instead of dropping its sample (replaced by the next one)")
-    g.add_argument("--exit-after-iters", type=int, default=None)
-    g.add_argument("--metrics-file", default=None)
     g.add_argument("--no-export", action="store_true", help="skip writing <save>/export at the end")
     from megatron_zero.models.lora import add_lora_arguments
 
@@ -100,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def tokenizer_path(given: Optional[str], decoder_path: str, parser) -> str:
+def tokenizer_path(given: Optional[str], decoder_path: str) -> str:
     """``--tokenizer``, else the tokenizer the decoder checkpoint holds (an HF or torch_dist directory, or the
     ``decoder/`` of a VLM checkpoint / training export)."""
     from megatron_zero.data.tokenizers import TOKENIZER_DIR_CANDIDATES
@@ -110,74 +109,75 @@ def tokenizer_path(given: Optional[str], decoder_path: str, parser) -> str:
     for d in (decoder_path, os.path.join(decoder_path, "decoder"), os.path.join(decoder_path, "export", "decoder")):
         if any(os.path.isfile(os.path.join(d, c)) for c in TOKENIZER_DIR_CANDIDATES):
             return d
-    parser.error(f"--tokenizer: not given, and --decoder-load {decoder_path} holds no tokenizer "
-                 f"(tokenizer.json or tokenizer.model); give --tokenizer")
+    raise ConfigError(f"--tokenizer: not given, and --decoder-load {decoder_path} holds no tokenizer "
+                      f"(tokenizer.json or tokenizer.model); give --tokenizer")
 
 
-def apply_stage_presets(args, decoder_layers: int) -> None:
-    preset = STAGE_PRESETS[args.stage]
-    if args.lr is None:
-        args.lr = STAGE3_LR_70B if args.stage == 3 and decoder_layers >= 80 else preset["lr"]
-    if args.global_batch_size is None:
-        args.global_batch_size = preset["global_batch_size"]
-    if getattr(args, "loss_weighting_ord", None) is None:
-        from megatron_zero.loss.length_weighted import DEFAULT_ORD, DEFAULT_RELEASED_ORD
+def apply_stage_presets(cfg: RunConfig, decoder_layers: int) -> RunConfig:
+    """The stage's defaults (Table A.4) for what the flags leave open; returns the resolved config."""
+    from megatron_zero.loss.length_weighted import DEFAULT_ORD, DEFAULT_RELEASED_ORD
 
-        released = getattr(args, "loss_weighting", None) == "length-weighted-released"
-        args.loss_weighting_ord = DEFAULT_RELEASED_ORD if released else DEFAULT_ORD
-    if args.loss_on_special_tokens is None:
+    stage = cfg.stage
+    preset = STAGE_PRESETS[stage.stage]
+    if cfg.optimizer.lr is None:
+        cfg = cfg.replace("optimizer", lr=STAGE3_LR_70B if stage.stage == 3 and decoder_layers >= 80 else preset["lr"])
+    if cfg.training.global_batch_size is None:
+        cfg = cfg.replace("training", global_batch_size=preset["global_batch_size"])
+    if stage.loss_weighting_ord is None:
+        released = stage.loss_weighting == "length-weighted-released"
+        cfg = cfg.replace("stage", loss_weighting_ord=DEFAULT_RELEASED_ORD if released else DEFAULT_ORD)
+    if stage.loss_on_special_tokens is None:
         # the authors' train_llama.py: include_special_tokens_in_masking_instruction_tokens = stage != finetune-decoder
-        zero = getattr(args, "prompt_format", "meta") == "zero"
-        args.loss_on_special_tokens = args.stage in (1, 2) if zero else preset["loss_on_special_tokens"]
+        zero = cfg.data.prompt_format == "zero"
+        cfg = cfg.replace("stage", loss_on_special_tokens=stage.stage in (1, 2) if zero
+                          else preset["loss_on_special_tokens"])
+    return cfg
 
 
 class DatasetTooSmallError(DataError):
     """The training data cannot fill what the run asks of it."""
 
 
-def check_dropped(ds, flag: str, path: str, args, num_image_embeddings: int) -> None:
+def check_dropped(ds, flag: str, path: str, cfg: RunConfig, num_image_embeddings: int) -> None:
     """Conversations lost to ``--seq-length`` (their image does not fit) stop the run unless
     ``--allow-dropped-samples``: the message says how long the samples are."""
     import numpy as np
 
     dropped = int(ds.skipped.get("image_does_not_fit", 0))
     total = len(ds.needed_lengths)
-    if not dropped or args.allow_dropped_samples:
+    if not dropped or cfg.data.allow_dropped_samples:
         return
     need = ds.needed_lengths
     raise DatasetTooSmallError(
-        f"{flag} {path}: --seq-length {args.seq_length} drops {dropped} of {total} conversations (their image does "
-        f"not fit; an image takes {num_image_embeddings} positions); the conversations need {int(need.min())} to "
-        f"{int(need.max())} positions (median {int(np.median(need))}): raise --seq-length to {int(need.max())} or "
-        f"pass --allow-dropped-samples")
+        f"{flag} {path}: --seq-length {cfg.training.seq_length} drops {dropped} of {total} conversations (their "
+        f"image does not fit; an image takes {num_image_embeddings} positions); the conversations need "
+        f"{int(need.min())} to {int(need.max())} positions (median {int(np.median(need))}): raise --seq-length to "
+        f"{int(need.max())} or pass --allow-dropped-samples")
 
 
-def check_fills_a_batch(ds, args) -> None:
-    if len(ds) < args.global_batch_size:
+def check_fills_a_batch(ds, cfg: RunConfig) -> None:
+    gbs = cfg.training.global_batch_size
+    if len(ds) < gbs:
         raise DatasetTooSmallError(
-            f"--data-path {args.data_path}: {len(ds)} usable samples, fewer than one global batch "
-            f"(--global-batch-size {args.global_batch_size}); use a smaller --global-batch-size or more data")
+            f"--data-path {cfg.data.data_path}: {len(ds)} usable samples, fewer than one global batch "
+            f"(--global-batch-size {gbs}); use a smaller --global-batch-size or more data")
 
 
-def build_dataset(args, tokenizer, template, num_image_embeddings: int):
+def build_dataset(cfg: RunConfig, tokenizer, template, num_image_embeddings: int):
     from megatron_zero.data.datasets import (ChatDataset, MixtureDataset, TokenizationConfig, read_instruction_jsonl,
                                              read_llava_json)
 
-    tcfg = TokenizationConfig(max_seq_len=args.seq_length, num_image_tokens=num_image_embeddings,
-                              loss_on_special_tokens=args.loss_on_special_tokens, prompt_seed=args.seed)
-    vision = ChatDataset.build(read_llava_json(args.data_path, args.image_root), template, tcfg, source="llava")
-    check_dropped(vision, "--data-path", args.data_path, args, num_image_embeddings)
-    if not args.text_data_path:
+    d, seed = cfg.data, cfg.training.seed
+    tcfg = TokenizationConfig(max_seq_len=cfg.training.seq_length, num_image_tokens=num_image_embeddings,
+                              loss_on_special_tokens=cfg.stage.loss_on_special_tokens, prompt_seed=seed)
+    vision = ChatDataset.build(read_llava_json(d.data_path, d.image_root), template, tcfg, source="llava")
+    check_dropped(vision, "--data-path", d.data_path, cfg, num_image_embeddings)
+    if not d.text_data_path:
         return vision
-    text = ChatDataset.build(read_instruction_jsonl(args.text_data_path), template, tcfg, source="text")
-    check_dropped(text, "--text-data-path", args.text_data_path, args, num_image_embeddings)
-    if args.text_ratio is None:
-        weights = [len(vision), len(text)]
-    else:
-        if not 0 < args.text_ratio < 1:
-            raise SystemExit(f"error: --text-ratio must be in (0, 1), got {args.text_ratio}")
-        weights = [1 - args.text_ratio, args.text_ratio]
-    return MixtureDataset([vision, text], weights, seed=args.seed)
+    text = ChatDataset.build(read_instruction_jsonl(d.text_data_path), template, tcfg, source="text")
+    check_dropped(text, "--text-data-path", d.text_data_path, cfg, num_image_embeddings)
+    weights = [len(vision), len(text)] if d.text_ratio is None else [1 - d.text_ratio, d.text_ratio]
+    return MixtureDataset([vision, text], weights, seed=seed)
 
 
 def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
@@ -212,134 +212,118 @@ def export(chunks, cfg, out_dir: str, tokenizer_dir: Optional[str]) -> None:
     dist.barrier()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list:
-    parser = build_parser()
-    args = arguments.parse(parser, argv)
-    from megatron_zero.training.loop import install_exit_signals
+def resolve_weights(cfg: RunConfig):
+    """The decoder and encoder to start from (with fresh LoRA adapters for ``--lora-rank``), and ``cfg`` with the
+    stage presets and ``--encoder-trainable-layers`` resolved: ``(cfg, decoder, encoder, fresh_adapters)``."""
+    from megatron_zero.checkpointing.sources import resolve_decoder, resolve_encoder
+    from megatron_zero.models.lora import LoraConfig, is_lora_key
 
-    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
-
-    from megatron.core import parallel_state as ps
-
-    from megatron_zero import platform
-    from megatron_zero.checkpointing.sources import WeightSourceError, resolve_decoder, resolve_encoder
-    from megatron_zero.data.chat_template import chat_template_for
-    from megatron_zero.data.images import load_image
-    from megatron_zero.data.tokenizers import load_tokenizer
-    from megatron_zero.models.freezing import FreezingError, apply_freezing, trainable_report
-    from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
-    from megatron_zero.models.vlm import VLMConfig, build_vlm_chunks
-    from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
-    from megatron_zero.training.flops import decoder_flops_per_step
-    from megatron_zero.training.loop import LoopConfig, setup_optimization, train
-    from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
-
-    try:
-        dec = resolve_decoder(args.decoder_load)
-        enc = resolve_encoder(args.encoder_load, args.vision_model, args.feature_convention)
-    except WeightSourceError as e:
-        parser.error(str(e))
-    from megatron_zero.models.lora import LoraConfig, LoraError, is_lora_key
-
-    try:
-        lora = LoraConfig.from_args(args)
-    except LoraError as e:
-        parser.error(str(e))
+    st = cfg.stage
+    dec = resolve_decoder(st.decoder_load)
+    enc = resolve_encoder(st.encoder_load, st.vision_model, st.feature_convention)
+    lora = LoraConfig.from_config(cfg.model)
     fresh_adapters = None
     if lora is not None:
-        if args.stage != 3:
-            parser.error(f"--lora-rank trains the decoder: stage 3 only (got --stage {args.stage})")
+        if st.stage != 3:
+            raise ConfigError(f"--lora-rank trains the decoder: stage 3 only (got --stage {st.stage})")
         if dec.cfg.lora:
-            parser.error(f"--lora-rank: --decoder-load {args.decoder_load} already has LoRA adapters {dec.cfg.lora}")
+            raise ConfigError(f"--lora-rank: --decoder-load {st.decoder_load} already has LoRA adapters "
+                              f"{dec.cfg.lora}")
         dec.cfg = dataclasses.replace(dec.cfg, lora=lora.to_dict())
         fresh_adapters = is_lora_key
-    apply_stage_presets(args, dec.cfg.num_layers)
+    cfg = apply_stage_presets(cfg, dec.cfg.num_layers)
     built = enc.vision.num_built_layers
-    if args.encoder_trainable_layers is None:
-        args.encoder_trainable_layers = min(DEFAULT_ENCODER_TRAINABLE_LAYERS, built)
-    elif not 0 <= args.encoder_trainable_layers <= built:
-        parser.error(f"--encoder-trainable-layers {args.encoder_trainable_layers}: the encoder "
-                     f"{enc.vision.name} builds {built} layers ({enc.vision.feature_convention} feature convention); "
-                     f"expected 0..{built}")
-    if args.train_iters is None:
-        parser.error("--train-iters is required")
-    from megatron_zero.training.loop import prepare_run
+    layers = cfg.stage.encoder_trainable_layers
+    if layers is None:
+        cfg = cfg.replace("stage", encoder_trainable_layers=min(DEFAULT_ENCODER_TRAINABLE_LAYERS, built))
+    elif not 0 <= layers <= built:
+        raise ConfigError(f"--encoder-trainable-layers {layers}: the encoder {enc.vision.name} builds {built} layers "
+                          f"({enc.vision.feature_convention} feature convention); expected 0..{built}")
+    return cfg, dec, enc, fresh_adapters
 
-    prepare_run(args)
-    opts = RuntimeOptions.from_args(args)
-    try:
-        validate(dec.cfg, opts)
-    except ModelConfigError as e:
-        parser.error(str(e))
-    args.tokenizer = tokenizer_path(args.tokenizer, dec.path, parser)
-    tokenizer = load_tokenizer(args.tokenizer)
+
+def resolve_text(cfg: RunConfig, dec, enc):
+    """Tokenizer and chat template (the decoder's unless given) and the VLM's architecture:
+    ``(cfg with --tokenizer resolved, tokenizer, template, VLMConfig)``."""
+    from megatron_zero.data.chat_template import chat_template_for
+    from megatron_zero.data.tokenizers import load_tokenizer
+    from megatron_zero.models.vlm import VLMConfig
+
+    d = cfg.data
+    cfg = cfg.replace("data", tokenizer=tokenizer_path(d.tokenizer, dec.path))
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > dec.cfg.vocab_size:
-        parser.error(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the decoder "
-                     f"(--decoder-load {args.decoder_load}) has a {dec.cfg.vocab_size}-token vocabulary: "
-                     f"use the decoder's own tokenizer")
+        raise ConfigError(f"--tokenizer {cfg.data.tokenizer} has {tokenizer.vocab_size} tokens but the decoder "
+                          f"(--decoder-load {cfg.stage.decoder_load}) has a {dec.cfg.vocab_size}-token vocabulary: "
+                          f"use the decoder's own tokenizer")
     # an encoder trained before keeps the placeholder id it was trained with
-    placeholder = args.image_token_id if args.image_token_id is not None else enc.image_token_id
+    placeholder = d.image_token_id if d.image_token_id is not None else enc.image_token_id
     try:
-        template = chat_template_for(tokenizer, args.chat_template, image_placeholder=placeholder,
-                                     prompt_format=args.prompt_format, model_family=dec.cfg.family)
+        template = chat_template_for(tokenizer, d.chat_template, image_placeholder=placeholder,
+                                     prompt_format=d.prompt_format, model_family=dec.cfg.family)
     except ValueError as e:
-        parser.error(str(e))
+        raise ConfigError(str(e)) from None
     image_token_id = template.image_placeholder_id
     if image_token_id is None:
-        parser.error("the chat template has no image placeholder token: give --image-token-id")
-    vlm_cfg = VLMConfig(dec.cfg, enc.vision, int(image_token_id))
-    if args.seq_length % (16 if args.fp8_format else 1):
-        parser.error(f"--seq-length {args.seq_length} must be a multiple of 16 with --fp8-format")
+        raise ConfigError("the chat template has no image placeholder token: give --image-token-id")
+    return cfg, tokenizer, template, VLMConfig(dec.cfg, enc.vision, int(image_token_id))
 
+
+def main(argv: Optional[Sequence[str]] = None) -> list:
+    from megatron_zero.training.loop import install_exit_signals
+
+    cfg = arguments.parse(build_parser(), argv, required=["--train-iters"])
+    install_exit_signals()  # a preemption signal during set-up is honoured after the first step
+
+    from megatron_zero import platform
+    from megatron_zero.models.freezing import apply_freezing, trainable_report
+    from megatron_zero.models.llama import RuntimeOptions, validate
+    from megatron_zero.models.vlm import build_vlm_chunks
+    from megatron_zero.parallel.initialize import print_rank0
+    from megatron_zero.training.flops import decoder_flops_per_step
+    from megatron_zero.training.trainer import Trainer
+    from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
+
+    cfg, dec, enc, fresh_adapters = resolve_weights(cfg)
+    trainer = Trainer(cfg)
+    opts = RuntimeOptions.from_config(cfg.parallel, cfg.model)
+    validate(dec.cfg, opts)
+    cfg, tokenizer, template, vlm_cfg = resolve_text(cfg, dec, enc)
     # the data is checked before any model is built or weight is read
-    dataset = build_dataset(args, tokenizer, template, vlm_cfg.num_image_embeddings)
-    check_fills_a_batch(dataset, args)
-    dp = initialize_from_args(args)
-    print_rank0(f"megatron_zero pretrain_vlm stage {args.stage}: {platform.summary()} | "
+    dataset = build_dataset(cfg, tokenizer, template, vlm_cfg.num_image_embeddings)
+    check_fills_a_batch(dataset, cfg)
+    dp = trainer.initialize()
+    st = cfg.stage
+    print_rank0(f"megatron_zero pretrain_vlm stage {st.stage}: {platform.summary()} | "
                 f"TP={opts.tensor_model_parallel_size} PP={opts.pipeline_model_parallel_size} DP={dp} | "
                 f"decoder {dec.cfg.name} ({dec.cfg.num_layers} layers) from {dec.path} | encoder "
                 f"{enc.vision.name} ({vlm_cfg.num_image_embeddings} embeddings/image)")
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size x DP "
-                     f"= {args.micro_batch_size * dp}")
 
     chunks = build_vlm_chunks(vlm_cfg, opts)
     dec.load_into(chunks, skip=fresh_adapters)
-    enc.load_into(chunks, seed=args.seed)
-    try:
-        apply_freezing(chunks, f"stage{args.stage}", args.encoder_trainable_layers, args.translator_layer,
-                       args.control_unfreeze_early)
-    except FreezingError as e:
-        parser.error(str(e))
-    report = trainable_report(chunks, f"stage{args.stage}")
-    print_rank0(report)
+    enc.load_into(chunks, seed=cfg.training.seed)
+    apply_freezing(chunks, f"stage{st.stage}", st.encoder_trainable_layers, st.translator_layer,
+                   st.control_unfreeze_early)
+    print_rank0(trainable_report(chunks, f"stage{st.stage}"))
 
-    chunks, optimizer, scheduler, start = setup_optimization(args, chunks, vlm_cfg.to_dict())
-    image_size = enc.vision.image_size
-    batches = VLMBatches(
-        dataset, image_token_id=vlm_cfg.image_token_id, num_image_embeddings=vlm_cfg.num_image_embeddings,
-        seq_length=args.seq_length, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
-        global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
-        dp_rank=ps.get_data_parallel_rank(), dp_size=dp, seed=args.seed,
-        load_image=lambda path: load_image(path, image_size), loss_weighting=args.loss_weighting,
-        loss_weighting_ord=args.loss_weighting_ord, dp_group=ps.get_data_parallel_group(),
-        strict_images=args.strict_images, pad_to_multiple_of=16 if args.fp8_format else 1,
-        pack_sequences=args.pack_sequences,
-        microbatch_multiple=args.pipeline_model_parallel_size if args.virtual_pipeline_model_parallel_size else 1,
-        eot_id=template.stop_token_ids[0], loss_weighting_avg_norm=args.loss_weighting_avg_norm)
-
-    loop_cfg = LoopConfig.from_args(args, dp, args.global_batch_size,
-                                    decoder_flops_per_step(dec.cfg, args.global_batch_size, args.seq_length))
-    loop_cfg.model_config = vlm_cfg.to_dict()
-    losses = train(loop_cfg, chunks, optimizer, scheduler, vlm_forward_step, batches.iteration, start_iteration=start)
+    batches = VLMBatches.from_config(
+        dataset, cfg, pad_id=tokenizer.pad_id, image_token_id=vlm_cfg.image_token_id,
+        num_image_embeddings=vlm_cfg.num_image_embeddings, image_size=enc.vision.image_size,
+        eot_id=template.stop_token_ids[0])
+    t = cfg.training
+    trainer.build(chunks, vlm_forward_step, batches.iteration, model_config=vlm_cfg.to_dict(),
+                  flops_per_step=decoder_flops_per_step(dec.cfg, t.global_batch_size, t.seq_length))
+    losses = trainer.run()
     skipped = batches.total_skipped()
     if skipped:
         print_rank0(f"warning: {skipped} sample(s) with a missing or corrupt image were dropped and replaced by the "
                     f"next ones (over all data-parallel ranks)")
-    if args.save and not args.no_export:
-        tok_dir = args.tokenizer if os.path.isdir(args.tokenizer) else os.path.dirname(args.tokenizer)
-        export(chunks, vlm_cfg, os.path.join(args.save, "export"), tok_dir)
-        print_rank0(f"exported the VLM to {os.path.join(args.save, 'export')}")
+    save = cfg.checkpoint.save
+    if save and not cfg.checkpoint.no_export:
+        tok = cfg.data.tokenizer
+        export(trainer.chunks, vlm_cfg, os.path.join(save, "export"),
+               tok if os.path.isdir(tok) else os.path.dirname(tok))
+        print_rank0(f"exported the VLM to {os.path.join(save, 'export')}")
     return losses
 
 

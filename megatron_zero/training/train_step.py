@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_zero import platform
+
 
 @dataclasses.dataclass
 class StepResult:
@@ -33,6 +35,18 @@ def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, token_wei
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def packed_seq_params(batch: dict):
+    """megatron-core ``PackedSeqParams`` (THD) of a packed micro-batch (see
+    :mod:`megatron_zero.training.vlm_batches`), ``None`` for a padded one."""
+    if "cu_seqlens" not in batch:
+        return None
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = batch["cu_seqlens"].to(platform.device(), dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=int(batch["max_seqlen"]),
+                           max_seqlen_kv=int(batch["max_seqlen"]))
+
+
 def lm_forward_step(data_iterator: Iterator[dict], model) -> tuple[torch.Tensor, Callable]:
     """Forward step for a text LM batch ``{tokens, labels, loss_mask, position_ids}`` (packed rows: also
     ``cu_seqlens``/``max_seqlen``, see :mod:`megatron_zero.training.vlm_batches`)."""
@@ -43,8 +57,6 @@ def lm_forward_step(data_iterator: Iterator[dict], model) -> tuple[torch.Tensor,
     position_ids = batch.get("position_ids")
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    from megatron_zero.training.vlm_batches import packed_seq_params
-
     output = model(tokens, position_ids, None, labels=batch["labels"], packed_seq_params=packed_seq_params(batch))
     return output, partial(lm_loss_func, batch["loss_mask"], token_weights=batch.get("token_weights"))
 

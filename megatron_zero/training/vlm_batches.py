@@ -29,11 +29,13 @@ stays exact on resume; the dropped samples are counted over all DP ranks (``--st
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
 from megatron_zero import platform
+from megatron_zero.config import RunConfig
 from megatron_zero.data.datasets import Sample
 from megatron_zero.data.images import ImageLoadError
 from megatron_zero.data.sampler import ResumableDistributedSampler
@@ -42,6 +44,7 @@ from megatron_zero.data.packing import collate_packed, expand_image_placeholders
 from megatron_zero.loss.length_weighted import (DEFAULT_ORD, global_length_stats, released_segments,
                                                 released_token_weights, response_lengths, token_weights)
 from megatron_zero.models.vlm import expand_image_placeholders
+from megatron_zero.training.train_step import lm_loss_func, packed_seq_params
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,32 @@ class VLMBatches:
         self._counted: set[int] = set()  # iterations whose drops are counted (VPP builds an iteration per chunk)
         self.sampler = ResumableDistributedSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank,
                                                    dp_size, seed=seed)
+
+    @classmethod
+    def from_config(cls, dataset, cfg: RunConfig, *, pad_id: Optional[int], image_token_id: Optional[int] = None,
+                    num_image_embeddings: int = 1, image_size: Optional[int] = None,
+                    eot_id: Optional[int] = None) -> "VLMBatches":
+        """The micro-batches a run of ``cfg`` trains on, for this rank of megatron's data-parallel group (call it
+        after the process groups exist). What the model and tokenizer decide comes as arguments: the placeholder
+        id and embeddings per image (``None``/1 for text-only data), the encoder's ``image_size`` (images are
+        loaded only with it), the pad id and the turn-end id."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_zero.data.images import load_image
+
+        t, s, p = cfg.training, cfg.stage, cfg.parallel
+        return cls(dataset, image_token_id=image_token_id, num_image_embeddings=num_image_embeddings,
+                   seq_length=t.seq_length, pad_id=pad_id if pad_id is not None else 0,
+                   global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
+                   dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), seed=t.seed,
+                   load_image=None if image_size is None else (lambda path: load_image(path, image_size)),
+                   loss_weighting=s.loss_weighting,
+                   loss_weighting_ord=DEFAULT_ORD if s.loss_weighting_ord is None else s.loss_weighting_ord,
+                   loss_weighting_avg_norm=s.loss_weighting_avg_norm, dp_group=ps.get_data_parallel_group(),
+                   strict_images=cfg.data.strict_images, pad_to_multiple_of=16 if cfg.model.fp8_format else 1,
+                   pack_sequences=cfg.data.pack_sequences,
+                   microbatch_multiple=p.pipeline_model_parallel_size if p.virtual_pipeline_model_parallel_size else 1,
+                   eot_id=eot_id)
 
     def _indices(self, iteration: int) -> list[list[int]]:
         """Dataset indices of this rank's micro-batches of ``iteration`` (epochs wrap around)."""
@@ -263,23 +292,8 @@ class VLMBatches:
         return StepBatches(build(), n_mb, shape, int(real), computed)
 
 
-def packed_seq_params(batch: dict):
-    """megatron-core ``PackedSeqParams`` (THD) of a packed micro-batch, ``None`` for a padded one."""
-    if "cu_seqlens" not in batch:
-        return None
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    cu = batch["cu_seqlens"].to(platform.device(), dtype=torch.int32)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=int(batch["max_seqlen"]),
-                           max_seqlen_kv=int(batch["max_seqlen"]))
-
-
 def vlm_forward_step(data_iterator, model):
     """megatron schedule forward step for the VLM (per-token loss convention, optional length weights)."""
-    from functools import partial
-
-    from megatron_zero.training.train_step import lm_loss_func
-
     b = next(data_iterator)
     out = model(b["tokens"], b["position_ids"], None, images=b["images"], image_mask=b["image_mask"],
                 labels=b["labels"], packed_seq_params=packed_seq_params(b))
