@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import REPO, exit_status, run_cli, subprocess_env
+from tests.conftest import exit_status, run_cli
 
 
 def _world(tmp_path):
