@@ -35,7 +35,7 @@ def _free_port() -> int:
 def _munge_running() -> bool:
     if not os.path.exists(MUNGE_SOCKET):
         return False
-    return subprocess.run([_which("munge"), "-n"], capture_output=True).returncode == 0
+    return subprocess.run([_which("munge"), "-n"], check=False, capture_output=True).returncode == 0
 
 
 def _start_munge() -> None:
@@ -66,7 +66,7 @@ class SlurmCluster:
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
     @classmethod
-    def start(cls, root: Path) -> "SlurmCluster":
+    def start(cls, root: Path) -> SlurmCluster:
         missing = [d for d in DAEMONS + ("sbatch", "munge") if _which(d) is None]
         if missing:
             raise SlurmUnavailable(f"{', '.join(missing)} not installed (apt-get install -y slurm-wlm munge)")
@@ -127,7 +127,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
         subprocess.run([_which("slurmd"), "-f", str(self.conf)], env=env, check=True, capture_output=True)
         deadline = time.time() + 60
         while time.time() < deadline:
-            p = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True)
+            p = subprocess.run(["sinfo", "-h", "-o", "%T"], check=False, env=env, capture_output=True, text=True)
             if p.returncode == 0 and p.stdout.strip() in ("idle", "mixed", "allocated"):
                 return
             time.sleep(0.5)
@@ -154,14 +154,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscrib
 
     # --- job helpers ----------------------------------------------------------------------------------------
     def sbatch(self, *args: str, env: dict | None = None, cwd: str | None = None) -> int:
-        p = subprocess.run(["sbatch", "--parsable", *args], env={**(env or os.environ), "SLURM_CONF": str(self.conf)},
+        p = subprocess.run(["sbatch", "--parsable", *args], check=False, env={**(env or os.environ), "SLURM_CONF": str(self.conf)},
                            cwd=cwd, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)}: {p.stderr}")
         return int(p.stdout.strip().split(";")[0])
 
     def scontrol(self, *args: str) -> str:
-        return subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True).stdout
+        return subprocess.run(["scontrol", *args], check=False, env=self.env, capture_output=True, text=True).stdout
 
     def job(self, job_id: int) -> dict:
         """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, ...); {} once the job is forgotten."""

@@ -11,7 +11,6 @@ the reason.
 * a job that reaches its time limit saves before it (``--signal=USR1@<lead>``).
 """
 import json
-import os
 import re
 import shutil
 import socket
@@ -68,7 +67,7 @@ def scaled(script: str, command: str, same_layout: bool = True) -> str:
     text = (SCRIPTS / script).read_text()
     head, body = text.split("\nsource ", 1)
     source_line, shipped_command = body.split("\n", 1)
-    flags = lambda s: set(re.findall(r"(?<!\S)--[a-z][a-z-]*", s)) & LAYOUT_FLAGS  # noqa: E731
+    flags = lambda s: set(re.findall(r"(?<!\S)--[a-z][a-z-]*", s)) & LAYOUT_FLAGS
     assert not same_layout or flags(command) == flags(shipped_command), (script, flags(command) ^ flags(shipped_command))
     lines = []
     for line in head.splitlines():
@@ -79,7 +78,9 @@ def scaled(script: str, command: str, same_layout: bool = True) -> str:
 
 
 def job_env(nproc: int, ckpt_root: Path, **extra) -> dict:
-    return subprocess_env(GPUS_PER_NODE=str(nproc), CKPT_ROOT=str(ckpt_root), MASTER_PORT=str(_free_port()), **extra)
+    env = subprocess_env(GPUS_PER_NODE=str(nproc), CKPT_ROOT=str(ckpt_root), **extra)
+    env["MASTER_PORT"] = str(_free_port())  # (subprocess_env drops an inherited one)
+    return env
 
 
 def submit(slurm: SlurmCluster, tmp_path: Path, script_text: str, *sbatch_args: str, env: dict, cwd=REPO) -> int:
@@ -175,13 +176,13 @@ def test_preemption_requeues_and_resumes_the_loss_curve(slurm, tmp_path):
     # the uninterrupted run (same layout, plain launcher) for the loss curve
     p = subprocess.run([sys.executable, "-m", "megatron_zero.launcher", "--standalone", "--nproc-per-node=2",
                         *TINY_LM, "--train-iters", str(iters), "--metrics-file", str(ref)],
-                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+                       check=False, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
     by_iter = {r["iteration"]: r for r in metrics(m)}  # a step after the save is repeated: keep the last record
     want = {r["iteration"]: r for r in metrics(ref)}
     assert sorted(by_iter) == sorted(want) == list(range(1, iters + 1))
-    for it in want:
-        assert by_iter[it]["loss"] == pytest.approx(want[it]["loss"], abs=1e-6), (it, by_iter[it], want[it])
+    for it, w in want.items():
+        assert by_iter[it]["loss"] == pytest.approx(w["loss"], abs=1e-6), (it, by_iter[it], w)
 
 
 def test_bad_input_exits_2_and_is_not_requeued(slurm, tmp_path):
@@ -206,7 +207,7 @@ def test_time_limit_saves_before_it(slurm, tmp_path):
         assert time.time() < deadline, info
         time.sleep(0.5)
         info = slurm.job(job)
-    subprocess.run(["scancel", str(job)], env=slurm.env)
+    subprocess.run(["scancel", str(job)], check=False, env=slurm.env)
     log = log_of(tmp_path, job)
     assert info["JobState"] != "TIMEOUT" and info.get("Restarts") == "1", (info, log[-5000:])
     assert "got SIGUSR1" in log and "stopped early with a checkpoint (exit 75): requeueing" in log, log[-5000:]
