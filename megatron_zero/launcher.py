@@ -7,12 +7,15 @@ What it adds to ``torchrun`` (``examples/launch_torchrun.sh`` and ``examples/slu
 * **SIGUSR1 and SIGTERM** (SLURM's ``--signal=USR1@<s>`` and its time-limit/preemption SIGTERM) are forwarded to
   every worker, and the launcher keeps waiting for them: each rank finishes its step, the ranks save a
   checkpoint together and exit. Plain torchrun does not handle SIGUSR1 at all (it dies and leaves the ranks
-  training as orphans) and kills the workers 30 s after a SIGTERM, however long the save takes.
+  training as orphans) and kills the workers 30 s after a SIGTERM, however long the save takes. The signal is
+  repeated to the workers every 2 s until they exit, so a rank still starting up (signal ignored until its handler
+  is installed, see ``common.sh``) gets it too.
 * **Exit status**: 0 finished; :data:`~megatron_zero.errors.EXIT_PREEMPTED` (75) stopped early by a signal
   after saving — resumable, requeue with the same ``--load``; 2 bad input; 1 anything else. One summary line
   instead of torchrun's failure report (``MEGATRON_ZERO_TRACEBACK=1`` restores it).
 * ``MEGATRON_ZERO_EXIT_STATUS_FILE=<path>``: the exit status is also appended to that file (one line per node),
-  so a SLURM script can tell a preempted run from a crash after ``srun --kill-on-bad-exit`` (see ``common.sh``).
+  so a SLURM script can tell a preempted run from a crash after ``srun --kill-on-bad-exit`` (see ``common.sh``,
+  which requeues the job on 75).
 
 Under a plain ``torchrun`` the ranks still save and exit on SIGTERM (forwarded by torchrun), on SIGUSR1 sent
 to them directly, and when torchrun itself is killed (they ask the kernel for SIGTERM on the launcher's death),
@@ -24,6 +27,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from typing import Optional, Sequence
 
 from megatron_zero.errors import EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, want_traceback
@@ -60,19 +65,36 @@ def _children(pid: int) -> list[int]:
 
 
 class _Forwarder:
+    """Forwards the signal to every worker, then again every ``RESEND_S`` seconds until they exit: a rank still
+    starting up (its handler not yet installed) ignores it, as the batch scripts start the launcher with SIGUSR1
+    ignored until its own handler is in place; a rank that has one saves once, whatever the repeats."""
+
+    RESEND_S = 2.0
+
     def __init__(self):
         self.received: Optional[int] = None
 
     def __call__(self, signum, _frame):
-        if self.received is None:
+        first = self.received is None
+        if first:
             print(f"{PROG}: got {signal.Signals(signum).name}: asking every rank to save a checkpoint and exit",
                   file=sys.stderr, flush=True)
         self.received = signum
+        self._forward(signum)
+        if first:
+            threading.Thread(target=self._resend, daemon=True).start()
+
+    def _forward(self, signum):
         for child in _children(os.getpid()):
             try:
                 os.kill(child, signum)
             except ProcessLookupError:
                 pass
+
+    def _resend(self):
+        while True:
+            time.sleep(self.RESEND_S)
+            self._forward(self.received)
 
 
 def _with_signals_option(argv: list[str]) -> list[str]:

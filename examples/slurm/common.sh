@@ -29,13 +29,14 @@ run_torchrun() {
   # the limit, to every process of the step. megatron_zero.launcher (torchrun with the same flags) forwards both
   # to the ranks and waits for them: every rank finishes its step and the ranks save together. srun
   # --kill-on-bad-exit reports the killed peers of the first node to exit, so the per-node launcher statuses are
-  # collected in a file and 75 is taken from there.
+  # collected in a file and 75 is taken from there. The launcher starts with SIGUSR1 ignored (a signal during its
+  # start-up would otherwise kill it, an unrequeued failure) and repeats the signal to ranks still starting up.
   local status="$CKPT_ROOT/.exit-status-${SLURM_JOB_ID:-0}"
   mkdir -p "$CKPT_ROOT" && rm -f "$status"
   local rc=0
   echo "$(date -u +%FT%TZ) job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
     "$SLURM_NNODES node(s) x $GPUS_PER_NODE processes, rendezvous $MASTER_ADDR:$MASTER_PORT"
-  MEGATRON_ZERO_EXIT_STATUS_FILE="$status" srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "exec \"$PYTHON\" \
+  MEGATRON_ZERO_EXIT_STATUS_FILE="$status" srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c "trap '' USR1; exec \"$PYTHON\" \
     -m megatron_zero.launcher --nnodes $SLURM_NNODES --node-rank \$SLURM_NODEID --nproc-per-node $GPUS_PER_NODE \
     --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT --rdzv-id $SLURM_JOB_ID $*" || rc=$?
   if [ "$rc" -ne 0 ] && grep -qx 75 "$status" 2>/dev/null && ! grep -qvx 75 "$status"; then rc=75; fi
