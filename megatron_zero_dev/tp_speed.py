@@ -2,9 +2,11 @@
 alternately (TP=1, TP=2, TP=1, ...) so that a shared machine's load hits both alike; reported per pair as a ratio.
 
 Each run is what a user starts: ``python -m megatron_zero.training.pretrain_lm`` for TP=1 and
-``python -m megatron_zero.launcher --nproc-per-node 2 ... --tensor-model-parallel-size 2`` for TP=2, with the
-caller's environment (no OMP_NUM_THREADS set: one process uses every core, torchrun gives each of its ranks one
-thread). The step time of a run is the median of its logged ms/step after ``warmup`` steps.
+``python -m megatron_zero.launcher --nproc-per-node 2 ... --tensor-model-parallel-size 2`` for TP=2, both with
+``OMP_NUM_THREADS=threads`` per process (default 1, what torchrun gives each rank; on a loaded machine OpenMP's
+spinning threads make a multi-threaded process wildly slow: 55 s/step for the TP=1 run with 2 threads at load
+~100 on 2 cores, against 0.3-1 s with 1). The step time of a run is the median of its logged ms/step after
+``warmup`` steps.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class TPSpeedConfig:
     iters: int = 8
     warmup: int = 2
     rounds: int = 3
+    threads: int = 1
 
 
 def _run_args(cfg: TPSpeedConfig) -> list[str]:
@@ -36,8 +39,9 @@ def _run_args(cfg: TPSpeedConfig) -> list[str]:
             "--micro-batch-size", str(cfg.micro_batch_size), "--train-iters", str(cfg.iters), "--log-interval", "1"]
 
 
-def step_ms(cmd: list[str], warmup: int) -> float:
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore")
+def step_ms(cmd: list[str], warmup: int, threads: int) -> float:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONWARNINGS="ignore",
+               OMP_NUM_THREADS=str(threads))
     p = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)
     out = p.stdout + p.stderr
     if p.returncode != 0:
@@ -54,10 +58,11 @@ def run_pairs(cfg: TPSpeedConfig, log=print) -> dict:
            *_run_args(cfg), "--tensor-model-parallel-size", "2"]
     pairs = []
     for r in range(cfg.rounds):
-        a = step_ms(tp1, cfg.warmup)
-        b = step_ms(tp2, cfg.warmup)
+        a = step_ms(tp1, cfg.warmup, cfg.threads)
+        b = step_ms(tp2, cfg.warmup, cfg.threads)
         pairs.append((a, b))
-        log(f"round {r + 1}/{cfg.rounds}: TP=1 {a:.0f} ms/step, TP=2 {b:.0f} ms/step, ratio {b / a:.2f}")
+        log(f"round {r + 1}/{cfg.rounds}: TP=1 {a:.0f} ms/step, TP=2 {b:.0f} ms/step, ratio {b / a:.2f} "
+            f"(load average {os.getloadavg()[0]:.1f})", flush=True)
     ratios = [b / a for a, b in pairs]
     return {"pairs_ms": pairs, "ratios": ratios, "median_ratio": statistics.median(ratios),
             "load_average": os.getloadavg(), "cpus": os.cpu_count()}

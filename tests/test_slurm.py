@@ -195,12 +195,13 @@ def test_bad_input_exits_2_and_is_not_requeued(slurm, tmp_path):
 
 
 def test_time_limit_saves_before_it(slurm, tmp_path):
-    """--time=2 with --signal=USR1@60: the run saves and requeues before the limit (then we cancel it)."""
+    """--time=3 with --signal=USR1@90 (SLURM sends it up to 60 s early: 30-90 s into the job): the run saves and
+    requeues before the limit (then we cancel it)."""
     from megatron_zero.training.checkpoint import latest_iteration
 
     ckpt = tmp_path / "ckpt"
     text = _lm_job(tmp_path, "--train-iters", "100000", "--save", str(ckpt), "--load", str(ckpt))
-    job = submit(slurm, tmp_path, text, "--time=2", "--signal=USR1@60", env=job_env(2, tmp_path / "root"))
+    job = submit(slurm, tmp_path, text, "--time=3", "--signal=USR1@90", env=job_env(2, tmp_path / "root"))
     deadline = time.time() + 300
     info = slurm.job(job)
     while info.get("Restarts", "0") == "0" and info.get("JobState") not in ("COMPLETED", "FAILED", "TIMEOUT"):
@@ -212,4 +213,4 @@ def test_time_limit_saves_before_it(slurm, tmp_path):
     assert info["JobState"] != "TIMEOUT" and info.get("Restarts") == "1", (info, log[-5000:])
     assert "got SIGUSR1" in log and "stopped early with a checkpoint (exit 75): requeueing" in log, log[-5000:]
     assert latest_iteration(str(ckpt)) >= 1
-    print(f"\ntime limit: saved iteration {latest_iteration(str(ckpt))} before the 2-minute limit")
+    print(f"\ntime limit: saved iteration {latest_iteration(str(ckpt))} before the 3-minute limit")
