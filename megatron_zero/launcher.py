@@ -7,9 +7,9 @@ What it adds to ``torchrun`` (``examples/launch_torchrun.sh`` and ``examples/slu
 * **SIGUSR1 and SIGTERM** (SLURM's ``--signal=USR1@<s>`` and its time-limit/preemption SIGTERM) are forwarded to
   every worker, and the launcher keeps waiting for them: each rank finishes its step, the ranks save a
   checkpoint together and exit. Plain torchrun does not handle SIGUSR1 at all (it dies and leaves the ranks
-  training as orphans) and kills the workers 30 s after a SIGTERM, however long the save takes. The signal is
-  repeated to the workers every 2 s until they exit, so a rank still starting up (signal ignored until its handler
-  is installed, see ``common.sh``) gets it too.
+  training as orphans) and kills the workers 30 s after a SIGTERM, however long the save takes. The workers
+  start with SIGUSR1 blocked: one that comes (from SLURM, which signals every process of the step, or from the
+  launcher) while a rank is still starting up waits until the rank's handler is in place.
 * **Exit status**: 0 finished; :data:`~megatron_zero.errors.EXIT_PREEMPTED` (75) stopped early by a signal
   after saving — resumable, requeue with the same ``--load``; 2 bad input; 1 anything else. One summary line
   instead of torchrun's failure report (``MEGATRON_ZERO_TRACEBACK=1`` restores it).
@@ -28,12 +28,12 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Optional, Sequence
 
 from megatron_zero.errors import EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, want_traceback
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STARTUP_BLOCKED = {signal.SIGUSR1}
 PROG = "megatron_zero.launcher"
 
 
@@ -65,36 +65,24 @@ def _children(pid: int) -> list[int]:
 
 
 class _Forwarder:
-    """Forwards the signal to every worker, then again every ``RESEND_S`` seconds until they exit: a rank still
-    starting up (its handler not yet installed) ignores it, as the batch scripts start the launcher with SIGUSR1
-    ignored until its own handler is in place; a rank that has one saves once, whatever the repeats."""
-
-    RESEND_S = 2.0
-
     def __init__(self):
         self.received: Optional[int] = None
 
     def __call__(self, signum, _frame):
-        first = self.received is None
-        if first:
+        if self.received is None:
             print(f"{PROG}: got {signal.Signals(signum).name}: asking every rank to save a checkpoint and exit",
                   file=sys.stderr, flush=True)
         self.received = signum
-        self._forward(signum)
-        if first:
-            threading.Thread(target=self._resend, daemon=True).start()
-
-    def _forward(self, signum):
         for child in _children(os.getpid()):
             try:
                 os.kill(child, signum)
             except ProcessLookupError:
                 pass
 
-    def _resend(self):
+    def wait_for(self, signals):
+        """Take blocked ``signals`` from a thread (``sigwait``) and forward them."""
         while True:
-            time.sleep(self.RESEND_S)
-            self._forward(self.received)
+            self(signal.sigwait(signals), None)
 
 
 def _with_signals_option(argv: list[str]) -> list[str]:
@@ -124,6 +112,11 @@ def launch(argv: Sequence[str]) -> int:
     forwarder = _Forwarder()
     for s in PREEMPTION_SIGNALS:
         signal.signal(s, forwarder)
+    # SIGUSR1 stays blocked here and in the workers (they inherit the mask): one that arrives while a rank starts
+    # up stays pending until the rank's handler is in place (training.loop.install_exit_signals unblocks it)
+    # instead of killing the rank. The launcher takes it with sigwait.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
+    threading.Thread(target=forwarder.wait_for, args=(STARTUP_BLOCKED,), daemon=True).start()
     if not want_traceback():
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:

@@ -3,7 +3,6 @@ status 2, and the input checks of the surrogate builder and the benchmark. The l
 scaled down, run as sbatch jobs under a real SLURM in tests/test_slurm.py (stage 1/2 of the 70B recipe also in
 tests/test_workflow.py against the PP=1 losses)."""
 import json
-import os
 import shutil
 import subprocess
 import sys

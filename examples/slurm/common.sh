@@ -30,7 +30,8 @@ run_torchrun() {
   # to the ranks and waits for them: every rank finishes its step and the ranks save together. srun
   # --kill-on-bad-exit reports the killed peers of the first node to exit, so the per-node launcher statuses are
   # collected in a file and 75 is taken from there. The launcher starts with SIGUSR1 ignored (a signal during its
-  # start-up would otherwise kill it, an unrequeued failure) and repeats the signal to ranks still starting up.
+  # own start-up would otherwise kill it, an unrequeued failure); its ranks start with it blocked (pending until
+  # their handler is in place).
   local status="$CKPT_ROOT/.exit-status-${SLURM_JOB_ID:-0}"
   mkdir -p "$CKPT_ROOT" && rm -f "$status"
   local rc=0
