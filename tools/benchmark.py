@@ -15,8 +15,14 @@ gradients flow through it to the input side: the baseline's pre-training stage),
 ``surrogate/translator`` (stage 1: the translator trains) and ``surrogate/frozen`` (stage 2). Frozen layers do
 no weight-gradient GEMMs, so their FLOPs are counted as 2x forward instead of 3x (stated in the output).
 The projected table multiplies measured step times by the steps each stage needs (Table A.4 data sizes by
-default) and shows where the surrogate saves time. The logic is :mod:`megatron_zero.training.benchmark`; the
+default) and shows where the surrogate saves time. The logic is :mod:`megatron_zero_dev.benchmark`; the
 surrogate is :func:`megatron_zero.surrogate.surrogate_config` (T(a, b) needs ``0 <= a < b < L-1``).
+
+``--project-only`` needs no GPU and runs nothing: it projects each stage's hours from the FLOP model and the paper's
+Table A.4 data sizes for ``--num-gpus-projection`` GPUs of ``--gpu-type`` (or ``--peak-tflops``) at an assumed
+``--mfu`` or one measured by the GPU check (``--mfu-from gpu_check.json``), beside the paper's Table 9, with the MFU
+at which the projection meets the paper's hours and what the surrogate saves
+(:mod:`megatron_zero_dev.cost_planner`; defaults: Llama-3.1-70B, T(40,78), 128 A100 as in the paper).
 """
 from __future__ import annotations
 
@@ -41,8 +47,8 @@ def build_parser():
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP x 2")
     g.add_argument("--iters", type=int, default=5, help="timed iterations per configuration")
     g.add_argument("--warmup", type=int, default=2)
-    g.add_argument("--gpu-type", default=os.environ.get("MEGATRON_ZERO_GPU_TYPE", "H100"),
-                   help="for MFU: H100, H200, A100, B200")
+    g.add_argument("--gpu-type", default=os.environ.get("MEGATRON_ZERO_GPU_TYPE"),
+                   help="for MFU: H100, H200, A100, B200 (default: H100 when timing, A100 with --project-only)")
     g.add_argument("--num-gpus-projection", type=int, default=128, help="GPUs assumed in the projected cost table")
     g.add_argument("--samples", default="1165000,665000,665000,133000",
                    help="samples of: surrogate stage 1, surrogate stage 2, baseline stage 3 (full data), ours stage 3 "
@@ -51,16 +57,37 @@ def build_parser():
                    help="also time LoRA training of the target (adapters only, base frozen) next to full fine-tuning")
     g.add_argument("--lora-targets", default="q,v", help="LoRA targets for --lora-rank (subset of q,k,v,o,gate,up,down)")
     g.add_argument("--output-json", default=None)
+    pl = p.add_argument_group("cost planner (--project-only)")
+    pl.add_argument("--project-only", action="store_true",
+                    help="no timing, no GPU: project each stage's hours from the FLOP model (defaults: --model "
+                         "llama-3.1-70b --surrogate 40,78)")
+    pl.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation (default 0.40)")
+    pl.add_argument("--mfu-from", default=None,
+                    help="gpu_check.json of a GPU check: its measured bf16 MFU (against --gpu-type's datasheet peak)")
+    pl.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak per GPU (default: --gpu-type's)")
+    pl.add_argument("--vision", default="clip-vit-l-14-336", help="encoder preset")
+    pl.add_argument("--vl-samples", type=int, default=665_000, help="LLaVA-1.5-665K (Table A.4)")
+    pl.add_argument("--text-samples", type=int, default=500_000, help="GenQA-500K, ours stage 1 (Table A.4)")
+    pl.add_argument("--decoder-data-fraction", type=float, default=0.2,
+                    help="data fraction of our decoder fine-tuning (Table 9: 20%%)")
+    pl.add_argument("--vl-tokens", type=float, default=850.0, help="mean decoder positions per image sample")
+    pl.add_argument("--text-tokens", type=float, default=1180.0, help="mean decoder positions per text sample")
+    pl.add_argument("--encoder-trainable-layers", type=int, default=8, help="encoder layers trained (Sec. A.9: 8)")
     return p
 
 
 def main(argv=None):
     args = arguments.parse(build_parser(), argv)
+    if args.project_only:
+        from megatron_zero_dev.cost_planner import project
+
+        return project(args)
+    args.gpu_type = args.gpu_type or "H100"
     from megatron_zero import platform
     from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
     from megatron_zero.models.llama_config import load_model_config
     from megatron_zero.parallel.initialize import initialize_from_args, print_rank0
-    from megatron_zero.training.benchmark import benchmark_configs, check_iterations, projected_table, run_config
+    from megatron_zero_dev.benchmark import benchmark_configs, check_iterations, projected_table, run_config
 
     check_iterations(args.iters, args.warmup)
 
@@ -75,16 +102,16 @@ def main(argv=None):
 
         lora = LoraConfig(args.lora_rank, targets=tuple(args.lora_targets.split(","))).to_dict() if args.lora_rank else None
     except LoraError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     try:
         configs = benchmark_configs(cfg, args.surrogate, lora)
     except ValueError as e:
-        raise SystemExit(f"error: --surrogate {args.surrogate}: {e}")
+        raise SystemExit(f"error: --surrogate {args.surrogate}: {e}") from None
     for c, _, _ in configs:
         try:
             validate(c, opts)
         except ModelConfigError as e:
-            raise SystemExit(f"error: {c.name}: {e}")
+            raise SystemExit(f"error: {c.name}: {e}") from None
     dp = initialize_from_args(args)
     if args.global_batch_size is None:
         args.global_batch_size = args.micro_batch_size * dp * 2

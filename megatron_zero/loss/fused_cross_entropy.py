@@ -18,7 +18,8 @@ stream over each row in float32 registers, whatever the logits dtype. The pure P
 of at most ``chunk_elements`` float32 temporaries.
 
 Implementations (``impl``): ``"kernel"`` calls ``torch.ops.megatron_zero.wce_*``, registered by the setup.py build
-(module ``megatron_zero_kernels``, CUDA and CPU kernels) or by :func:`load_cpu_extension` (JIT, CPU kernels only);
+(module ``megatron_zero_kernels``, CUDA and CPU kernels) or by :func:`load_cpu_extension` (JIT, CPU kernels only)
+or :func:`load_cuda_extension` (JIT with nvcc, both);
 ``"torch"`` is the pure PyTorch path; ``"auto"`` takes the kernel when one is registered for the logits' device.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "TorchOps",
     "kernel_available",
     "load_cpu_extension",
+    "load_cuda_extension",
     "vocab_parallel_weighted_cross_entropy",
 ]
 
@@ -149,19 +151,35 @@ def load_cpu_extension(build_directory: str | Path | None = None, verbose: bool 
     """
     if kernel_available("cpu"):
         return
+    _jit_load("megatron_zero_kernels_cpu_jit", ["weighted_ce_binding.cpp", "weighted_ce_cpu.cpp"], [],
+              build_directory, verbose)
+
+
+def load_cuda_extension(build_directory: str | Path | None = None, verbose: bool = False) -> None:
+    """JIT-compile and load the CUDA and CPU kernels (the setup.py build's sources, with ``nvcc`` through torch's
+    ``cpp_extension``) for a machine where ``pip install -e .`` did not build them. Same rules as
+    :func:`load_cpu_extension`; it must come before it in a process (one definition of the op namespace)."""
+    if kernel_available("cuda"):
+        return
+    _jit_load("megatron_zero_kernels_cuda_jit", ["weighted_ce_binding.cpp", "weighted_ce_cpu.cpp",
+                                                 "weighted_ce_kernel.cu"], ["-DWITH_CUDA"], build_directory, verbose)
+
+
+def _jit_load(name: str, files: list[str], defines: list[str], build_directory, verbose: bool) -> None:
     from torch.utils import cpp_extension
 
-    sources = [CSRC_DIR / "weighted_ce_binding.cpp", CSRC_DIR / "weighted_ce_cpu.cpp"]
+    sources = [CSRC_DIR / f for f in files]
     missing = [str(p) for p in sources if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"load_cpu_extension: kernel sources not found: {missing} (expected in {CSRC_DIR})")
+        raise FileNotFoundError(f"{name}: kernel sources not found: {missing} (expected in {CSRC_DIR})")
     if build_directory is not None:
         Path(build_directory).mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
-        name="megatron_zero_kernels_cpu_jit",
+        name=name,
         sources=[str(p) for p in sources],
         extra_include_paths=[str(CSRC_DIR)],
-        extra_cflags=["-O3"],
+        extra_cflags=["-O3", *defines],
+        extra_cuda_cflags=["-O3", *defines],
         build_directory=None if build_directory is None else str(build_directory),
         is_python_module=False,
         verbose=verbose,

@@ -37,6 +37,17 @@ def decoder_flops_per_step(cfg, global_batch: int, seq_length: int, padded_vocab
     return 12.0 * global_batch * seq_length * L * h * h * per_layer
 
 
+def decoder_training_flops(cfg, global_batch: int, seq_length: int, trainable_layers: int | None = None,
+                           padded_vocab: int | None = None) -> float:
+    """:func:`decoder_flops_per_step` with only ``trainable_layers`` of the decoder's layers trained (default: all).
+    Frozen layers still pass gradients to what lies below them (the adapter, the encoder, a translator), so they do
+    the forward and the input-gradient GEMMs but no weight-gradient GEMMs: 2x forward instead of 3x. (A stage that
+    trains nothing below the decoder would need no backward at all; the paper's stages all do.)"""
+    full = decoder_flops_per_step(cfg, global_batch, seq_length, padded_vocab)
+    trainable = cfg.num_layers if trainable_layers is None else trainable_layers
+    return full * (1 - (cfg.num_layers - trainable) / (3 * cfg.num_layers))
+
+
 def vit_flops_per_image(num_layers: int, hidden: int, mlp: int, tokens: int, trainable_layers: int | None = None) -> float:
     """Encoder FLOPs per image, forward + backward (bidirectional attention, two-matrix GELU MLP).
 

@@ -101,7 +101,7 @@ def run_config(cfg, opts, mode, translator, args, dp):
     from megatron_zero.data.token_windows import TokenWindows
     from megatron_zero.models.llama import build_llama_chunks
     from megatron_zero.models.llama_config import padded_vocab_size
-    from megatron_zero.training.flops import PEAK_TFLOPS, decoder_flops_per_step, mfu
+    from megatron_zero.training.flops import PEAK_TFLOPS, decoder_training_flops, mfu
     from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
     from megatron_zero.training.train_step import lm_forward_step, train_step
 
@@ -149,10 +149,8 @@ def run_config(cfg, opts, mode, translator, args, dp):
     t_fwd, t_fb, t_opt = med(fwd), med(fb), med(optim)
     step = t_fb + t_opt
     world = torch.distributed.get_world_size()
-    full_flops = decoder_flops_per_step(cfg, gbs, seq, padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size))
-    # frozen layers: forward + input-gradient GEMMs only (2x instead of 3x forward)
-    frozen_frac = 1 - trainable_layers / cfg.num_layers
-    flops = full_flops * (1 - frozen_frac / 3)
+    flops = decoder_training_flops(cfg, gbs, seq, trainable_layers,
+                                   padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size))
     peak = PEAK_TFLOPS.get(args.gpu_type) if platform.HAVE_CUDA else None
     tflops, util = mfu(flops, step, world, peak or float("inf"))
     if platform.HAVE_CUDA:
