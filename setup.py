@@ -20,6 +20,8 @@ CORE = [
     "matplotlib>=3.8",
     "pyyaml>=6",
     "tensorboard>=2.15",
+    # sharded training data (tools/prepare_data.py, pretrain_vlm --data-path <shards>): pure Python
+    "megatron-energon==7.4.1",
 ]
 GPU = [
     # Present in NVIDIA's PyTorch container; listed for completeness on bare GPU hosts.

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_zero.analysis.trajectory import detect_transition, position_kl, transition_crossing
 from megatron_zero.errors import UserError
-
-from megatron_zero.analysis.trajectory import detect_transition, position_kl
 from tests.tiny_models import hf_causal_lm
 
 
@@ -30,18 +29,59 @@ def test_position_kl_hand_computed():
 
 
 def test_detect_transition_on_synthetic_curves():
-    assert detect_transition([0.99, 0.52, 0.27, 0.14, 0.056, 0.013, 0.003, 0.0]) == 4
     # the paper's shape: a noisy plateau, an abrupt coalescence at layer 5, then monotone convergence
     curve = [2.0, 2.3, 1.9, 2.2, 2.1, 0.15, 0.1, 0.05, 0.02, 0.0]
+    assert transition_crossing(curve) == pytest.approx(4 + (2.1 - 0.23) / (2.1 - 0.15))  # 4.96
     assert detect_transition(curve) == 5
-    assert detect_transition(curve, fraction=0.03) == 7
-    # a bump after the first dip below the threshold moves the transition past the bump
+    assert detect_transition(curve, fraction=0.03) == 7  # crosses 0.069 at 6.62
+    # a bump after the first dip below the line moves the transition past the bump: max(m[l:]) is 0.3 up to
+    # layer 2, crossing 0.1 at 2.71
     assert detect_transition([1.0, 0.05, 0.3, 0.02, 0.0]) == 3
-    assert detect_transition([1.0, 0.5, 0.2]) == 2  # never below 10%: the last layer
+    assert detect_transition([1.0, 0.5, 0.2]) == 2  # never at the line: the last layer
+    assert detect_transition([1.0, 0.95, 0.15, 0.0]) == 2  # crosses at 2.33: the nearest layer, still above it
+    assert detect_transition([1.0, 0.0, 0.0]) == 1  # crosses at 0.9
     with pytest.raises(ValueError):
         detect_transition([1.0])
     with pytest.raises(ValueError):
         detect_transition([1.0, 0.0], fraction=1.5)
+
+
+# medians of the demo's target (examples/demo.py) from two versions of the code: layer 4 sits just above (0.031) or
+# just below (0.029) the 10% line, the case on which the first-layer-under-the-line rule flipped between machines
+DEMO_MEDIANS = ([0.291, 0.205, 0.126, 0.074, 0.031, 0.019, 0.007, 0.002, 0.0, 0.0, 0.0, 0.0],
+                [0.294, 0.208, 0.067, 0.042, 0.029, 0.021, 0.008, 0.004, 0.0, 0.0, 0.0, 0.0])
+
+
+def _first_under_the_line(curve, fraction=0.1):
+    """The previous rule: the first layer from which the curve stays at or below the line."""
+    tail = [max(curve[i:]) for i in range(len(curve))]
+    return next(i for i, v in enumerate(tail) if v <= fraction * max(curve))
+
+
+def test_transition_is_stable_under_small_perturbations_of_the_curve():
+    """Each layer's value multiplied by its own random factor in [0.93, 1.07]: the transition layer of the demo's
+    curves never changes, while the previous rule flips on both (from +-4% on), so the test tells the two apart."""
+    gen = torch.Generator().manual_seed(0)
+    for median in DEMO_MEDIANS:
+        base = torch.tensor(median, dtype=torch.float64)
+        answers, previous = set(), set()
+        for _ in range(500):
+            curve = base * (1 + 0.07 * (2 * torch.rand(len(base), generator=gen, dtype=torch.float64) - 1))
+            answers.add(detect_transition(curve))
+            previous.add(_first_under_the_line(curve.tolist()))
+        assert answers == {4}
+        assert previous == {4, 5}
+    # in general the answer moves only where the crossing passes half way between two layers
+    for _ in range(500):
+        curve = torch.sort(torch.rand(10, generator=gen, dtype=torch.float64), descending=True).values
+        curve[-1] = 0.0
+        crossing = transition_crossing(curve)
+        if abs(crossing - math.floor(crossing) - 0.5) > 0.1:
+            noisy = curve * (1 + 1e-3 * (2 * torch.rand(10, generator=gen, dtype=torch.float64) - 1))
+            assert detect_transition(noisy) == detect_transition(curve) == round(crossing)
+        # and it stays within one layer of the first layer under the line (the paper's arrow)
+        assert detect_transition(curve) in (_first_under_the_line(curve.tolist()) - 1,
+                                            _first_under_the_line(curve.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,6 +202,7 @@ def test_analyze_trajectory_tool(tmp_path, world_of_one, capsys):
     assert result["median"][-1] == pytest.approx(0.0, abs=1e-6)
     assert result["median"] == pytest.approx(np.median(result["per_sample"], axis=0).tolist(), rel=1e-6)
     assert result["transition_layer"] == result["detected_transition_layer"] == detect_transition(result["median"])
+    assert result["transition_crossing"] == pytest.approx(transition_crossing(result["median"]))
     assert result["sample_record_index"] == list(range(6)) and min(result["sample_num_tokens"]) >= 2
     assert result["data"]["sha256"] and result["model"]["config"]["num_layers"] == 3
     assert (out / "trajectory.png").stat().st_size > 1000

@@ -21,9 +21,10 @@ generates the response to each question (a raw text is continued) and analyses p
 
 ``--metric position-kl`` is Eq. 4 (a KL over *positions*); ``vocab-kl`` the logit-lens KL over the vocabulary.
 The transition layer is :func:`megatron_zero.analysis.trajectory.detect_transition` on the median curve (the
-first layer from which the median stays at or below ``--transition-fraction`` x its maximum), unless
-``--transition-layer`` overrides it. Writes ``trajectory.json`` (per-layer KL per sample, median, transition,
-metric definition, model and data provenance) and ``trajectory.png`` (as the paper's Fig. 3). The logic is
+layer nearest to where the median falls to ``--transition-fraction`` x its maximum for good, so that a layer
+sitting on that line cannot flip the answer), unless ``--transition-layer`` overrides it. Writes
+``trajectory.json`` (per-layer KL per sample, median, transition and crossing, metric definition, model and data
+provenance) and ``trajectory.png`` (as the paper's Fig. 3). The logic is
 :mod:`megatron_zero.analysis.run` and :mod:`megatron_zero.analysis.trajectory`.
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from megatron_zero.analysis.run import (TrajectoryInputError, analyze, conversation, encode_records, plot,
                                             read_records, trajectory_record)
-    from megatron_zero.analysis.trajectory import detect_transition
+    from megatron_zero.analysis.trajectory import detect_transition, transition_crossing
     from megatron_zero.evaluation.text_model import ParallelTextModel
 
     records = read_records(args.data, args.num_samples)
@@ -102,16 +103,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kl = torch.stack(rows)
     median = kl.quantile(0.5, dim=0)  # the median (the mean of the middle two for an even count)
     detected = detect_transition(median, args.transition_fraction)
+    crossing = transition_crossing(median, args.transition_fraction)
     transition = args.transition_layer if args.transition_layer is not None else detected
-    result = trajectory_record(args, cfg, kl, median, detected, transition, kept, num_tokens, responses,
-                               len(samples), max_length)
+    result = trajectory_record(args, cfg, kl, median, detected, crossing, transition, kept, num_tokens,
+                               responses, len(samples), max_length)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "trajectory.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(kl, median, transition, f"{cfg.name} ({args.mode}, {len(kept)} samples)", args.metric,
          os.path.join(args.output_dir, "trajectory.png"))
     print(f"[{PROG}] median {args.metric} per layer: " + " ".join(f"{x:.3g}" for x in median.tolist()))
-    print(f"[{PROG}] transition layer {transition} (detected {detected}); wrote "
+    print(f"[{PROG}] transition layer {transition} (detected {detected}: the median falls to "
+          f"{args.transition_fraction:g} x its maximum at {crossing:.2f}); wrote "
           f"{os.path.join(args.output_dir, 'trajectory.json')} and trajectory.png")
     return 0
 

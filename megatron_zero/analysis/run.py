@@ -159,8 +159,8 @@ def analyze(lm, samples: list[Sample], metric: str, mode: str, batch_size: int, 
     return rows, kept, responses, num_tokens
 
 
-def trajectory_record(args, cfg, kl, median, detected: int, transition: int, kept, num_tokens, responses,
-                      num_records: int, max_length: int) -> dict:
+def trajectory_record(args, cfg, kl, median, detected: int, crossing: float, transition: int, kept, num_tokens,
+                      responses, num_records: int, max_length: int) -> dict:
     """The content of ``trajectory.json`` (``args``: ``tools/analyze_trajectory.py``'s flags)."""
     from megatron_zero.analysis.trajectory import METRIC_DEFINITIONS, TRANSITION_RULE
 
@@ -170,6 +170,7 @@ def trajectory_record(args, cfg, kl, median, detected: int, transition: int, kep
         "num_layers": cfg.num_layers,
         "median": median.tolist(),
         "detected_transition_layer": detected,
+        "transition_crossing": crossing,
         "transition_layer": transition,
         "transition_override": args.transition_layer is not None,
         "transition_rule": TRANSITION_RULE.format(fraction=args.transition_fraction),

@@ -29,6 +29,7 @@ sample's trajectory does not depend on the batch it is in.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -45,8 +46,8 @@ METRIC_DEFINITIONS = {
     "vocab-kl": "logit lens: KL(softmax(norm(X_l) W^T) || softmax(norm(X_{L-1}) W^T)) over the vocabulary, "
                 "averaged over the N-1 positions",
 }
-TRANSITION_RULE = ("the first layer from which the median curve stays at or below {fraction} x its maximum for the "
-                   "rest of the network")
+TRANSITION_RULE = ("the layer nearest to where the median curve (its running maximum from the last layer back, drawn "
+                   "as straight lines between layers) falls to {fraction} x its maximum for good")
 
 
 def position_kl(log_q: torch.Tensor, log_p: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -67,22 +68,45 @@ def position_kl(log_q: torch.Tensor, log_p: torch.Tensor, mask: Optional[torch.T
     return terms.sum(-1).float()
 
 
-def detect_transition(median: Sequence[float] | torch.Tensor, fraction: float = 0.1) -> int:
-    """The transition layer of a (median) trajectory: the first layer from which the curve stays at or below
-    ``fraction`` of its maximum for the rest of the network -- where the curves have coalesced and from then on
-    only converge to the final prediction (the arrows of the paper's Fig. 3).
+def transition_crossing(median: Sequence[float] | torch.Tensor, fraction: float = 0.1) -> float:
+    """Where the curve falls to ``fraction`` of its maximum for good, as a position in layers.
 
-    Example: the median 0.99, 0.52, 0.27, 0.14, 0.056, 0.013, 0.003, 0 gives layer 4.
+    The curve is taken as its running maximum from the last layer back (``max(m[l:])``, so a later bump above the
+    line counts) and drawn as straight lines between layers, as in the plot; the crossing is the point where it
+    reaches the line for the last time, e.g. ``4.16`` = 16% of the way from layer 4 to layer 5. A curve that
+    never gets to the line gives the last layer.
     """
     m = torch.as_tensor(median, dtype=torch.float64)
     if m.dim() != 1 or len(m) < 2:
-        raise ValueError("detect_transition needs a 1-D curve over at least 2 layers")
+        raise ValueError("the transition needs a 1-D curve over at least 2 layers")
     if not 0 < fraction < 1:
         raise ValueError(f"the transition fraction must lie in (0, 1), got {fraction}")
-    threshold = fraction * float(m.max())
+    line = fraction * float(m.max())
     tail_max = torch.flip(torch.cummax(torch.flip(m, [0]), 0).values, [0])  # max of m[l:]
-    below = torch.nonzero(tail_max <= threshold).flatten()
-    return int(below[0]) if len(below) else len(m) - 1
+    below = torch.nonzero(tail_max <= line).flatten()
+    if not len(below):
+        return float(len(m) - 1)
+    first = int(below[0])
+    if first == 0:
+        return 0.0
+    above, under = float(tail_max[first - 1]), float(tail_max[first])  # above > line >= under
+    return first - 1 + (above - line) / (above - under)
+
+
+def detect_transition(median: Sequence[float] | torch.Tensor, fraction: float = 0.1) -> int:
+    """The transition layer of a (median) trajectory: the layer nearest to :func:`transition_crossing`, where the
+    curve falls to ``fraction`` of its maximum for good -- where the curves have coalesced and from then on only
+    converge to the final prediction (the arrows of the paper's Fig. 3). Half way rounds up.
+
+    Why the nearest layer and not the first layer under the line: the answer then changes only when the line
+    passes half way between two layers, i.e. as far as it can be from both layers' values. A layer sitting just
+    above or just below the line -- where float noise of another CPU or torch build decides which side it is
+    on -- gives the same answer either way. Example: the median 0.291 0.205 0.126 0.074 0.031 0.019 0.007 ...
+    (line 0.029) crosses at 4.16 and gives layer 4; with layer 4 at 0.028 instead it crosses at 3.98: layer 4.
+    No rule that picks a layer is free of an edge: this one's is a crossing at x.5, which is why the crossing is
+    reported beside the layer (``trajectory.json``, the demo's log).
+    """
+    return math.floor(transition_crossing(median, fraction) + 0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -43,8 +43,10 @@ __all__ = [
     "MixtureDataset",
     "Sample",
     "TokenizationConfig",
+    "llava_conversation",
     "read_instruction_jsonl",
     "read_llava_json",
+    "read_llava_records",
     "truncate_sample",
 ]
 
@@ -146,6 +148,15 @@ def read_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | Non
     """Read a LLaVA-1.5 JSON file; image paths are joined to ``image_root`` (default: the file's folder)."""
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
+    out = []
+    for i, rec in enumerate(read_llava_records(path)):
+        conv = llava_conversation(rec, f"{path}: record {i}", default_id=str(i))
+        out.append(Conversation(conv.messages, [str(root / p) for p in conv.image_paths], conv.id))
+    return out
+
+
+def read_llava_records(path: str | os.PathLike) -> list:
+    """The raw records of a LLaVA-1.5 JSON file (a JSON list), unchecked; unreadable files raise ``DataError``."""
     try:
         with open(path, encoding="utf-8") as f:
             records = json.load(f)
@@ -155,22 +166,28 @@ def read_llava_json(path: str | os.PathLike, image_root: str | os.PathLike | Non
         raise DataError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")  # noqa: TRY004 (bad file)
-    out = []
-    for i, rec in enumerate(records):
-        try:
-            if not isinstance(rec, dict):
-                raise _RecordError(f"expected an object, got {type(rec).__name__}")
-            if "conversations" not in rec:
-                raise _RecordError("missing 'conversations'")
-            image = rec.get("image")
-            images = [] if image is None else [image] if isinstance(image, str) else image
-            if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-                raise _RecordError(f"'image' must be a path or a list of paths, got {image!r}")
-            messages = _attach_images(_messages_from_turns(rec["conversations"]), images)
-        except _RecordError as exc:
-            raise DataError(f"{path}: record {i} (id {_record_id(rec)}): {exc}") from None
-        out.append(Conversation(messages, [str(root / p) for p in images], str(rec.get("id", i))))
-    return out
+    return records
+
+
+def llava_conversation(rec: Any, where: str, default_id: str = "") -> Conversation:
+    """One LLaVA-1.5 record as a :class:`Conversation` (image paths as the record gives them).
+
+    Raises:
+        DataError: ``"<where> (id ...): <what is wrong>"``.
+    """
+    try:
+        if not isinstance(rec, dict):
+            raise _RecordError(f"expected an object, got {type(rec).__name__}")
+        if "conversations" not in rec:
+            raise _RecordError("missing 'conversations'")
+        image = rec.get("image")
+        images = [] if image is None else [image] if isinstance(image, str) else image
+        if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+            raise _RecordError(f"'image' must be a path or a list of paths, got {image!r}")
+        messages = _attach_images(_messages_from_turns(rec["conversations"]), images)
+    except _RecordError as exc:
+        raise DataError(f"{where} (id {_record_id(rec)}): {exc}") from None
+    return Conversation(messages, list(images), str(rec.get("id", default_id)))
 
 
 def _record_id(rec: Any) -> str:

@@ -60,6 +60,8 @@ __all__ = [
     "ImageLoadError",
     "PillowImageLoader",
     "SkippedImages",
+    "check_image_bytes",
+    "decode_image",
     "expand_to_square",
     "load_image",
     "make_image_loader",
@@ -147,6 +149,11 @@ def read_image_bytes(path: PathLike) -> bytes:
         raise ImageLoadError(path, "file not found") from None
     except OSError as err:
         raise ImageLoadError(path, f"unreadable: {err.strerror or err}") from None
+    return check_image_bytes(data, path)
+
+
+def check_image_bytes(data: bytes, path: PathLike) -> bytes:
+    """``data`` (the encoded image ``path`` names in errors) after the cheap checks of :func:`read_image_bytes`."""
     if not data:
         raise ImageLoadError(path, "empty file")
     fmt = _image_format(data)
@@ -183,12 +190,20 @@ def load_image(path: PathLike, size: int = IMAGE_SIZE) -> torch.Tensor:
     Raises:
         ImageLoadError: the file is missing, unreadable, truncated or cannot be decoded.
     """
-    data = read_image_bytes(path)
+    return decode_image(read_image_bytes(path), path, size)
+
+
+def decode_image(data: bytes, name: PathLike, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Decode and preprocess checked encoded bytes (from :func:`read_image_bytes` or :func:`check_image_bytes`).
+
+    Raises:
+        ImageLoadError: the bytes cannot be decoded (``name`` says which image).
+    """
     try:
         with Image.open(io.BytesIO(data)) as image:
             rgb = image.convert("RGB")  # forces the full decode
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageLoadError(path, f"cannot decode: {err}") from None
+        raise ImageLoadError(name, f"cannot decode: {err}") from None
     return preprocess_pil(rgb, size)
 
 

@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-format", choices=["meta", "zero"], default="meta",
                    help="meta: the family's chat format; zero: the authors' Llama-3 format, random caption-template "
                         "image prompt and loss masks (special-token loss on by default in stages 1 and 2)")
-    g.add_argument("--data-path", required=True, help="LLaVA-1.5 JSON")
-    g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to")
+    g.add_argument("--data-path", required=True,
+                   help="LLaVA-1.5 JSON, or a shard dataset directory from tools/prepare_data.py (docs/data.md)")
+    g.add_argument("--image-root", default=None, help="directory the JSON's image paths are relative to (JSON only)")
     g.add_argument("--text-data-path", default=None, help="text-only instruction JSONL mixed in (stage 1: GenQA)")
     g.add_argument("--text-ratio", type=float, default=None,
                    help="share of text-only samples in the mix (default: proportional to dataset sizes)")
@@ -163,14 +164,14 @@ def check_fills_a_batch(ds, cfg: RunConfig) -> None:
             f"(--global-batch-size {gbs}); use a smaller --global-batch-size or more data")
 
 
-def build_dataset(cfg: RunConfig, tokenizer, template, num_image_embeddings: int):
-    from megatron_zero.data.datasets import (ChatDataset, MixtureDataset, TokenizationConfig, read_instruction_jsonl,
-                                             read_llava_json)
+def build_dataset(cfg: RunConfig, tokenizer, template, num_image_embeddings: int, conversations):
+    """The training mixture: ``conversations`` (of ``--data-path``) plus ``--text-data-path``'s."""
+    from megatron_zero.data.datasets import ChatDataset, MixtureDataset, TokenizationConfig, read_instruction_jsonl
 
     d, seed = cfg.data, cfg.training.seed
     tcfg = TokenizationConfig(max_seq_len=cfg.training.seq_length, num_image_tokens=num_image_embeddings,
                               loss_on_special_tokens=cfg.stage.loss_on_special_tokens, prompt_seed=seed)
-    vision = ChatDataset.build(read_llava_json(d.data_path, d.image_root), template, tcfg, source="llava")
+    vision = ChatDataset.build(conversations, template, tcfg, source="llava")
     check_dropped(vision, "--data-path", d.data_path, cfg, num_image_embeddings)
     if not d.text_data_path:
         return vision
@@ -276,6 +277,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     install_exit_signals()  # a preemption signal during set-up is honoured after the first step
 
     from megatron_zero import platform
+    from megatron_zero.data.shards import open_llava_data
     from megatron_zero.models.freezing import apply_freezing, trainable_report
     from megatron_zero.models.llama import RuntimeOptions, validate
     from megatron_zero.models.vlm import build_vlm_chunks
@@ -290,7 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     validate(dec.cfg, opts)
     cfg, tokenizer, template, vlm_cfg = resolve_text(cfg, dec, enc)
     # the data is checked before any model is built or weight is read
-    dataset = build_dataset(cfg, tokenizer, template, vlm_cfg.num_image_embeddings)
+    d = cfg.data
+    source = open_llava_data(d.data_path, d.image_root, strict=d.strict_images)  # JSON or shards
+    dataset = build_dataset(cfg, tokenizer, template, vlm_cfg.num_image_embeddings, source.conversations)
     check_fills_a_batch(dataset, cfg)
     dp = trainer.initialize()
     st = cfg.stage
@@ -309,7 +313,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     batches = VLMBatches.from_config(
         dataset, cfg, pad_id=tokenizer.pad_id, image_token_id=vlm_cfg.image_token_id,
         num_image_embeddings=vlm_cfg.num_image_embeddings, image_size=enc.vision.image_size,
-        eot_id=template.stop_token_ids[0])
+        eot_id=template.stop_token_ids[0], read_image=source.load_image)
     t = cfg.training
     trainer.build(chunks, vlm_forward_step, batches.iteration, model_config=vlm_cfg.to_dict(),
                   flops_per_step=decoder_flops_per_step(dec.cfg, t.global_batch_size, t.seq_length))
