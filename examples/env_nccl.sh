@@ -2,7 +2,9 @@
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}   # required for TP/SP comm overlap
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+if nvidia-smi -L >/dev/null 2>&1; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}  # CPU threads per GPU rank (data loading, host-side ops)
+fi  # without a GPU torchrun gives each rank 1 thread: 8 per rank oversubscribes the cores and stalls every collective
 if [ -d /opt/amazon/efa ]; then
   # AWS EFA (the paper trained Llama-70B on 128 A100s over EFA): libfabric provider + GPUDirect RDMA.
   export FI_PROVIDER=efa

@@ -132,7 +132,10 @@ def run_main(main: Callable[..., Optional[int]], prog: Optional[str] = None,
     ``main`` returns an exit status (``None`` = 0) or a list (a training run's losses: 0). Tears down
     torch.distributed / megatron's parallel state on the way out.
     """
+    from megatron_zero import platform
+
     prog = prog or os.path.basename(sys.argv[0]) or "megatron_zero"
+    platform.import_megatron_core()  # before the entry point imports it some slower, noisier way
     code: int = EXIT_OK
     try:
         result = main() if argv is None else main(list(argv))

@@ -83,11 +83,6 @@ def provenance_check(encoder_meta: dict, target: HFDecoder, target_identity: dic
     return problems, notes
 
 
-def provenance_problems(encoder_meta: dict, target: HFDecoder, target_identity: dict) -> list[str]:
-    """Every reason this encoder should not be grafted onto ``target`` (see :func:`provenance_check`)."""
-    return provenance_check(encoder_meta, target, target_identity)[0]
-
-
 def resolve_target(path: str, flag: str = "--target") -> str:
     """The HF Llama directory a graft target names (grafting links its files unchanged, so it must be HF)."""
     from megatron_zero.checkpointing.resolve import DECODER_KINDS, resolve_checkpoint

@@ -7,12 +7,15 @@ What it adds to ``torchrun`` (``examples/launch_torchrun.sh`` and ``examples/slu
 * **SIGUSR1 and SIGTERM** (SLURM's ``--signal=USR1@<s>`` and its time-limit/preemption SIGTERM) are forwarded to
   every worker, and the launcher keeps waiting for them: each rank finishes its step, the ranks save a
   checkpoint together and exit. Plain torchrun does not handle SIGUSR1 at all (it dies and leaves the ranks
-  training as orphans) and kills the workers 30 s after a SIGTERM, however long the save takes.
+  training as orphans) and kills the workers 30 s after a SIGTERM, however long the save takes. The workers
+  start with SIGUSR1 blocked: one that comes (from SLURM, which signals every process of the step, or from the
+  launcher) while a rank is still starting up waits until the rank's handler is in place.
 * **Exit status**: 0 finished; :data:`~megatron_zero.errors.EXIT_PREEMPTED` (75) stopped early by a signal
   after saving — resumable, requeue with the same ``--load``; 2 bad input; 1 anything else. One summary line
   instead of torchrun's failure report (``MEGATRON_ZERO_TRACEBACK=1`` restores it).
 * ``MEGATRON_ZERO_EXIT_STATUS_FILE=<path>``: the exit status is also appended to that file (one line per node),
-  so a SLURM script can tell a preempted run from a crash after ``srun --kill-on-bad-exit`` (see ``common.sh``).
+  so a SLURM script can tell a preempted run from a crash after ``srun --kill-on-bad-exit`` (see ``common.sh``,
+  which requeues the job on 75).
 
 Under a plain ``torchrun`` the ranks still save and exit on SIGTERM (forwarded by torchrun), on SIGUSR1 sent
 to them directly, and when torchrun itself is killed (they ask the kernel for SIGTERM on the launcher's death),
@@ -24,12 +27,14 @@ import logging
 import os
 import signal
 import sys
+import threading
 from functools import partial
 from typing import Optional, Sequence
 
 from megatron_zero.errors import EXIT_INTERNAL_ERROR, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, want_traceback
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STARTUP_BLOCKED = {signal.SIGUSR1}
 PROG = "megatron_zero.launcher"
 
 
@@ -75,6 +80,11 @@ class _Forwarder:
             except ProcessLookupError:
                 pass
 
+    def wait_for(self, signals):
+        """Take blocked ``signals`` from a thread (``sigwait``) and forward them."""
+        while True:
+            self(signal.sigwait(signals), None)
+
 
 def _with_signals_option(argv: list[str]) -> list[str]:
     """Let torchrun handle SIGINT/SIGHUP/SIGQUIT only: SIGTERM/SIGUSR1 are ours (forwarded, no kill timeout)."""
@@ -105,6 +115,11 @@ def launch(argv: Sequence[str]) -> int:
     forwarder = _Forwarder()
     for s in PREEMPTION_SIGNALS:
         signal.signal(s, forwarder)
+    # SIGUSR1 stays blocked here and in the workers (they inherit the mask): one that arrives while a rank starts
+    # up stays pending until the rank's handler is in place (training.loop.install_exit_signals unblocks it)
+    # instead of killing the rank. The launcher takes it with sigwait.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STARTUP_BLOCKED)
+    threading.Thread(target=forwarder.wait_for, args=(STARTUP_BLOCKED,), daemon=True).start()
     if not want_traceback():
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:

@@ -558,7 +558,7 @@ def check_packed_vlm(ctx: Context) -> dict:
     from megatron_zero.models.clip_vit import get_vision_preset
     from megatron_zero.models.freezing import apply_freezing
     from megatron_zero.models.vlm import VLMConfig, build_vlm_chunks
-    from megatron_zero.training.packing_benchmark import IMAGE_TOKEN_ID, llava_length_mix
+    from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID, llava_length_mix
     from megatron_zero.training.train_step import train_step
     from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
 
@@ -617,7 +617,7 @@ def check_generation(ctx: Context) -> dict:
     from megatron_zero.inference.generate import SamplingOptions, generate
     from megatron_zero.models.clip_vit import get_vision_preset
     from megatron_zero.models.vlm import VLMConfig, build_vlm
-    from megatron_zero.training.packing_benchmark import IMAGE_TOKEN_ID
+    from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID
 
     s = ctx.sizes
     vision = get_vision_preset(s.vision)

@@ -5,8 +5,11 @@ import sys
 
 import pytest
 
+from megatron_zero import platform
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", "")
+platform.import_megatron_core()  # the test process is an entry point: megatron-core imported fast and quiet
 
 
 def subprocess_env(**extra: str) -> dict:
@@ -17,6 +20,24 @@ def subprocess_env(**extra: str) -> dict:
     for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
     return env
+
+
+def run_cli(args, nproc: int = 1, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """A command as a user starts it from the repository root: ``args`` after ``python`` (``tools/x.py ...``,
+    ``-m module ...``, ``examples/demo.py ...``, a script path), under torchrun when ``nproc`` > 1 (a world of one
+    needs no launcher process), in :func:`subprocess_env` unless ``env`` is given. stdout and stderr captured."""
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    return subprocess.run([sys.executable, *launch, *map(str, args)], cwd=REPO, env=env or subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def run_cli_ok(args, nproc: int = 1, env: dict | None = None, timeout: int = 600) -> str:
+    """:func:`run_cli` that fails the test with the command's output when it exits non-zero; stdout + stderr."""
+    p = run_cli(args, nproc=nproc, env=env, timeout=timeout)
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {p.returncode}:\n{out[-6000:]}")
+    return out
 
 
 def exit_status(main, argv) -> int:
@@ -30,14 +51,8 @@ def exit_status(main, argv) -> int:
 
 def worker_output(script: str, *args: str, nproc: int = 1, timeout: int = 600) -> tuple[int, str]:
     """Run ``tests/workers/<script>`` (under torchrun when nproc > 1): (exit status, stdout + stderr)."""
-    env = subprocess_env()
-    path = os.path.join(REPO, "tests", "workers", script)
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", path]
-    else:
-        cmd = [sys.executable, path]
-    proc = subprocess.run(cmd + list(args), env=env, capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout + proc.stderr
+    p = run_cli([os.path.join(REPO, "tests", "workers", script), *args], nproc=nproc, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
 
 
 def run_worker(script: str, *args: str, nproc: int = 1, timeout: int = 600) -> str:
@@ -68,3 +83,12 @@ def layout_check_output(checks: dict, name: str, stage: str) -> str:
     if f"WORKER {name} rc=0" not in out:
         pytest.fail(f"layout_checks.py {stage}: worker {name} did not pass:\n{out[-6000:]}")
     return out
+
+
+@pytest.fixture(scope="module")
+def wf(request, tmp_path_factory):
+    """The whole workflow of one decoder family (``request.param``: its :class:`tests.workflow_world.Pipeline`
+    subclass), each step run once per module."""
+    from tests.workflow_world import Pipeline
+
+    return Pipeline.of(request.param)(str(tmp_path_factory.mktemp(f"workflow-{request.param}")))

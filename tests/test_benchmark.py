@@ -1,19 +1,14 @@
 """tools/benchmark.py runs on CPU with a tiny preset and reports consistent numbers."""
 import json
-import subprocess
-import sys
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import run_cli
 
 
 def test_benchmark_tiny_target_vs_surrogate(tmp_path):
     out_json = tmp_path / "bench.json"
-    p = subprocess.run(
-        [sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--lora-rank", "4", "--iters", "3",
-         "--warmup", "1", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-         "--output-json", str(out_json)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env=subprocess_env())
+    p = run_cli(["tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--lora-rank", "4", "--iters", "3",
+                 "--warmup", "1", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
+                 "--output-json", str(out_json)], timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(out_json.read_text())
     assert [(r["model"], r["mode"]) for r in results] == [
@@ -48,7 +43,6 @@ def test_benchmark_tiny_target_vs_surrogate(tmp_path):
 def test_benchmark_surrogate_follows_the_library_rule():
     """T(a, b) is megatron_zero.surrogate's: the last layer is always kept, so T(1,3) of a 4-layer model is refused
     (tools/benchmark.py once had its own looser rule)."""
-    p = subprocess.run([sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,3"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    p = run_cli(["tools/benchmark.py", "--model", "tiny", "--surrogate", "1,3"], timeout=300)
     assert p.returncode != 0
     assert "--surrogate 1,3" in p.stderr and "0 <= a < b < L-1 = 3" in p.stderr and "Traceback" not in p.stderr

@@ -8,6 +8,7 @@ from megatron_zero.checkpointing import hf_clip
 from megatron_zero.models.adapter import num_image_embeddings
 from megatron_zero.models.clip_vit import ClipVisionConfig, ClipVisionTransformer, get_vision_preset
 from megatron_zero.parallel import sharding
+from tests.tiny_models import hf_clip_model
 
 
 @pytest.fixture(scope="module")
@@ -16,22 +17,6 @@ def single_process():
 
     initialize_parallel(1, 1, seed=3)
     yield
-
-
-def hf_clip_model(cfg: ClipVisionConfig, seed: int = 0):
-    import transformers
-
-    torch.manual_seed(seed)
-    hf_cfg = transformers.CLIPVisionConfig(**cfg.to_hf_config())
-    hf_cfg._attn_implementation = "eager"
-    model = transformers.CLIPVisionModel(hf_cfg).eval()
-    with torch.no_grad():  # HF initialises norms to 1/0 and biases to 0: randomise so their mapping is tested
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.3)
-    return model
 
 
 def hf_reference_features(model, pixels, convention: str) -> torch.Tensor:

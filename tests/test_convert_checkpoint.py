@@ -58,18 +58,11 @@ def read_all(directory):
 def clip_model(seed=0):
     import transformers
 
-    torch.manual_seed(seed)
-    cfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                        num_attention_heads=4, image_size=16, patch_size=4, hidden_act="quick_gelu",
-                                        attn_implementation="eager")
-    model = transformers.CLIPVisionModel(cfg).eval()
-    with torch.no_grad():  # norms are initialised to 1/0 and biases to 0: randomise so their mapping is tested
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.3)
-    return model
+    from tests.tiny_models import hf_clip_model
+
+    return hf_clip_model(transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4,
+        hidden_act="quick_gelu", attn_implementation="eager"), seed)
 
 
 def clip_features(model, pixels):

@@ -3,19 +3,15 @@ target pretraining, trajectory, surrogate + control, per-seed stage 1/2/3 in two
 evaluation, the results.json shape the README documents and the computed conclusion."""
 import json
 import os
-import subprocess
-import sys
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import REPO, run_cli
 
 KINDS = ["upper_bound", "surrogate_own", "surrogate_graft", "control_own", "control_graft", "untrained",
          "stage3_graft", "stage3_untrained"]
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):
-    p = subprocess.run([sys.executable, "examples/demo.py", "--quick", "--seeds", "2", "--seed", "7",
-                        "--output-dir", str(tmp_path)], cwd=REPO, env=subprocess_env(), capture_output=True,
-                       text=True, timeout=600)
+    p = run_cli(["examples/demo.py", "--quick", "--seeds", "2", "--seed", "7", "--output-dir", tmp_path])
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     assert "model (held-out images)" in p.stdout
     result = json.loads((tmp_path / "results.json").read_text())
@@ -72,6 +68,5 @@ def test_claims_need_their_margin_on_every_seed():
 def test_jobs_flag_takes_a_subset_of_the_jobs():
     demo = _demo_module()
     assert demo.parse_args(["--jobs", "upper,untrained"]).jobs == ["upper", "untrained"]
-    p = subprocess.run([sys.executable, "examples/demo.py", "--jobs", "upper,bogus"], cwd=REPO,
-                       env=subprocess_env(), capture_output=True, text=True, timeout=120, check=False)
+    p = run_cli(["examples/demo.py", "--jobs", "upper,bogus"], timeout=120)
     assert p.returncode == 2 and "--jobs takes a comma-separated subset of upper,surrogate,control,untrained" in p.stderr

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import exit_status, run_worker
+from tests.tiny_models import hf_causal_lm
 from tests.workflow_world import task_yaml
 
 TEXTS = ["the cat sat on the mat .", "a dog ran in the park .", "birds fly over the blue sea .",
@@ -27,8 +28,6 @@ MAX_GEN = 5
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny random HF Llama checkpoint with a word-level tokenizer, and local tasks (JSONL + YAML)."""
-    import transformers
-
     from megatron_zero.data.tokenizers import WordTokenizer
     from megatron_zero.models.llama_config import get_preset
 
@@ -37,10 +36,7 @@ def setup(tmp_path_factory):
     # vocab ~40 -> 128 padded rows inside megatron (256 at TP=2): the padding must not leak into the softmax
     cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, max_position_embeddings=96)
     torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype")})
-    hf_cfg._attn_implementation = "eager"
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf = hf_causal_lm(cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.5)

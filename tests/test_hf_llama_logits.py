@@ -1,4 +1,5 @@
-"""Our megatron-core Llama gives the same logits as transformers' LlamaForCausalLM on the same weights."""
+"""Our megatron-core decoder gives the same logits as transformers' model of every family (Llama, Qwen3, Qwen2.5) on
+the same weights, and its canonical weights map back to the HF state dict exactly."""
 import dataclasses
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from megatron_zero.checkpointing import hf_llama
 from megatron_zero.models.llama_config import get_preset
 from megatron_zero.parallel import sharding
+from tests.tiny_models import hf_model
 
 
 @pytest.fixture(scope="module")
@@ -17,28 +19,15 @@ def single_process():
     yield
 
 
-def hf_model(cfg, seed=0):
-    import transformers
-
-    torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype")})
-    hf_cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # HF initialises norms to 1; randomise them so the mapping of norms is tested too
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return model
-
-
-@pytest.mark.parametrize("preset", ["tiny", "tiny-tied"])
-def test_logits_match_transformers(single_process, preset):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-tied", "tiny-qwen3", "tiny-qwen2"])
+def test_logits_match_transformers_and_round_trip(single_process, preset):
     from megatron_zero.models.llama import build_llama_model
 
     cfg = dataclasses.replace(get_preset(preset), vocab_size=250)  # 250 -> padded to 256 inside megatron
     ref = hf_model(cfg)
     hf_sd = ref.state_dict()
+    assert hf_llama.hf_shapes(cfg) == {k: tuple(v.shape) for k, v in hf_sd.items()
+                                       if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     model = build_llama_model(cfg).eval()
     sharding.load_canonical(model, hf_llama.canonical_getter(hf_sd.__getitem__, cfg), source="HF model")
     tokens = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -47,7 +36,6 @@ def test_logits_match_transformers(single_process, preset):
         ours = model(tokens, pos, None)[..., :250]
         theirs = ref(tokens).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
-    # and back: canonical -> HF names reproduces the HF state dict exactly
     back = dict(hf_llama.iter_hf(sharding.iter_canonical(model, vocab_size=cfg.vocab_size), cfg))
     expected = {k: v for k, v in hf_sd.items() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     assert back.keys() == expected.keys()

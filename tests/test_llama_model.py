@@ -8,6 +8,7 @@ from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validat
 from megatron_zero.models.llama_config import PRESETS, LlamaConfig, get_preset, padded_vocab_size
 from megatron_zero.parallel.initialize import ParallelConfigError, check_world
 from megatron_zero.parallel.pipeline_layout import megatron_layout, split_layers
+from tests.tiny_models import hf_causal_lm
 
 # Parameter counts of the HF releases (sum of numel over the safetensors shards).
 PUBLISHED_PARAMS = {
@@ -25,12 +26,8 @@ def test_preset_parameter_counts_match_releases(name):
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
 def test_preset_parameter_count_matches_transformers(name):
-    import transformers
-
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in PRESETS[name].to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype")})
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(hf_cfg)
+        model = hf_causal_lm(PRESETS[name])
     n = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     assert n == PRESETS[name].num_parameters()
 
@@ -108,9 +105,9 @@ def test_cpu_rope_matches_the_reference_values_and_gradients(layout):
     gradients, on non-contiguous q/k views as attention passes them; the interleaved layout keeps megatron's own."""
     from megatron.core.models.common.embeddings import rope_utils
 
-    from megatron_zero import platform
+    from megatron_zero.platform import mcore_fixes
 
-    platform.install_cpu_compat()
+    mcore_fixes.setup_megatron_core()
     assert getattr(rope_utils._apply_rotary_pos_emb_bshd, "_megatron_zero_patched", False)
     g = torch.Generator().manual_seed(0)
     s, b, n, d = 7, 3, 4, 16

@@ -20,7 +20,7 @@ def lora_cfg(targets=("q", "k", "v", "o", "gate", "up", "down"), rank=4, preset=
 
 def random_canonical(cfg, seed=0):
     """Base weights and adapters (B non-zero, so the adapters change the output) for ``cfg``."""
-    from tests.qwen_models import hf_model
+    from tests.tiny_models import hf_model
 
     base = dataclasses.replace(cfg, lora=None)
     ref = hf_model(base, seed=seed)
@@ -122,15 +122,13 @@ def test_lora_training_cli_end_to_end(single_process, tmp_path):
     --export-model writes the model with its adapters; convert_checkpoint refuses it without --merge-lora and with
     it writes an HF Qwen3 whose transformers logits equal the LoRA model's. The same run at TP=2 with sequence
     parallelism (torchrun) logs the TP=1 run's losses and gradient norms."""
-    import subprocess
-    import sys
 
     import transformers
 
     from megatron_zero.checkpointing import mcore_checkpoint
     from megatron_zero.models.llama import build_llama_model
-    from tests.conftest import REPO, subprocess_env
-    from tests.qwen_models import hf_model
+    from tests.conftest import run_cli
+    from tests.tiny_models import hf_model
 
     cfg = get_preset("tiny-qwen3")
     target = hf_model(cfg, seed=11)
@@ -141,15 +139,11 @@ def test_lora_training_cli_end_to_end(single_process, tmp_path):
             "--lora-alpha", "8", "--lora-dropout", "0", "--lora-targets", "q,k,v,o,gate,up,down", "--mock-data",
             "--train-iters", "3", "--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e-2",
             "--lr-warmup-fraction", "0"]
-    train = subprocess.run(
-        [sys.executable, *args, "--save", str(save), "--export-model", "--metrics-file", str(tmp_path / "tp1.jsonl")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    train = run_cli([*args, "--save", save, "--export-model", "--metrics-file", tmp_path / "tp1.jsonl"], timeout=300)
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
     assert f"{num_trainable_parameters(lora_cfg()):,} trainable parameters" in train.stdout
-    sp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args,
-         "--tensor-model-parallel-size", "2", "--sequence-parallel", "--metrics-file", str(tmp_path / "sp.jsonl")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    sp = run_cli([*args, "--tensor-model-parallel-size", "2", "--sequence-parallel", "--metrics-file",
+                  tmp_path / "sp.jsonl"], nproc=2, timeout=300)
     assert sp.returncode == 0, sp.stdout[-2000:] + sp.stderr[-3000:]
     tp1, tp2 = ([json.loads(line) for line in open(tmp_path / f)] for f in ("tp1.jsonl", "sp.jsonl"))
     assert len(tp1) == len(tp2) == 3
@@ -168,12 +162,11 @@ def test_lora_training_cli_end_to_end(single_process, tmp_path):
         else:
             assert torch.equal(t, original(k)), k
 
-    convert = [sys.executable, "tools/convert_checkpoint.py", "--source-format", "mcore", "--target-format", "hf",
+    convert = ["tools/convert_checkpoint.py", "--source-format", "mcore", "--target-format", "hf",
                "--load-dir", export, "--save-dir", str(tmp_path / "merged")]
-    refused = subprocess.run(convert, cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    refused = run_cli(convert, timeout=300)
     assert refused.returncode == 2 and "--merge-lora" in refused.stderr and "Traceback" not in refused.stderr
-    merged = subprocess.run(convert + ["--merge-lora"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=subprocess_env())
+    merged = run_cli(convert + ["--merge-lora"], timeout=300)
     assert merged.returncode == 0, merged.stderr[-3000:]
 
     model = build_llama_model(lcfg).eval()

@@ -48,12 +48,9 @@ def test_pretrain_vlm_packed_curve_resume_and_token_metrics(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_pretrain_lm_instruction_data_packed_equals_padded(tmp_path):
-    import subprocess
-    import sys
-
     from megatron_zero.data.tokenizers import load_tokenizer
     from megatron_zero.models.llama_config import LlamaConfig
-    from tests.conftest import REPO, subprocess_env
+    from tests.conftest import run_cli
 
     _world(tmp_path)
     vocab = load_tokenizer(str(tmp_path / "tok")).vocab_size
@@ -63,11 +60,11 @@ def test_pretrain_lm_instruction_data_packed_equals_padded(tmp_path):
     runs = {}
     for flag in ("--pack-sequences", "--no-pack-sequences"):
         metrics = tmp_path / f"{flag}.jsonl"
-        cmd = [sys.executable, "-m", "megatron_zero.training.pretrain_lm", "--model", str(tmp_path / "model_config.json"),
+        cmd = ["-m", "megatron_zero.training.pretrain_lm", "--model", str(tmp_path / "model_config.json"),
                "--instruction-data-path", str(tmp_path / "text.jsonl"), "--tokenizer", str(tmp_path / "tok"),
                "--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "2",
                "--lr", "1e-3", "--log-interval", "1", flag, "--metrics-file", str(metrics)]
-        p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        p = run_cli(cmd)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
         runs[flag] = _metrics(metrics)
     packed, padded = runs["--pack-sequences"], runs["--no-pack-sequences"]

@@ -2,18 +2,15 @@
 (its --dry-run is rehearsed in tests/test_device_gpu_check.py), tools/benchmark_packing.py and
 tools/compare_speed.py."""
 import json
-import subprocess
-import sys
 
 import pytest
 
 from megatron_zero import platform
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import run_cli
 
 
 def _tool(*args, check=True):
-    p = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=600)
+    p = run_cli(args)
     if check:
         assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
     return p

@@ -5,13 +5,11 @@ export is what the next stage loads, and the length-weighted loss path.
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, exit_status, subprocess_env
+from tests.conftest import exit_status, run_cli
 
 
 def _world(tmp_path):
@@ -60,9 +58,7 @@ def _world(tmp_path):
 def _run(args, nproc=1):
     """pretrain_vlm as a user starts it: under torchrun for several processes, plainly for one (a world of one
     needs no launcher process)."""
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launch, "-m", "megatron_zero.training.pretrain_vlm", *args]
-    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    p = run_cli(["-m", "megatron_zero.training.pretrain_vlm", *args], nproc=nproc, timeout=400)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
     return p.stdout
 
@@ -92,10 +88,8 @@ def test_stage1_tp2_then_stage2_from_export(tmp_path):
     image = sorted((tmp_path / "images").iterdir())[0]
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"id": "q", "prompt": "what shape is it", "images": [str(image)]})
                                             + "\n")
-    gen = subprocess.run([sys.executable, "tools/generate.py", "--checkpoint", str(s1 / "export"), "--prompts",
-                          str(tmp_path / "prompts.jsonl"), "--max-new-tokens", "3", "--output",
-                          str(tmp_path / "answers.jsonl")], cwd=REPO, env=subprocess_env(), capture_output=True,
-                         text=True, timeout=300)
+    gen = run_cli(["tools/generate.py", "--checkpoint", s1 / "export", "--prompts", tmp_path / "prompts.jsonl",
+                   "--max-new-tokens", "3", "--output", tmp_path / "answers.jsonl"], timeout=300)
     assert gen.returncode == 0, (gen.stdout + gen.stderr)[-4000:]
     (answer,) = [json.loads(x) for x in open(tmp_path / "answers.jsonl")]
     assert answer["id"] == "q" and isinstance(answer["text"], str)
@@ -103,10 +97,10 @@ def test_stage1_tp2_then_stage2_from_export(tmp_path):
     # stage 1 changed the translator (layer 2) and nothing else of the decoder
     from megatron_zero.checkpointing.sources import resolve_decoder
 
-    from megatron_zero import platform
+    from megatron_zero.platform import mcore_fixes
     from megatron_zero.parallel.initialize import init_process_group
 
-    platform.install_cpu_compat()
+    mcore_fixes.setup_megatron_core()
     init_process_group()  # the checkpoint reader is collective (a world of one here)
     src = resolve_decoder(str(s1))
     assert src.kind == "mcore"
@@ -149,13 +143,13 @@ def test_stage3_lora_trains_only_adapters_and_encoder_side(tmp_path, capsys):
                 "--image-root", str(tmp_path / "images"), "--seq-length", "48", "--micro-batch-size", "2",
                 "--global-batch-size", "4", "--train-iters", "2", "--save", str(save)])
     assert "exported the VLM" in out
-    from megatron_zero import platform
+    from megatron_zero.platform import mcore_fixes
     from megatron_zero.checkpointing.mcore_checkpoint import iter_llama_canonical
     from megatron_zero.checkpointing.sources import resolve_decoder
     from megatron_zero.models.lora import is_lora_key
     from megatron_zero.parallel.initialize import init_process_group
 
-    platform.install_cpu_compat()
+    mcore_fixes.setup_megatron_core()
     init_process_group()
     src = resolve_decoder(str(save))
     assert src.cfg.lora["targets"] == ["q", "v", "down"] and src.cfg.lora["rank"] == 4

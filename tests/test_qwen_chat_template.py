@@ -9,8 +9,8 @@ from megatron_zero.data.tokenizers import load_tokenizer
 @pytest.fixture(scope="module")
 def qwen_tokenizer(tmp_path_factory):
     """Qwen's special tokens (<|endoftext|>, <|im_start|>, <|im_end|>, ...) and its non-special added tokens
-    <think>, </think>, as in Qwen3's tokenizer.json (tests/qwen_models.py)."""
-    from tests.qwen_models import write_qwen_tokenizer
+    <think>, </think>, as in Qwen3's tokenizer.json (tests/tiny_models.py)."""
+    from tests.tiny_models import write_qwen_tokenizer
 
     path = tmp_path_factory.mktemp("qwen_tok")
     write_qwen_tokenizer(path)

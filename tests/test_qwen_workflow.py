@@ -18,14 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env
-from tests.test_workflow import run
-from tests.workflow_world import PHOTOS, build_world, write_mc_task, write_vqa_task
+from tests.conftest import run_cli_ok
+from tests.workflow_world import PHOTOS, QUESTIONS, Pipeline, hf_llava_answers, write_mc_task, write_vqa_task
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.parametrize("wf", ["qwen3"], indirect=True)]
 TRAIN = ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
          "--log-interval", "1", "--lr", "1e-3"]
-QUESTIONS = (("chelsea", "What animal is this?"), ("coffee", "What is on the table?"))
 N_PATCHES = 16  # workflow_world's CLIP (32 px images, 8 px patches) and tiny-clip-llava (16 px, 4 px)
 
 
@@ -34,22 +32,13 @@ def qwen_target(path: str, preset: str, seed: int = 0, **overrides) -> str:
     import dataclasses
 
     from megatron_zero.models.llama_config import get_preset
-    from tests.qwen_models import hf_model, write_qwen_tokenizer
+    from tests.tiny_models import hf_model, write_qwen_tokenizer
 
     texts = [f"{q} {a}\n" for _, q, a in PHOTOS] + ["You are Qwen, created by Alibaba Cloud.\n"]
     vocab = write_qwen_tokenizer(path, texts, vocab_size=300)
     cfg = dataclasses.replace(get_preset(preset), vocab_size=vocab, **overrides)
     hf_model(cfg, seed=seed).save_pretrained(path)
     return path
-
-
-def hf_llava_answers(*cases: tuple) -> list[dict]:
-    """tests/workers/hf_llava_generate.py (one launch) in a Python without megatron_zero on its path; ``cases``:
-    (export, image, question, max_new_tokens)."""
-    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
-    out = run([os.path.join(REPO, "tests", "workers", "hf_llava_generate.py"), *(str(x) for c in cases for x in c)],
-              env=env)
-    return [json.loads(line) for line in out.splitlines() if line.startswith('{"text"')]
 
 
 def expanded_prompt(tokenizer_dir: str, question: str, model_family: str, **template_kwargs) -> list[int]:
@@ -62,22 +51,15 @@ def expanded_prompt(tokenizer_dir: str, question: str, model_family: str, **temp
     return [x for i in ids for x in ([i] * N_PATCHES if i == t.image_placeholder_id else [i])]
 
 
-class QwenWorkflow:
+class QwenWorkflow(Pipeline):
+    family = "qwen3"
+    train = TRAIN
+
     def __init__(self, root: str):
-        self.root = root
-        self.w = build_world(root, llama=False)
+        super().__init__(root)
         # untied head: a random tied model only echoes its last input token ("\n"); tied Qwen3 exports are checked
         # logit by logit in tests/test_hf_llava.py
         self.target = qwen_target(self.p("qwen3"), "tiny-qwen3", tie_word_embeddings=False)
-
-    def p(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    def _vlm(self, name: str, *args: str) -> list[dict]:
-        run(["-m", "megatron_zero.training.pretrain_vlm", *args, "--data-path", self.w["llava_json"],
-             "--image-root", self.w["images"], *TRAIN, "--save", self.p(name), "--metrics-file",
-             self.p(f"{name}.jsonl")])
-        return [json.loads(line) for line in open(self.p(f"{name}.jsonl"))]
 
     @functools.cached_property
     def trajectory(self) -> dict:
@@ -101,10 +83,10 @@ class QwenWorkflow:
 
     @functools.cached_property
     def stages12(self) -> tuple[list[dict], list[dict]]:
-        s1 = self._vlm("stage1", "--stage", "1", "--decoder-load", self.surrogate, "--encoder-load", self.w["clip"],
-                       "--feature-convention", "llava", "--text-data-path", self.w["text_jsonl"])
-        s2 = self._vlm("stage2", "--stage", "2", "--decoder-load", self.p("stage1"), "--encoder-load",
-                       self.p("stage1"), "--encoder-trainable-layers", "2", "--loss-on-special-tokens")
+        s1 = self.pretrain_vlm("stage1", "--stage", "1", "--decoder-load", self.surrogate, "--encoder-load",
+                               self.w["clip"], "--feature-convention", "llava", "--text-data-path", self.w["text_jsonl"])
+        s2 = self.pretrain_vlm("stage2", "--stage", "2", "--decoder-load", self.p("stage1"), "--encoder-load",
+                               self.p("stage1"), "--encoder-trainable-layers", "2", "--loss-on-special-tokens")
         return s1, s2
 
     @functools.cached_property
@@ -118,9 +100,9 @@ class QwenWorkflow:
 
     @functools.cached_property
     def stage3(self) -> list[dict]:
-        return self._vlm("stage3", "--stage", "3", "--decoder-load", self.grafted, "--encoder-load", self.grafted,
-                         "--encoder-trainable-layers", "2", "--lora-rank", "4", "--lora-alpha", "8",
-                         "--lora-dropout", "0", "--lora-targets", "q,v")
+        return self.pretrain_vlm("stage3", "--stage", "3", "--decoder-load", self.grafted, "--encoder-load",
+                                 self.grafted, "--encoder-trainable-layers", "2", "--lora-rank", "4", "--lora-alpha",
+                                 "8", "--lora-dropout", "0", "--lora-targets", "q,v")
 
     @functools.cached_property
     def qwen25(self) -> dict:
@@ -136,7 +118,7 @@ class QwenWorkflow:
         from megatron_zero.grafting import DECODER_DIR
         from megatron_zero.models.llama_config import get_preset
         from megatron_zero.parallel.initialize import initialize_parallel
-        from tests.qwen_models import write_qwen_tokenizer
+        from tests.tiny_models import write_qwen_tokenizer
         from tests.test_hf_llava import _vlm_checkpoint
         from tools import convert_checkpoint, generate
 
@@ -172,54 +154,45 @@ class QwenWorkflow:
     @functools.cached_property
     def answers(self) -> list[dict]:
         assert self.stage3
-        with open(self.p("prompts.jsonl"), "w") as f:
-            for name, question in QUESTIONS:
-                f.write(json.dumps({"id": name, "prompt": question,
-                                    "images": [os.path.join(self.w["images"], f"{name}.png")]}) + "\n")
         from tools import generate  # in this process (a world of one) to keep the suite fast
 
-        assert generate.main(["--checkpoint", self.p("stage3/export"), "--prompts", self.p("prompts.jsonl"),
+        assert generate.main(["--checkpoint", self.p("stage3/export"), "--prompts", self.write_prompts(),
                               "--output", self.p("answers.jsonl"), "--max-new-tokens", "4"]) == 0
         return [json.loads(line) for line in open(self.p("answers.jsonl"))]
 
 
-@pytest.fixture(scope="module")
-def qwf(tmp_path_factory):
-    return QwenWorkflow(str(tmp_path_factory.mktemp("qwen_workflow")))
-
-
-def test_trajectory_surrogate_stages_graft_and_lora_stage3(qwf):
-    traj = qwf.trajectory
+def test_trajectory_surrogate_stages_graft_and_lora_stage3(wf):
+    traj = wf.trajectory
     assert traj["transition_layer"] == 1 and len(traj["median"]) == 4
-    cfg = json.load(open(os.path.join(qwf.surrogate, "config.json")))
+    cfg = json.load(open(os.path.join(wf.surrogate, "config.json")))
     assert cfg["model_type"] == "qwen3" and cfg["num_hidden_layers"] == 3
     assert cfg["megatron_zero_surrogate"]["layer_map"] == [0, 1, 3]
-    s1, s2 = qwf.stages12
+    s1, s2 = wf.stages12
     assert len(s1) == len(s2) == 2 and all(r["loss"] > 0 for r in s1 + s2)
-    vlm = json.load(open(os.path.join(qwf.grafted, "vlm_config.json")))
+    vlm = json.load(open(os.path.join(wf.grafted, "vlm_config.json")))
     dec = vlm["decoder"]
     assert (dec["family"], dec["num_layers"], dec["qk_layernorm"]) == ("qwen3", 4, True)  # the target's decoder
-    s3 = qwf.stage3
+    s3 = wf.stage3
     assert len(s3) == 2 and all(r["grad_norm"] > 0 for r in s3)
-    lora = json.load(open(qwf.p("stage3/export/vlm_config.json")))["decoder"]["lora"]
+    lora = json.load(open(wf.p("stage3/export/vlm_config.json")))["decoder"]["lora"]
     assert lora["rank"] == 4 and lora["targets"] == ["q", "v"]
 
 
-def test_generate_and_evaluate_through_lmms_eval(qwf):
+def test_generate_and_evaluate_through_lmms_eval(wf):
     """generate.py's greedy answers score 0.5 through tools/evaluate.py's lmms-eval run (one target is the answer
     itself, the other is not): the harness path (our registered model, the Qwen3 chat template) answers the same."""
-    answers = qwf.answers
+    answers = wf.answers
     assert [a["id"] for a in answers] == ["chelsea", "coffee"] and all(a["text"].strip() for a in answers)
     rows = [{"image": "chelsea.png", "question": QUESTIONS[0][1], "answer": answers[0]["text"].strip()},
             {"image": "coffee.png", "question": QUESTIONS[1][1], "answer": "not " + answers[1]["text"]}]
-    d = write_vqa_task(qwf.p("vlm_tasks"), "qwf_vqa", qwf.w["images"], rows)
-    run(["tools/evaluate.py", "--suite", "vlm", "--load", qwf.p("stage3/export"), "--tasks", "qwf_vqa::exact_match",
-         "--include-path", d, "--output-dir", qwf.p("eval-vlm")])
-    record = json.load(open(qwf.p("eval-vlm/results.json")))
+    d = write_vqa_task(wf.p("vlm_tasks"), "qwf_vqa", wf.w["images"], rows)
+    run_cli_ok(["tools/evaluate.py", "--suite", "vlm", "--load", wf.p("stage3/export"), "--tasks", "qwf_vqa::exact_match",
+                "--include-path", d, "--output-dir", wf.p("eval-vlm")])
+    record = json.load(open(wf.p("eval-vlm/results.json")))
     assert next(iter(record["checkpoints"].values()))["scores"]["qwf_vqa"] == pytest.approx(0.5)
 
 
-def test_llava_exports_answer_alike_in_transformers_alone(qwf):
+def test_llava_exports_answer_alike_in_transformers_alone(wf):
     """The merged Qwen3 export (stage 3's LoRA folded in) and the Qwen2.5 export, loaded by AutoProcessor +
     LlavaForConditionalGeneration in a fresh Python that never imports megatron_zero, reproduce tools/generate.py's
     greedy answers token for token from our prompt tokens; Qwen3's apply_chat_template(enable_thinking=False)
@@ -227,15 +200,15 @@ def test_llava_exports_answer_alike_in_transformers_alone(qwf):
     import transformers
     from PIL import Image
 
-    export, q25 = qwf.qwen3_export, qwf.qwen25
+    export, q25 = wf.qwen3_export, wf.qwen25
     hf_cfg = json.load(open(os.path.join(export, "config.json")))
     assert hf_cfg["text_config"]["model_type"] == "qwen3" and hf_cfg["text_config"]["head_dim"] == 24
-    image = os.path.join(qwf.w["images"], "chelsea.png")
+    image = os.path.join(wf.w["images"], "chelsea.png")
     assert q25["answer"].strip()  # a real answer to compare (not an immediate <|im_end|>)
     hf3, hf25 = hf_llava_answers((export, image, QUESTIONS[0][1], 4), (q25["export"], q25["image"],
                                                                         QUESTIONS[1][1], 5))
-    assert hf3["text"] == qwf.answers[0]["text"]
-    assert hf3["input_ids"] == expanded_prompt(qwf.target, QUESTIONS[0][1], "qwen3")
+    assert hf3["text"] == wf.answers[0]["text"]
+    assert hf3["input_ids"] == expanded_prompt(wf.target, QUESTIONS[0][1], "qwen3")
     assert hf25["text"] == q25["answer"]
     expected = expanded_prompt(q25["tokenizer"], QUESTIONS[1][1], "qwen2")
     assert hf25["input_ids"] == expected
@@ -249,12 +222,12 @@ def test_llava_exports_answer_alike_in_transformers_alone(qwf):
     text = processor.apply_chat_template(msgs, add_generation_prompt=True, enable_thinking=False)
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     ids = processor(images=Image.open(image), text=text, return_tensors="pt")["input_ids"][0].tolist()
-    assert ids == expanded_prompt(qwf.target, QUESTIONS[0][1], "qwen3", family="qwen3-no-thinking")
+    assert ids == expanded_prompt(wf.target, QUESTIONS[0][1], "qwen3", family="qwen3-no-thinking")
     # a whole conversation (training layout: assistant turns, a system message) renders as our templates encode it
     from megatron_zero.data.chat_template import Message, chat_template_for
 
-    for hf_dir, tok_dir, family, kwargs in ((export, qwf.target, "qwen3", {}),
-                                            (export, qwf.target, "qwen3-no-thinking", {"enable_thinking": False}),
+    for hf_dir, tok_dir, family, kwargs in ((export, wf.target, "qwen3", {}),
+                                            (export, wf.target, "qwen3-no-thinking", {"enable_thinking": False}),
                                             (q25["export"], q25["tokenizer"], "qwen2", {})):
         proc = processor if hf_dir == export else transformers.AutoProcessor.from_pretrained(hf_dir)
         for system in (None, "Be brief."):
@@ -272,7 +245,7 @@ def test_llava_exports_answer_alike_in_transformers_alone(qwf):
             assert hf_ids == ours, (family, system, text)
 
 
-def test_text_evaluation_through_lm_eval(qwf):
+def test_text_evaluation_through_lm_eval(wf):
     """tools/evaluate.py --suite text (lm-eval, in this process): the grafted Qwen3 VLM used text-only is the HF
     target, scored alike (Qwen has no BOS: lm-eval's prefix token is the EOS, as for HF Qwen models)."""
     from tools import evaluate
@@ -280,10 +253,10 @@ def test_text_evaluation_through_lm_eval(qwf):
     docs = [{"question": "What animal is this?", "choices": ["A cat.", "A rocket."], "label": 0},
             {"question": "What is on the table?", "choices": ["A horse.", "A cup of coffee."], "label": 1},
             {"question": "Who is in the picture?", "choices": ["An astronaut.", "A man with a camera."], "label": 0}]
-    d = write_mc_task(qwf.p("text_tasks"), "qwf_mc", docs)
-    assert evaluate.main(["--suite", "text", "--load", qwf.target, "--compare-load", qwf.grafted, "--tasks",
-                          "qwf_mc:0:acc", "--include-path", d, "--output-dir", qwf.p("eval-text")]) == 0
-    record = json.load(open(qwf.p("eval-text/results.json")))
+    d = write_mc_task(wf.p("text_tasks"), "qwf_mc", docs)
+    assert evaluate.main(["--suite", "text", "--load", wf.target, "--compare-load", wf.grafted, "--tasks",
+                          "qwf_mc:0:acc", "--include-path", d, "--output-dir", wf.p("eval-text")]) == 0
+    record = json.load(open(wf.p("eval-text/results.json")))
     scores = {k: v["scores"]["qwf_mc"] for k, v in record["checkpoints"].items()}
     assert set(scores) == {"qwen3", "grafted"} and scores["qwen3"] == scores["grafted"]
     assert min(abs(scores["qwen3"] - k / 3) for k in range(4)) < 1e-9

@@ -1,10 +1,8 @@
 """Overlapped DP communication matches the plain schedule. (Stopping by a signal and resuming exactly, at the
 same or another layout, is tested in tests/test_reliability.py.)"""
 import json
-import subprocess
-import sys
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import run_cli
 
 def read_metrics(path):
     with open(path) as f:
@@ -20,9 +18,8 @@ def test_overlapped_grad_reduce_and_param_gather_match(tmp_path):
     tb = tmp_path / "tb"
     for name, extra in (("plain", ["--tensorboard-dir", str(tb)]),
                         ("overlap", ["--overlap-grad-reduce", "--overlap-param-gather"])):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "-m", "megatron_zero.training.pretrain_lm", *base, *extra, "--metrics-file", str(tmp_path / name)]
-        p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+        p = run_cli(["-m", "megatron_zero.training.pretrain_lm", *base, *extra, "--metrics-file", tmp_path / name],
+                    nproc=2, timeout=300)
         assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
         runs[name] = read_metrics(tmp_path / name)
     assert len(runs["plain"]) == 3

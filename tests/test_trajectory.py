@@ -10,6 +10,7 @@ import torch
 
 from megatron_zero.analysis.trajectory import detect_transition, position_kl, transition_crossing
 from megatron_zero.errors import UserError
+from tests.tiny_models import hf_causal_lm
 
 
 def test_position_kl_hand_computed():
@@ -112,16 +113,11 @@ def hf_trajectory(ref, sequences, metric: str) -> torch.Tensor:
 
 
 def tiny_hf_reference(vocab_size: int = 250):
-    import transformers
-
     from megatron_zero.models.llama_config import get_preset
 
     cfg = dataclasses.replace(get_preset("tiny"), vocab_size=vocab_size)  # 250: padded at every TP size
-    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf_config().items()
-                                         if k not in ("architectures", "torch_dtype", "dtype")})
-    hf_cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    ref = transformers.LlamaForCausalLM(hf_cfg).eval()
+    ref = hf_causal_lm(cfg).eval()
     with torch.no_grad():  # larger logits than the default init: sharper, more distinct per-layer predictions
         ref.lm_head.weight.mul_(20)
     sequences = [torch.randint(0, vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()

@@ -13,16 +13,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO, subprocess_env
-from tests.workflow_world import build_world, write_mc_task, write_vqa_task
+from tests.conftest import run_cli, run_cli_ok
+from tests.workflow_world import Pipeline, hf_llava_answers, write_mc_task, write_vqa_task
 
-pytestmark = pytest.mark.timeout(1500)
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.parametrize("wf", ["llama"], indirect=True)]
 LOSS_TOL = 2e-4  # TP/PP change the order of float sums only
 TRAIN = ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3",
          "--log-interval", "1", "--lr", "1e-3"]
@@ -31,74 +29,48 @@ SLURM_LAYOUT = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-
                 "--use-distributed-optimizer", "--overlap-grad-reduce", "--recompute-activations"]
 
 
-def run(args: list, nproc: int = 0, env: dict | None = None, timeout: int = 600) -> str:
-    """A tool (``tools/x.py ...`` or ``-m module ...``), under torchrun when ``nproc`` > 1 (a world of one runs
-    without the launcher process); fails the test with its output when it exits non-zero."""
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    else:
-        cmd = [sys.executable, *args]
-    p = subprocess.run(cmd, cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    out = p.stdout + p.stderr
-    if p.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, args))} exited {p.returncode}:\n{out[-5000:]}")
-    return out
-
-
-def metrics(path: str) -> list[float]:
-    return [json.loads(line)["loss"] for line in open(path)]
-
-
 def first_lr(path: str) -> float:
     return json.loads(open(path).readline())["lr"]
 
 
-class Workflow:
+class Workflow(Pipeline):
     """The steps, each run once (cached) in the order the README gives them."""
 
-    def __init__(self, root: str):
-        self.root = root
-        self.w = build_world(root)
-        self.outputs: dict[str, str] = {}
-
-    def p(self, name: str) -> str:
-        return os.path.join(self.root, name)
+    family = "llama"
+    train = TRAIN
 
     @functools.cached_property
     def converted(self) -> str:
-        run(["tools/convert_checkpoint.py", "--source-format", "hf", "--target-format", "mcore",
-             "--load-dir", self.w["llama"], "--save-dir", self.p("llama-tp2"), "--target-tensor-parallel-size", "2"],
-            nproc=2)
+        run_cli_ok(["tools/convert_checkpoint.py", "--source-format", "hf", "--target-format", "mcore", "--load-dir",
+                    self.w["llama"], "--save-dir", self.p("llama-tp2"), "--target-tensor-parallel-size", "2"], nproc=2)
         return self.p("llama-tp2")
 
     @functools.cached_property
     def trajectory(self) -> dict:
         # the random tiny target has no real transition: the analysis' override flag fixes one
-        run(["tools/analyze_trajectory.py", "--load-dir", self.converted, "--data", self.w["text_jsonl"],
-             "--num-samples", "4", "--tensor-model-parallel-size", "2", "--transition-layer", "1",
-             "--output-dir", self.p("traj")], nproc=2)
+        run_cli_ok(["tools/analyze_trajectory.py", "--load-dir", self.converted, "--data", self.w["text_jsonl"],
+                    "--num-samples", "4", "--tensor-model-parallel-size", "2", "--transition-layer", "1",
+                    "--output-dir", self.p("traj")], nproc=2)
         return json.load(open(self.p("traj/trajectory.json")))
 
     @functools.cached_property
     def surrogate(self) -> str:
         assert self.trajectory["transition_layer"] == 1
-        run(["tools/build_surrogate.py", "--load-dir", self.w["llama"], "--save-dir", self.p("srgt"),
-             "--from-trajectory", self.p("traj/trajectory.json"), "--translator-end", "3"])
+        run_cli_ok(["tools/build_surrogate.py", "--load-dir", self.w["llama"], "--save-dir", self.p("srgt"),
+                    "--from-trajectory", self.p("traj/trajectory.json"), "--translator-end", "3"])
         return self.p("srgt")
 
     def _stage1(self, name: str, layout: list, nproc: int) -> list[float]:
-        self.outputs[name] = run(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "1", "--decoder-load", self.surrogate,
-             "--encoder-load", self.w["clip"], "--feature-convention", "llava", "--data-path", self.w["llava_json"],
-             "--image-root", self.w["images"], "--text-data-path", self.w["text_jsonl"], *TRAIN, *layout,
-             "--save", self.p(name), "--metrics-file", self.p(f"{name}.jsonl")], nproc=nproc)
-        return metrics(self.p(f"{name}.jsonl"))
+        rows = self.pretrain_vlm(name, "--stage", "1", "--decoder-load", self.surrogate, "--encoder-load",
+                                 self.w["clip"], "--feature-convention", "llava", "--text-data-path",
+                                 self.w["text_jsonl"], *layout, nproc=nproc)
+        return [r["loss"] for r in rows]
 
     def _stage2(self, name: str, layout: list, nproc: int) -> list[float]:
-        self.outputs[name] = run(["-m", "megatron_zero.training.pretrain_vlm", "--stage", "2", "--decoder-load", self.p("stage1"),
-             "--encoder-load", self.p("stage1"), "--encoder-trainable-layers", "2", "--loss-on-special-tokens",
-             "--data-path", self.w["llava_json"], "--image-root", self.w["images"], *TRAIN, *layout,
-             "--save", self.p(name), "--metrics-file", self.p(f"{name}.jsonl")], nproc=nproc)
-        return metrics(self.p(f"{name}.jsonl"))
+        rows = self.pretrain_vlm(name, "--stage", "2", "--decoder-load", self.p("stage1"), "--encoder-load",
+                                 self.p("stage1"), "--encoder-trainable-layers", "2", "--loss-on-special-tokens",
+                                 *layout, nproc=nproc)
+        return [r["loss"] for r in rows]
 
     @functools.cached_property
     def stage1(self) -> list[float]:
@@ -121,19 +93,15 @@ class Workflow:
     @functools.cached_property
     def grafted(self) -> str:
         assert self.stage2
-        run(["tools/graft.py", "--encoder", self.p("stage2/export"), "--target", self.w["llama"],
-             "--output", self.p("grafted")])
+        run_cli_ok(["tools/graft.py", "--encoder", self.p("stage2/export"), "--target", self.w["llama"],
+                    "--output", self.p("grafted")])
         return self.p("grafted")
 
     @functools.cached_property
     def answers(self) -> list[dict]:
         """Greedy answers of the grafted VLM to one question per photo (4 new tokens)."""
-        with open(self.p("prompts.jsonl"), "w") as f:
-            for name, question in (("chelsea", "What animal is this?"), ("coffee", "What is on the table?")):
-                f.write(json.dumps({"id": name, "prompt": question,
-                                    "images": [os.path.join(self.w["images"], f"{name}.png")]}) + "\n")
-        run(["tools/generate.py", "--checkpoint", self.grafted, "--prompts", self.p("prompts.jsonl"),
-             "--output", self.p("answers.jsonl"), "--max-new-tokens", "4"])
+        run_cli_ok(["tools/generate.py", "--checkpoint", self.grafted, "--prompts", self.write_prompts(),
+                    "--output", self.p("answers.jsonl"), "--max-new-tokens", "4"])
         return [json.loads(line) for line in open(self.p("answers.jsonl"))]
 
     @functools.cached_property
@@ -155,19 +123,14 @@ class Workflow:
 
     @functools.cached_property
     def llava_export(self) -> str:
-        run(["tools/convert_checkpoint.py", "--model-type", "vlm", "--source-format", "vlm", "--target-format", "hf",
-             "--load-dir", self.grafted, "--save-dir", self.p("hf-llava")])
+        run_cli_ok(["tools/convert_checkpoint.py", "--model-type", "vlm", "--source-format", "vlm", "--target-format",
+                    "hf", "--load-dir", self.grafted, "--save-dir", self.p("hf-llava")])
         return self.p("hf-llava")
 
 
-@pytest.fixture(scope="module")
-def wf(tmp_path_factory):
-    return Workflow(str(tmp_path_factory.mktemp("workflow")))
-
-
 def test_converted_target_back_to_hf_keeps_token_ids_and_dtype(wf):
-    run(["tools/convert_checkpoint.py", "--source-format", "mcore", "--target-format", "hf",
-         "--load-dir", wf.converted, "--save-dir", wf.p("llama-back")])
+    run_cli_ok(["tools/convert_checkpoint.py", "--source-format", "mcore", "--target-format", "hf",
+                "--load-dir", wf.converted, "--save-dir", wf.p("llama-back")])
     cfg = json.load(open(wf.p("llama-back/config.json")))
     assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (128000, 128009) and cfg["torch_dtype"] == "float32"
 
@@ -214,8 +177,8 @@ def test_graft_onto_a_moved_copy_of_the_target(wf):
     import shutil
 
     shutil.copytree(wf.w["llama"], wf.p("moved/llama-copy"))
-    out = run(["tools/graft.py", "--encoder", wf.p("stage2/export"), "--target", wf.p("moved/llama-copy"),
-               "--output", wf.p("grafted-moved")])
+    out = run_cli_ok(["tools/graft.py", "--encoder", wf.p("stage2/export"), "--target", wf.p("moved/llama-copy"),
+                      "--output", wf.p("grafted-moved")])
     record = json.load(open(wf.p("grafted-moved/vlm_config.json")))
     graft_record = record.get("graft", record)
     assert '"forced": false' in out and "note:" in out and "is now at" in out
@@ -229,8 +192,7 @@ def test_generate_bad_requests_are_one_line_errors(wf):
     for prompts, extra, expected in ((bad, [], "no-such.png"),
                                      (wf.p("prompts.jsonl"), ["--max-new-tokens", "100000"], "--max-new-tokens 100000")):
         assert wf.answers  # prompts.jsonl written
-        p = subprocess.run([sys.executable, "tools/generate.py", "--checkpoint", wf.grafted, "--prompts", prompts,
-                            *extra], cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        p = run_cli(["tools/generate.py", "--checkpoint", wf.grafted, "--prompts", prompts, *extra], timeout=300)
         assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
 
 
@@ -238,12 +200,13 @@ def test_vlm_evaluation_through_lmms_eval(wf):
     """tools/evaluate.py (lmms_eval.evaluator.simple_evaluate) and lmms-eval's own command line with our registered
     ``megatron_zero_vlm`` model: both score the grafted VLM's answers exactly as tools/generate.py gave them."""
     tasks = wf.vlm_tasks
-    run(["tools/evaluate.py", "--suite", "vlm", "--load", wf.grafted, "--tasks", "wf_vqa::exact_match",
-         "--include-path", tasks, "--output-dir", wf.p("eval-vlm")])
+    run_cli_ok(["tools/evaluate.py", "--suite", "vlm", "--load", wf.grafted, "--tasks", "wf_vqa::exact_match",
+                "--include-path", tasks, "--output-dir", wf.p("eval-vlm")])
     record = json.load(open(wf.p("eval-vlm/results.json")))
     assert record["checkpoints"]["grafted"]["scores"]["wf_vqa"] == pytest.approx(0.5)
-    out = run(["-m", "lmms_eval", "--model", "megatron_zero_vlm", "--model_args", f"load={wf.grafted}",
-               "--tasks", "wf_vqa", "--include_path", tasks, "--batch_size", "2", "--output_path", wf.p("lmms-out")])
+    out = run_cli_ok(["-m", "lmms_eval", "--model", "megatron_zero_vlm", "--model_args", f"load={wf.grafted}",
+                      "--tasks", "wf_vqa", "--include_path", tasks, "--batch_size", "2", "--output_path",
+                      wf.p("lmms-out")])
     results = [os.path.join(dp, f) for dp, _, fs in os.walk(wf.p("lmms-out")) for f in fs if f.endswith("results.json")]
     assert len(results) == 1, out[-3000:]
     assert json.load(open(results[0]))["results"]["wf_vqa"]["exact_match,none"] == pytest.approx(0.5)
@@ -251,8 +214,8 @@ def test_vlm_evaluation_through_lmms_eval(wf):
 
 def test_text_evaluation_through_lm_eval(wf):
     """The grafted VLM used text-only is the target: lm-eval gives both the same scores (Δ row 0)."""
-    run(["tools/evaluate.py", "--suite", "text", "--load", wf.w["llama"], "--compare-load", wf.grafted,
-         "--tasks", "wf_mc:0:acc", "--include-path", wf.text_tasks, "--output-dir", wf.p("eval-text")])
+    run_cli_ok(["tools/evaluate.py", "--suite", "text", "--load", wf.w["llama"], "--compare-load", wf.grafted,
+                "--tasks", "wf_mc:0:acc", "--include-path", wf.text_tasks, "--output-dir", wf.p("eval-text")])
     scores = {k: v["scores"]["wf_mc"] for k, v in json.load(open(wf.p("eval-text/results.json")))["checkpoints"].items()}
     assert set(scores) == {"llama", "grafted"} and scores["llama"] == scores["grafted"]
     assert scores["llama"] in (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -266,11 +229,8 @@ def test_llava_export_is_usable_from_transformers_alone(wf):
     from megatron_zero.data.tokenizers import load_tokenizer
 
     export, answer = wf.llava_export, wf.answers[0]
-    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
     image = os.path.join(wf.w["images"], "chelsea.png")
-    out = run([os.path.join(REPO, "tests", "workers", "hf_llava_generate.py"), export, image,
-               "What animal is this?", "4"], env=env)
-    hf = json.loads(next(line for line in out.splitlines() if line.startswith('{"text"')))
+    hf = hf_llava_answers((export, image, "What animal is this?", 4))[0]
     assert hf["text"] == answer["text"]
     # the same prompt tokens (image token expanded to one per patch) and the same pixels as our preprocessing
     template = chat_template_for(load_tokenizer(wf.w["llama"]))

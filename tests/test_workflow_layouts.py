@@ -1,18 +1,13 @@
-"""Every layout of examples/slurm/*.sbatch, scaled down (TP8 -> TP2, PP4 -> PP2; the same sequence-parallel,
-distributed-optimizer, overlap and recompute flags; tiny models), starts and trains a few steps. Stage 1/2 of the
-70B recipe (TP8 x PP2) run in tests/test_workflow.py against the PP=1 losses; here: the 8B single-node stage 2
-(TP2 x DP2), stage 3 on the target (TP x PP, overlapped grad reduce + param gather, length-weighted loss) and the
-benchmark (TP x PP, sequence parallel). Also the pretrain_vlm input checks that must stop a run before any model is
-built, each a one-line error with exit status 2."""
+"""The pretrain_vlm input checks that must stop a run before any model is built, each a one-line error with exit
+status 2, and the input checks of the surrogate builder and the benchmark. The layouts of examples/slurm/*.sbatch,
+scaled down, run as sbatch jobs under a real SLURM in tests/test_slurm.py (stage 1/2 of the 70B recipe also in
+tests/test_workflow.py against the PP=1 losses)."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env
+from tests.conftest import run_cli
 from tests.test_pretrain_vlm import _world
 
 pytestmark = pytest.mark.timeout(900)
@@ -28,11 +23,9 @@ def world(tmp_path_factory):
 
 
 def _vlm(world, *args, nproc=4, expect=0):
-    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    cmd = [sys.executable, *launch, "-m", "megatron_zero.training.pretrain_vlm", "--decoder-load", str(world / "decoder"),
-           "--data-path", str(world / "llava.json"), "--image-root", str(world / "images"), "--seq-length", "48",
-           "--micro-batch-size", "1", "--log-interval", "1", *args]
-    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    p = run_cli(["-m", "megatron_zero.training.pretrain_vlm", "--decoder-load", world / "decoder",
+                 "--data-path", world / "llava.json", "--image-root", world / "images", "--seq-length", "48",
+                 "--micro-batch-size", "1", "--log-interval", "1", *args], nproc=nproc)
     out = p.stdout + p.stderr
     assert p.returncode == expect, out[-5000:]
     return out
@@ -40,40 +33,6 @@ def _vlm(world, *args, nproc=4, expect=0):
 
 def _losses(path):
     return [json.loads(line)["loss"] for line in open(path)]
-
-
-def test_single_node_8b_stage2_layout(world, tmp_path):
-    # single_node_8b.sbatch: stage 2, TP2 x DP4 -> TP2 x DP2, distributed optimizer, recompute; the default
-    # --encoder-trainable-layers (8) on a 3-layer encoder trains all 3
-    out = _vlm(world, "--stage", "2", "--vision-model", "tiny-clip", "--loss-on-special-tokens",
-               "--tensor-model-parallel-size", "2", "--global-batch-size", "8", "--train-iters", "2",
-               "--use-distributed-optimizer", "--recompute-activations", "--metrics-file", str(tmp_path / "m.jsonl"))
-    assert len(_losses(tmp_path / "m.jsonl")) == 2 and "TP=2 PP=1 DP=2" in out
-    assert "Overwriting old incomplete" not in out
-
-
-def test_stage3_target_layout(world, tmp_path):
-    # stage3_target_70b.sbatch: TP8 x PP4, sequence parallel, distributed optimizer, overlapped grad reduce and
-    # param gather, length-weighted loss -> TP2 x PP2
-    out = _vlm(world, "--stage", "3", "--vision-model", "tiny-clip", "--loss-weighting", "length-weighted",
-               "--loss-weighting-ord", "0.5", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
-               "2", "--sequence-parallel", "--global-batch-size", "4", "--train-iters", "2",
-               "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
-               "--recompute-activations", "--save", str(tmp_path / "s3"), "--metrics-file", str(tmp_path / "m.jsonl"))
-    assert len(_losses(tmp_path / "m.jsonl")) == 2 and "TP=2 PP=2 DP=1" in out
-    assert os.path.isfile(tmp_path / "s3" / "export" / "vlm_config.json")
-
-
-def test_benchmark_layout():
-    # benchmark_70b.sbatch: TP8 x PP2, sequence parallel, surrogate vs target -> TP2 x PP2 on the tiny preset
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "tools/benchmark.py",
-           "--model", "tiny", "--surrogate", "1,2", "--tensor-model-parallel-size", "2",
-           "--pipeline-model-parallel-size", "2", "--sequence-parallel", "--recompute-activations",
-           "--seq-length", "32", "--micro-batch-size", "1", "--global-batch-size", "2", "--iters", "3",
-           "--warmup", "1"]
-    p = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
-    assert "Projected training hours" in p.stdout
 
 
 @pytest.mark.parametrize("case", ["encoder-layers", "too-short", "too-small"])
@@ -95,9 +54,8 @@ def test_surrogate_from_a_trajectory_that_leaves_nothing_to_drop(world, tmp_path
     """The detected layer is named, why it cannot be used, and a span that can; no flag the user never gave."""
     traj = tmp_path / "trajectory.json"
     traj.write_text(json.dumps({"transition_layer": 2, "num_layers": 4}))  # b = L-2 = 2: nothing to drop
-    p = subprocess.run([sys.executable, "tools/build_surrogate.py", "--load-dir", str(world / "decoder"),
-                        "--save-dir", str(tmp_path / "srgt"), "--from-trajectory", str(traj)],
-                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    p = run_cli(["tools/build_surrogate.py", "--load-dir", world / "decoder", "--save-dir", tmp_path / "srgt",
+                 "--from-trajectory", traj], timeout=300)
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert "detected transition layer 2" in p.stderr and "the default end L-2 = 2" in p.stderr
     assert "--translator-end 2" in p.stderr and "--translator-start 1" in p.stderr  # the suggested span T(1,2)
@@ -105,7 +63,6 @@ def test_surrogate_from_a_trajectory_that_leaves_nothing_to_drop(world, tmp_path
 
 
 def test_benchmark_needs_enough_iterations():
-    p = subprocess.run([sys.executable, "tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--iters", "2"],
-                       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    p = run_cli(["tools/benchmark.py", "--model", "tiny", "--surrogate", "1,2", "--iters", "2"], timeout=300)
     assert p.returncode == 2 and "--iters 2: need at least 3 timed iterations" in p.stderr
     assert "Traceback" not in p.stderr

@@ -1,15 +1,19 @@
 """The world a new user starts from, built small: a tiny random HF Llama with the real Llama-3 tokenizer (as the
 Hugging Face hub ships it: tokenizer.json with the 256 special tokens, tokenizer_config.json with the chat
 template, original/tokenizer.model), a tiny random HF CLIP vision tower, and a LLaVA-format JSON over
-scikit-image photos (+ a text-only JSONL for stage 1 and the trajectory)."""
+scikit-image photos (+ a text-only JSONL for stage 1 and the trajectory); and :class:`Pipeline`, the workflow a
+user runs on it, one subclass per decoder family (the ``wf`` fixture of tests/conftest.py)."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import textwrap
+from typing import ClassVar
 
 import torch
+
+from tests.conftest import REPO, run_cli_ok, subprocess_env
 
 LLAMA3_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -155,3 +159,58 @@ def _write_json_task(task_dir: str, name: str, rows: list[dict], body: str) -> s
     with open(os.path.join(task_dir, f"{name}.yaml"), "w") as f:
         f.write(task_yaml(name, data, body))
     return task_dir
+
+
+QUESTIONS = (("chelsea", "What animal is this?"), ("coffee", "What is on the table?"))
+
+
+class Pipeline:
+    """One decoder family's workflow as a user runs it, every step through its tool and run once (a cached property
+    of the family's subclass). Tests take the module-scoped fixture ``wf`` (tests/conftest.py), parametrized by
+    family: ``pytest.mark.parametrize("wf", [family], indirect=True)``."""
+
+    family = ""
+    train: ClassVar[list] = []  # pretrain_vlm's batch and run-length flags
+    _by_family: ClassVar[dict] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Pipeline._by_family[cls.family] = cls
+
+    @staticmethod
+    def of(family: str) -> type:
+        return Pipeline._by_family[family]
+
+    def __init__(self, root: str):
+        self.root = root
+        self.w = build_world(root, llama=self.family == "llama")
+        self.outputs: dict[str, str] = {}
+
+    def p(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def pretrain_vlm(self, name: str, *args: str, nproc: int = 1) -> list[dict]:
+        """``python -m megatron_zero.training.pretrain_vlm ARGS`` on the world's LLaVA data, saving to ``p(name)``:
+        its metrics rows."""
+        self.outputs[name] = run_cli_ok(
+            ["-m", "megatron_zero.training.pretrain_vlm", *args, "--data-path", self.w["llava_json"], "--image-root",
+             self.w["images"], *self.train, "--save", self.p(name), "--metrics-file", self.p(f"{name}.jsonl")],
+            nproc=nproc)
+        return [json.loads(line) for line in open(self.p(f"{name}.jsonl"))]
+
+    def write_prompts(self) -> str:
+        """``prompts.jsonl`` for tools/generate.py: one of :data:`QUESTIONS` per photo."""
+        with open(self.p("prompts.jsonl"), "w") as f:
+            f.writelines(json.dumps({"id": name, "prompt": question,
+                                     "images": [os.path.join(self.w["images"], f"{name}.png")]}) + "\n"
+                         for name, question in QUESTIONS)
+        return self.p("prompts.jsonl")
+
+
+def hf_llava_answers(*cases: tuple) -> list[dict]:
+    """tests/workers/hf_llava_generate.py (one launch) in a Python without megatron_zero on its path; ``cases``:
+    (export, image, question, max_new_tokens)."""
+    env = {k: v for k, v in subprocess_env().items() if k != "PYTHONPATH"}
+    out = run_cli_ok([os.path.join(REPO, "tests", "workers", "hf_llava_generate.py"),
+                      *(str(x) for c in cases for x in c)], env=env)
+    return [json.loads(line) for line in out.splitlines() if line.startswith('{"text"')]

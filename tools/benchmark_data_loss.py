@@ -10,7 +10,7 @@
 
     python tools/benchmark_data_loss.py --images 64 --tokens 512
 
-The benchmarks are :mod:`megatron_zero.training.benchmark_data_loss`.
+The benchmarks are :mod:`megatron_zero_dev.benchmark_data_loss`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_zero import platform  # noqa: E402
-from megatron_zero.training.benchmark_data_loss import (  # noqa: E402
+from megatron_zero_dev.benchmark_data_loss import (  # noqa: E402
     LLAMA3_VOCAB, bench_images, bench_loss, run_loss_method,
 )
 

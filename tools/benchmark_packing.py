@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Padded vs packed VLM training on a LLaVA-1.5-shaped length mix: real-token fraction and real tokens/s, side by
-side in one run (steps alternate). The mix and the method: megatron_zero/training/packing_benchmark.py.
+side in one run (steps alternate). The mix and the method: megatron_zero_dev/packing_benchmark.py.
 
     python tools/benchmark_packing.py                     # CPU: seq 4096 / 16 = 256, 36 image positions
     python tools/benchmark_packing.py --seq-length 4096 --num-image-tokens 579 --scale 1 --hidden-size 4096 ...
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser():
-    from megatron_zero.training.packing_benchmark import PackingBenchmarkConfig
+    from megatron_zero_dev.packing_benchmark import PackingBenchmarkConfig
 
     d = PackingBenchmarkConfig()
     from megatron_zero.arguments import ArgumentParser
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from megatron_zero import platform
     from megatron_zero.config import ConfigError
     from megatron_zero.parallel import initialize
-    from megatron_zero.training import packing_benchmark as pb
+    from megatron_zero_dev import packing_benchmark as pb
 
     cfg = pb.main_config(args)
     if cfg.seq_length < 1 or cfg.global_batch_size % cfg.micro_batch_size:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Our CPU/GPU training step vs plain transformers ``LlamaForCausalLM`` on the same Llama, alternating in one run;
-prints both tokens/s and the ratio. Method: megatron_zero/training/speed_comparison.py.
+prints both tokens/s and the ratio. Method: megatron_zero_dev/speed_comparison.py.
 
     python tools/compare_speed.py                  # 4 layers, hidden 512, ffn 1536, 8/2 heads, vocab 32000,
                                                    # seq 256, batch 8, fp32, AdamW
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None) -> int:
-    from megatron_zero.training.speed_comparison import SpeedConfig, format_result, run_comparison
+    from megatron_zero_dev.speed_comparison import SpeedConfig, format_result, run_comparison
 
     d = SpeedConfig()
     from megatron_zero.arguments import ArgumentParser

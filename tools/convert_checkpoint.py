@@ -38,9 +38,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch  # noqa: E402
 
 from megatron_zero.arguments import positive_int  # noqa: E402
-from megatron_zero.checkpointing.convert import (  # noqa: E402
-    DTYPES, PROG, convert_checkpoint, log, peak_rss_mb,
-)
+from megatron_zero.checkpointing.convert import convert_checkpoint  # noqa: E402
+from megatron_zero.checkpointing.convert_common import DTYPES, PROG, log, peak_rss_mb  # noqa: E402
 from megatron_zero.checkpointing.hf_writer import parse_size  # noqa: E402
 
 

@@ -35,6 +35,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_zero.parallel import vocab_parallel
+
 EPS = 1e-6
 METRICS = ("position-kl", "vocab-kl")
 METRIC_DEFINITIONS = {
@@ -108,42 +110,6 @@ def detect_transition(median: Sequence[float] | torch.Tensor, fraction: float = 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Vocabulary-parallel pieces (this TP rank holds logits of ids [first, first + V/tp))
-# ---------------------------------------------------------------------------------------------------------
-def _valid_ids(shard: int, first: int, vocab_size: int, device) -> torch.Tensor:
-    return torch.arange(first, first + shard, device=device) < vocab_size
-
-
-def vocab_parallel_log_softmax(logits: torch.Tensor, valid: torch.Tensor, tp_group) -> torch.Tensor:
-    """``log softmax`` over the whole (unpadded) vocabulary of this rank's shard ``[..., V/tp]``: padding ids get
-    ``-inf``; the max and the sum of exponentials are all-reduced over ``tp_group``."""
-    logits = logits.float().masked_fill(~valid, float("-inf"))
-    top = logits.max(-1, keepdim=True).values
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
-    sum_exp = (logits - top).exp().sum(-1, keepdim=True)
-    dist.all_reduce(sum_exp, group=tp_group)
-    return logits - top - sum_exp.log()
-
-
-def vocab_parallel_pick(log_probs: torch.Tensor, targets: torch.Tensor, first: int, tp_group) -> torch.Tensor:
-    """``log_probs[..., targets]`` for global ids ``targets``: taken on the TP rank whose shard owns each id."""
-    shard = log_probs.shape[-1]
-    local = (targets >= first) & (targets < first + shard)
-    picked = log_probs.gather(-1, (targets - first).clamp(0, shard - 1).unsqueeze(-1)).squeeze(-1)
-    picked = torch.where(local, picked, torch.zeros_like(picked))
-    dist.all_reduce(picked, group=tp_group)
-    return picked
-
-
-def vocab_parallel_kl(log_q: torch.Tensor, log_p: torch.Tensor, valid: torch.Tensor, tp_group) -> torch.Tensor:
-    """``sum_v q_v (log q_v - log p_v)`` over the whole vocabulary from both distributions' shards."""
-    terms = torch.where(valid, log_q.exp() * (log_q - log_p), torch.zeros_like(log_q))
-    kl = terms.sum(-1)
-    dist.all_reduce(kl, group=tp_group)
-    return kl
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The analyser
 # ---------------------------------------------------------------------------------------------------------
 class TrajectoryAnalyzer:
@@ -175,7 +141,7 @@ class TrajectoryAnalyzer:
         self.dtype = config.params_dtype
         self.shard = model.vocab_size // ps.get_tensor_model_parallel_world_size()  # padded vocabulary / tp
         self.first = ps.get_tensor_model_parallel_rank() * self.shard
-        self.valid = _valid_ids(self.shard, self.first, vocab_size, self.device)
+        self.valid = vocab_parallel.valid_ids(self.shard, self.first, vocab_size, self.device)
         self.norm_weight, self.output_weight = self._head(model)
 
     def _head(self, model) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +188,7 @@ class TrajectoryAnalyzer:
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """``log softmax(norm(X) W^T)`` shard ``[b, s-1, V/tp]`` (positions that predict a next token)."""
         x = torch.nn.functional.rms_norm(hidden[:-1].float(), (self.hidden,), self.norm_weight, self.eps)
-        return vocab_parallel_log_softmax(x @ self.output_weight.t(), self.valid, self.tp_group).transpose(0, 1)
+        return vocab_parallel.log_softmax(x @ self.output_weight.t(), self.valid, self.tp_group).transpose(0, 1)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, lengths: Optional[Sequence[int]] = None,
@@ -246,17 +212,17 @@ class TrajectoryAnalyzer:
         if self.pp > 1:
             dist.broadcast(final, src=self.last_stage, group=self.pp_group)
         final_lp = self._log_probs(final)
-        log_p = vocab_parallel_pick(final_lp, targets, self.first, self.tp_group)
+        log_p = vocab_parallel.pick(final_lp, targets, self.first, self.tp_group)
         if metric == "position-kl":
             del final_lp
         result = torch.zeros(b, self.num_layers, device=self.device)
         for layer, h in zip(self.layers, hidden):
             lp = self._log_probs(h)
             if metric == "position-kl":
-                result[:, layer] = position_kl(vocab_parallel_pick(lp, targets, self.first, self.tp_group), log_p,
+                result[:, layer] = position_kl(vocab_parallel.pick(lp, targets, self.first, self.tp_group), log_p,
                                                mask)
             else:
-                kl = vocab_parallel_kl(lp, final_lp, self.valid, self.tp_group).masked_fill(~mask, 0.0)
+                kl = vocab_parallel.kl(lp, final_lp, self.valid, self.tp_group).masked_fill(~mask, 0.0)
                 result[:, layer] = kl.sum(-1) / mask.sum(-1)
         if self.pp > 1:
             dist.all_reduce(result, group=self.pp_group)  # each stage filled only its own layers

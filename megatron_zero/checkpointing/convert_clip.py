@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from megatron_zero.checkpointing.convert import (
+from megatron_zero.checkpointing.convert_common import (
     DTYPES, Progress, check_world, dtype_of, load_canonical, log, num_weights,
 )
 from megatron_zero.checkpointing.hf_reader import CheckpointFormatError, HFCheckpoint

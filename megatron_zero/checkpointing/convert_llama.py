@@ -17,7 +17,7 @@ import sys
 import torch
 
 from megatron_zero.checkpointing import hf_llama
-from megatron_zero.checkpointing.convert import (
+from megatron_zero.checkpointing.convert_common import (
     DTYPES, PROG, Progress, check_world, dtype_of, load_canonical, log, num_weights, target_runtime_options,
 )
 from megatron_zero.checkpointing.hf_reader import CheckpointFormatError, HFCheckpoint
@@ -113,7 +113,7 @@ def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard
     """
     from tqdm import tqdm
 
-    from megatron_zero import platform
+    from megatron_zero.platform import mcore_fixes
     from megatron_zero.checkpointing import mcore_checkpoint
     from megatron_zero.parallel.initialize import init_process_group, is_rank0
 
@@ -122,7 +122,7 @@ def mcore_to_hf(load_dir: str, save_dir: str, overwrite: bool = False, max_shard
         raise CheckpointFormatError(f"{load_dir}: the checkpoint holds LoRA adapters (rank {cfg.lora['rank']}); "
                                     f"pass --merge-lora to fold them into the exported decoder")
     check_save_dir(save_dir, overwrite)
-    platform.install_cpu_compat()
+    mcore_fixes.setup_megatron_core()
     init_process_group()
     stream = mcore_checkpoint.iter_llama_canonical(load_dir, cfg)
     if cfg.lora:

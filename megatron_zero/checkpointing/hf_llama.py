@@ -24,7 +24,6 @@ import torch
 from megatron_zero.models.llama_config import LlamaConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 # canonical per-layer suffix -> HF per-layer suffix, for the one-to-one tensors
 _SIMPLE = {
@@ -161,8 +160,3 @@ def iter_hf(canonical: Iterator[tuple[str, torch.Tensor]], cfg: LlamaConfig) -> 
     """HF (name, tensor) pairs from a stream of canonical ones."""
     for ckey, t in canonical:
         yield from from_canonical(ckey, t, cfg).items()
-
-
-def hf_layer_index(name: str) -> int | None:
-    m = _HF_LAYER.match(name)
-    return int(m.group(1)) if m else None

@@ -86,7 +86,7 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
     """Write a VLM as an HF LLaVA directory. ``vlm_dir``: anything that resolves to a VLM (``tools/graft.py``
     output, a training run or its ``<save>/export``, whose decoder is a torch_dist checkpoint). A decoder with LoRA
     adapters (stage 3 with ``--lora-rank``) needs ``merge_lora``: the adapters are folded into its weights."""
-    from megatron_zero import platform
+    from megatron_zero.platform import mcore_fixes
     from megatron_zero.checkpointing.hf_writer import (ShardedSafetensorsWriter, atomic_directory, check_save_dir,
                                                        copy_tokenizer_files, write_config)
     from megatron_zero.checkpointing.hf_llava_processor import write_hf_processor_files
@@ -108,7 +108,7 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
     tokenizer_problem = _tokenizer_problem(ckpt.tokenizer_dir or ckpt.decoder.path)
     check_save_dir(save_dir, overwrite)
     if ckpt.decoder.format != "hf":  # torch_dist reads are collective: a world of one
-        platform.install_cpu_compat()
+        mcore_fixes.setup_megatron_core()
         init_process_group()
     with atomic_directory(save_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, log=lambda m: None)

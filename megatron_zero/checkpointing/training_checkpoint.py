@@ -38,7 +38,7 @@ from megatron_zero.checkpointing.run_dir import (
 
 # The distributed optimizer's state is saved in megatron-core's ``fully_reshardable`` format (model-space tensors,
 # gathered over DP on save, sliced per rank on load), so a run resumes at any TP/PP/DP (the CPU/torch-Adam failure
-# of its loader is fixed in ``platform.install_cpu_compat``). A plain optimizer's state_dict is saved per rank with
+# of its loader is fixed in ``platform.mcore_fixes``). A plain optimizer's state_dict is saved per rank with
 # torch.save (its model-space sharded form cannot describe frozen layers inside megatron's stacked per-layer
 # tensors), so it resumes only at the layout it was saved with; anything else is refused before loading.
 # Exception: when some rank has nothing to train (a frozen pipeline stage, normal in stages 1-2), megatron-core's

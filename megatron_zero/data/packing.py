@@ -64,7 +64,7 @@ def pack_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
 
     Fewer rows than :func:`pack_greedy` when samples have a large minimum size (every image sample is at least
     ``num_image_tokens`` long, so first-fit leaves gaps no sample fits): on the LLaVA-1.5-shaped mix of
-    :mod:`megatron_zero.training.packing_benchmark` 97-98% of positions are real instead of 93%. Deterministic
+    :mod:`megatron_zero_dev.packing_benchmark` 97-98% of positions are real instead of 93%. Deterministic
     (ties go to the lower index); indices within a row in placement order.
     """
     lengths = [int(x) for x in lengths]

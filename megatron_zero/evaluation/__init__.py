@@ -2,7 +2,6 @@
 
 * :mod:`~megatron_zero.evaluation.text_model` -- a megatron_zero decoder (any checkpoint kind, TP/PP) that scores
   and greedily continues token sequences in batches; every rank runs the forward, results reach every rank.
-* :mod:`~megatron_zero.evaluation.vocab_parallel` -- log-probabilities from vocabulary-parallel logits.
 * :mod:`~megatron_zero.evaluation.lm_eval_adapter` -- EleutherAI lm-evaluation-harness model ``megatron_zero``.
 * :mod:`~megatron_zero.evaluation.vlm_adapter` -- lmms-eval model ``megatron_zero_vlm`` (images through our CLIP
   preprocessing; the paper's binary yes/no prompting for MME/POPE); its registration record is in

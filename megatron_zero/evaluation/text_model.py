@@ -7,7 +7,7 @@ checkpoint (its decoder, used text-only) -- and its tokenizer.
 Every rank of the (TP x PP) world calls the same methods with the same arguments, in the same order: each rank
 runs its part of the forward (megatron-core's forward-only pipeline schedule carries hidden states between
 stages), the last stage turns its vocabulary-parallel logits into log-probabilities or next tokens with TP
-reductions (:mod:`~megatron_zero.evaluation.vocab_parallel`), and the results are broadcast along the pipeline,
+reductions (:mod:`~megatron_zero.parallel.vocab_parallel`), and the results are broadcast along the pipeline,
 so every rank returns the same values. Data parallelism is not used: launch exactly TP x PP processes.
 
 Batches are right-padded: with causal attention a row never sees the padding after it, so a sequence scores the
@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_zero.evaluation.vocab_parallel import gather_vocab, token_logprobs
+from megatron_zero.parallel.vocab_parallel import gather_vocab, token_logprobs
 from megatron_zero.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}

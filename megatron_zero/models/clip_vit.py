@@ -192,6 +192,7 @@ def vision_transformer_config(cfg: ClipVisionConfig, tensor_model_parallel_size:
         bf16=bf16,
         use_cpu_initialization=not platform.HAVE_CUDA,
         perform_initialization=initialize_weights,
+        cuda_graph_scope=[],  # the whole layer; the default ("full") says the same with a deprecation warning
         transformer_impl="transformer_engine" if use_te else "local",
     )
 

@@ -38,11 +38,6 @@ class FreezingError(UserError, ValueError):
     """A freezing preset that cannot be applied to this model."""
 
 
-def translator_index(decoder_cfg: LlamaConfig, explicit: Optional[int] = None) -> int:
-    """The surrogate's (first) translator layer index: ``explicit`` if given, else from the surrogate provenance."""
-    return translator_layers(decoder_cfg, explicit)[0]
-
-
 def translator_layers(decoder_cfg: LlamaConfig, explicit: Optional[int] = None) -> list[int]:
     """Every translator layer of the surrogate (several with multi-range / multi-translator surrogates, see
     :mod:`megatron_zero.surrogate`): ``[explicit]`` if given, else from the surrogate provenance."""

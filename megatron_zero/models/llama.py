@@ -161,6 +161,7 @@ def transformer_config(cfg: LlamaConfig, opts: RuntimeOptions, num_layers: Optio
         bf16=opts.bf16,
         use_cpu_initialization=not platform.HAVE_CUDA,
         perform_initialization=opts.initialize_weights,
+        cuda_graph_scope=[],  # the whole layer; the default ("full") says the same with a deprecation warning
         transformer_impl="transformer_engine" if use_te else "local",
         **kwargs,
     )

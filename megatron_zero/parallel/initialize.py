@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_zero import platform
 from megatron_zero.errors import UserError
+from megatron_zero.platform import mcore_fixes
 
 
 class ParallelConfigError(UserError, ValueError):
@@ -65,7 +66,7 @@ def initialize_parallel(
     seed: int = 1234,
 ) -> int:
     """Set up torch.distributed and megatron-core's parallel state; returns the data-parallel size."""
-    platform.install_cpu_compat()
+    mcore_fixes.setup_megatron_core()
     init_process_group()
     from megatron.core import parallel_state, tensor_parallel
 

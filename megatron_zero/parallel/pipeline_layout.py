@@ -46,12 +46,3 @@ def megatron_layout(stage_layers: Sequence[int]) -> list[list[str]]:
     layout[0].insert(0, "embedding")
     layout[-1].append("loss")
     return layout
-
-
-def stage_layer_ranges(stage_layers: Sequence[int]) -> list[range]:
-    """Global decoder-layer indices held by each stage."""
-    out, start = [], 0
-    for n in stage_layers:
-        out.append(range(start, start + n))
-        start += n
-    return out

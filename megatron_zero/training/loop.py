@@ -147,6 +147,9 @@ class _ExitSignal:
                 self._previous[s] = signal.signal(s, self._handle)
             except ValueError:  # not the main thread
                 pass
+        # megatron_zero.launcher starts its workers with SIGUSR1 blocked: one that came during start-up is
+        # delivered now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
 
     def _handle(self, signum, _frame):
         if self.received is None:

@@ -6,7 +6,6 @@ trainable parameters) nor optimizer state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 
@@ -125,27 +124,8 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def count_parameters(model_chunks: list, trainable_only: bool = False) -> int:
-    """Parameters held by this rank's chunks."""
-    return sum(p.numel() for m in model_chunks for p in m.parameters() if p.requires_grad or not trainable_only)
-
-
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP/Float16 wrappers."""
     while hasattr(model, "module"):
         model = model.module
     return model
-
-
-def trainable_summary(model_chunks: list) -> Optional[str]:
-    """Per-top-level-module trainable/frozen parameter counts, for the start-up printout."""
-    rows: dict[str, list[int]] = {}
-    for m in model_chunks:
-        for name, p in unwrap(m).named_parameters():
-            top = ".".join(name.split(".")[:2])
-            r = rows.setdefault(top, [0, 0])
-            r[0 if p.requires_grad else 1] += p.numel()
-    lines = [f"{'module':40s} {'trainable':>14s} {'frozen':>14s}"]
-    for k, (t, f) in rows.items():
-        lines.append(f"{k:40s} {t:14,d} {f:14,d}")
-    return "\n".join(lines)

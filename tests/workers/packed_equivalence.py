@@ -155,7 +155,6 @@ def check(tag, losses, grads, ref, last_stage, failures):
 
 
 def reference(out) -> int:
-    import torch.distributed as dist
 
     initial, losses, grads, info = run(1, 1, False, pack=False)
     ref = {"initial": initial, "losses": losses, "grads": grads}

@@ -1,25 +1,58 @@
-"""Tiny random transformers models of every decoder family, built offline from our configs (tests and workers)."""
+"""Tiny random transformers models (every decoder family, the CLIP vision tower), built offline from our configs, and\na Qwen-style tokenizer: the one place tests and workers build them."""
 import torch
 
 _CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
 
-def hf_model(cfg, seed=0):
-    """A transformers model of ``cfg``'s family with random weights (norms and biases randomised too)."""
+def hf_config(cfg):
+    """The transformers config of our decoder config ``cfg`` (its family's class; eager attention)."""
     import transformers
 
-    config_cls, model_cls = (getattr(transformers, n) for n in _CLASSES[cfg.family])
-    torch.manual_seed(seed)
-    hf_cfg = config_cls(**{k: v for k, v in cfg.to_hf_config().items() if k not in ("architectures", "torch_dtype")})
+    config_cls = getattr(transformers, _CLASSES[cfg.family][0])
+    hf_cfg = config_cls(**{k: v for k, v in cfg.to_hf_config().items()
+                           if k not in ("architectures", "torch_dtype", "dtype")})
     hf_cfg._attn_implementation = "eager"
-    model = model_cls(hf_cfg).eval()
+    return hf_cfg
+
+
+def hf_causal_lm(cfg):
+    """An untrained transformers model of ``cfg``'s family (HF's own initialisation from the current seed)."""
+    import transformers
+
+    return getattr(transformers, _CLASSES[cfg.family][1])(hf_config(cfg))
+
+
+def hf_model(cfg, seed=0):
+    """A transformers model of ``cfg``'s family with random weights (norms and biases randomised too)."""
+    torch.manual_seed(seed)
+    model = hf_causal_lm(cfg).eval()
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0; randomise them so their mapping is tested
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.uniform_(0.5, 1.5)
             elif n.endswith(".bias"):
                 p.normal_(0.0, 0.5)
+    return model
+
+
+
+def hf_clip_model(cfg, seed: int = 0):
+    """A transformers ``CLIPVisionModel`` of our ``ClipVisionConfig`` (or of a transformers ``CLIPVisionConfig``)
+    with random weights (norms and biases too)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = cfg if isinstance(cfg, transformers.CLIPVisionConfig) else transformers.CLIPVisionConfig(
+        **cfg.to_hf_config())
+    hf_cfg._attn_implementation = "eager"
+    model = transformers.CLIPVisionModel(hf_cfg).eval()
+    with torch.no_grad():  # HF initialises norms to 1/0 and biases to 0: randomise so their mapping is tested
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.3)
     return model
 
 

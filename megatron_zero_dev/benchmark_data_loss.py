@@ -3,7 +3,7 @@
 :func:`bench_images`: images/s of the Pillow loader, the DALI CPU pipeline and (with CUDA) the DALI GPU pipeline on
 generated JPEGs. :func:`bench_loss`: time (forward + backward) and peak memory of the weighted cross-entropy -- the
 compiled kernel, the chunked PyTorch path and the naive ``log_softmax`` + ``gather`` -- each method in its own
-subprocess (``python -m megatron_zero.training.benchmark_data_loss METHOD ...``), since peak RSS never goes down.
+subprocess (``python -m megatron_zero_dev.benchmark_data_loss METHOD ...``), since peak RSS never goes down.
 """
 from __future__ import annotations
 
