@@ -29,17 +29,12 @@ LAYERS = {
     "models": 3,
     "checkpointing": 4, "inference": 4,
     "training": 5, "evaluation": 5, "arguments": 5,
-    "surrogate": 6, "grafting": 6, "analysis": 6,     # the method
-    "launcher": 7, "reliability": 7,                  # entry-point helper; dev tooling on its way out
+    "surrogate": 6, "grafting": 6, "analysis": 6, "zero_import": 6,  # the method
+    "launcher": 7,                                    # entry-point helper
 }
 # Import edges that break the layering today, each owned by a parallel branch of issue #25 that removes it; the
 # integrator deletes an entry once that branch is merged (the test fails on an entry that no longer exists).
-KNOWN_VIOLATIONS = {
-    # branch "ckpt": checkpointing <-> training, checkpointing <-> surrogate, resolve <-> sources
-    ("megatron_zero.checkpointing.resolve", "megatron_zero.training.checkpoint"),
-    ("megatron_zero.checkpointing.zero_import", "megatron_zero.surrogate"),
-    ("megatron_zero.checkpointing.resolve", "megatron_zero.checkpointing.sources"),
-}
+KNOWN_VIOLATIONS: set = set()
 
 
 def imported_modules(path: str, package: str) -> list[tuple[int, str]]:
