@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tests.conftest import run_worker
 from tests.test_reliability import DISTOPT, LM, TINY, metrics, ok, run, single
 
 
@@ -50,3 +51,7 @@ def test_async_saves_and_walltime_exit_resume_exactly(tmp_path):
 def test_timing_flags_refuse_non_positive_values():
     rc, out, err = run(single() + LM + TINY + ["--train-iters", "2", "--exit-duration-in-mins", "0"])
     assert rc == 2 and "--exit-duration-in-mins must be > 0" in err and "Traceback" not in err
+
+
+def test_repeated_saves_reuse_the_save_plan_and_load_back(tmp_path):
+    assert "save plans: reused and loadable" in run_worker("save_plan_cache.py", str(tmp_path), nproc=2)

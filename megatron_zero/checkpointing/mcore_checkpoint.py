@@ -76,6 +76,38 @@ def _sharded(model) -> dict:
     return _weights_only(MegatronModule.sharded_state_dict(model))
 
 
+_save_strategy: Optional[tuple] = None  # (structure, megatron-core save strategy holding its cached save plan)
+
+
+def _structure(sharded_state_dict: dict) -> tuple:
+    """What megatron-core's save plan depends on: every sharded entry's key, shape, offset and replica."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    return tuple(sorted(
+        (v.key, str(getattr(v, "global_shape", None)), str(getattr(v, "global_offset", None)), str(v.replica_id),
+         str(getattr(v, "flattened_range", None)), str(getattr(getattr(v, "data", None), "dtype", None)))
+        for v in nested_values(sharded_state_dict) if isinstance(v, ShardedBase)))
+
+
+def _strategy_for(sharded_state_dict: dict):
+    """(save strategy, whether this structure is new on some rank: collective). Repeated saves of one structure
+    (every ``--save-interval`` of a run) reuse one strategy, so megatron-core reuses its save plan and global
+    metadata (validated by it across ranks) and the access-integrity check runs only on a structure's first save."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    global _save_strategy
+    structure = _structure(sharded_state_dict)
+    new = torch.tensor([float(_save_strategy is None or _save_strategy[0] != structure)])
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            new = new.cuda()
+        dist.all_reduce(new, op=dist.ReduceOp.MAX)
+    if float(new) > 0:
+        _save_strategy = (structure, TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True))
+    return _save_strategy[1], float(new) > 0
+
+
 def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = False):
     """``dist_checkpointing.save`` (torch_dist) without the per-process ``spawn`` helper megatron-core starts;
     with ``async_sharded_save`` its ``AsyncRequest`` (the write, to be scheduled) is returned.
@@ -84,6 +116,9 @@ def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = Fa
     the ``spawn`` start method: a fresh interpreter per saving process that imports torch to unpickle the results
     (~4 s of CPU on the first save of every rank). A Manager forked from this process (which has torch loaded
     already) gives the same queue at no start-up cost; megatron forks its writer processes itself.
+
+    A structure saved before is saved with its cached plan and without re-validating its sharding
+    (:func:`_strategy_for`; Megatron-LM's ``--ckpt-assume-constant-structure``, decided here per structure).
     """
     import multiprocessing
 
@@ -92,7 +127,9 @@ def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = Fa
 
     if getattr(filesystem_async, "_results_queue", "absent") is None:  # not created yet in this process
         filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
-    return dist_checkpointing.save(sharded_state_dict, path, async_sharded_save=async_sharded_save)
+    strategy, new = _strategy_for(sharded_state_dict)
+    return dist_checkpointing.save(sharded_state_dict, path, sharded_strategy=strategy, validate_access_integrity=new,
+                                   async_sharded_save=async_sharded_save)
 
 
 def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
