@@ -18,7 +18,7 @@ def test_lora_run_saves_what_trains_and_resumes_from_its_base(tmp_path):
 
     from megatron_zero.checkpointing import run_dir
     from megatron_zero.models.llama_config import get_preset
-    from tests.qwen_models import hf_model
+    from tests.tiny_models import hf_model
 
     base = tmp_path / "hf"
     hf_model(get_preset("tiny-qwen3"), seed=11).save_pretrained(base)
