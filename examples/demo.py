@@ -223,8 +223,7 @@ def _batches(ds, store, vlm_cfg, template, run_cfg):
     from megatron_zero.training.vlm_batches import VLMBatches
 
     return VLMBatches.from_config(ds, run_cfg, pad_id=template.tokenizer.pad_id, image_token_id=vlm_cfg.image_token_id,
-                                  num_image_embeddings=vlm_cfg.num_image_embeddings, image_size=IMAGE_SIZE,
-                                  read_image=lambda key, _size: store[key])
+                                  num_image_embeddings=vlm_cfg.num_image_embeddings, load_image=store.__getitem__)
 
 
 def build_vlm_model(vlm_cfg, decoder_canonical, encoder_canonical=None):
