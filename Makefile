@@ -21,7 +21,7 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -rfEsx --durations=30 tests
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

@@ -159,18 +159,19 @@ def log(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _optimize(model, lr, steps, forward_step, micro_batches, batch, seq):
-    """megatron DDP + optimizer (grad clipping 1.0) + warmup/cosine schedule + the library's training loop."""
-    from megatron_zero.training.loop import LoopConfig, build_scheduler, train
-    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+def _trainer(lr, steps, batch, seq, seed):
+    """The library's Trainer for one run (megatron DDP + optimizer, grad clipping 1.0, warmup/cosine schedule),
+    process groups and seeds set up: build the model after it, then ``trainer.build(...).run()``."""
+    from megatron_zero.config import DataConfig, LoggingConfig, OptimizerConfig, RunConfig, TrainingConfig
+    from megatron_zero.training.trainer import Trainer
 
-    oo = OptimizerOptions(lr=lr, use_distributed_optimizer=False, clip_grad=1.0)
-    chunks = wrap_ddp([model], oo)
-    opt = build_optimizer(chunks, oo)
-    sched = build_scheduler(opt, lr, 0.0, steps, WARMUP)
-    loop = LoopConfig(train_iters=steps, global_batch_size=batch, micro_batch_size=batch, seq_length=seq,
-                      data_parallel_size=1, log_interval=max(steps // 4, 1))
-    return train(loop, chunks, opt, sched, forward_step, micro_batches)
+    cfg = RunConfig(training=TrainingConfig(micro_batch_size=batch, global_batch_size=batch, seq_length=seq,
+                                            train_iters=steps, seed=seed),
+                    optimizer=OptimizerConfig(lr=lr, lr_warmup_fraction=WARMUP, clip_grad=1.0),
+                    data=DataConfig(pack_sequences=False), logging=LoggingConfig(log_interval=max(steps // 4, 1)))
+    trainer = Trainer(cfg)
+    trainer.initialize()
+    return trainer
 
 
 def train_lm(cfg, rows, steps, lr, seed, trainable=None, canonical=None, batch=32):
@@ -179,6 +180,7 @@ def train_lm(cfg, rows, steps, lr, seed, trainable=None, canonical=None, batch=3
     from megatron_zero.parallel import sharding
     from megatron_zero.training.train_step import lm_forward_step
 
+    trainer = _trainer(lr, steps, batch, TEXT_SEQ, seed)
     torch.manual_seed(seed)
     model = build_llama_model(cfg)
     if canonical is not None:
@@ -194,7 +196,7 @@ def train_lm(cfg, rows, steps, lr, seed, trainable=None, canonical=None, batch=3
         idx = order[torch.arange(it * batch, (it + 1) * batch) % n]
         yield {k: v[idx] for k, v in rows.items()}
 
-    losses = _optimize(model, lr, steps, lm_forward_step, micro_batches, batch, TEXT_SEQ)
+    losses = trainer.build([model], lm_forward_step, micro_batches).run()
     return sharding.gather_canonical([model], vocab_size=cfg.vocab_size), losses
 
 
@@ -214,6 +216,14 @@ def vlm_records(template, samples, loss_on_special_tokens, num_image_embeddings)
     ds = ChatDataset.build(convs, template, TokenizationConfig(max_seq_len=SEQ, num_image_tokens=num_image_embeddings,
                                                                 loss_on_special_tokens=loss_on_special_tokens))
     return ds, store
+
+
+def _batches(ds, store, vlm_cfg, template, run_cfg):
+    """The library's micro-batches of image records (the in-memory image store stands in for the image files)."""
+    from megatron_zero.training.vlm_batches import VLMBatches
+
+    return VLMBatches.from_config(ds, run_cfg, pad_id=template.tokenizer.pad_id, image_token_id=vlm_cfg.image_token_id,
+                                  num_image_embeddings=vlm_cfg.num_image_embeddings, load_image=store.__getitem__)
 
 
 def build_vlm_model(vlm_cfg, decoder_canonical, encoder_canonical=None):
@@ -240,34 +250,33 @@ def train_vlm(vlm_cfg, decoder_canonical, template, train_samples, steps, lr, se
     from megatron_zero.models.freezing import apply_freezing
     from megatron_zero.models.vlm import encoder_canonical_state
     from megatron_zero.parallel import sharding
-    from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
+    from megatron_zero.training.vlm_batches import vlm_forward_step
 
+    trainer = _trainer(lr, steps, batch, SEQ, seed)
     torch.manual_seed(seed)
     model = build_vlm_model(vlm_cfg, decoder_canonical, encoder_canonical)
     apply_freezing([model], stage, encoder_trainable_layers=vlm_cfg.vision.num_built_layers)
     for p in model.vision.parameters():  # trained from scratch: the patch/position embeddings train too
         p.requires_grad_(True)
     ds, store = vlm_records(template, train_samples, True, vlm_cfg.num_image_embeddings)
-    batches = VLMBatches(ds, image_token_id=vlm_cfg.image_token_id, num_image_embeddings=vlm_cfg.num_image_embeddings,
-                         seq_length=SEQ, pad_id=template.tokenizer.pad_id, global_batch_size=batch,
-                         micro_batch_size=batch, dp_rank=0, dp_size=1, seed=seed, load_image=store.__getitem__)
-    losses = _optimize(model, lr, steps, vlm_forward_step, batches.iteration, batch, SEQ)
+    batches = _batches(ds, store, vlm_cfg, template, trainer.cfg)
+    losses = trainer.build([model], vlm_forward_step, batches.iteration).run()
     decoder = sharding.gather_canonical([model.language_model], vocab_size=vlm_cfg.decoder.vocab_size)
     return encoder_canonical_state(model), decoder, losses
 
 
 def evaluate(vlm_cfg, decoder_canonical, encoder_canonical, template, samples):
     """(mean answer loss per token, greedy exact-match accuracy) on held-out image samples."""
+    from megatron_zero.config import DataConfig, RunConfig, TrainingConfig
     from megatron_zero.data.chat_template import Message
     from megatron_zero.inference.generate import SamplingOptions, generate
-    from megatron_zero.training.vlm_batches import VLMBatches
 
     model = build_vlm_model(vlm_cfg, decoder_canonical, encoder_canonical).eval()
     ds, store = vlm_records(template, samples, False, vlm_cfg.num_image_embeddings)
     n = len(ds) - len(ds) % 50
-    batches = VLMBatches(ds, image_token_id=vlm_cfg.image_token_id, num_image_embeddings=vlm_cfg.num_image_embeddings,
-                         seq_length=SEQ, pad_id=template.tokenizer.pad_id, global_batch_size=50, micro_batch_size=50,
-                         dp_rank=0, dp_size=1, seed=0, load_image=store.__getitem__)
+    batches = _batches(ds, store, vlm_cfg, template, RunConfig(
+        training=TrainingConfig(micro_batch_size=50, global_batch_size=50, seq_length=SEQ, seed=0),
+        data=DataConfig(pack_sequences=False)))
     total, count = 0.0, 0.0
     with torch.no_grad():
         for it in range(n // 50):

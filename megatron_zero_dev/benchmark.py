@@ -11,6 +11,7 @@ baseline's pre-training stage: decoder frozen, gradients flow through it), and f
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Optional
 
@@ -91,9 +92,20 @@ def model_state_bytes(chunks, optimizer) -> int:
     return total
 
 
-def run_config(cfg, opts, mode, translator, args, dp):
-    """Time one configuration; ``args`` carries ``global_batch_size``, ``micro_batch_size``, ``seq_length``,
-    ``warmup``, ``iters`` and ``gpu_type`` (``tools/benchmark.py``'s flags). Returns one result row."""
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How a configuration is timed (``tools/benchmark.py``'s flags, defaults resolved)."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    seq_length: int
+    warmup: int
+    iters: int
+    gpu_type: str  # the datasheet peak MFU is computed against
+
+
+def run_config(cfg, opts, mode, translator, timing: Timing, dp):
+    """Time one configuration with ``timing``. Returns one result row."""
     import torch
     from megatron.core import parallel_state as ps
 
@@ -114,7 +126,7 @@ def run_config(cfg, opts, mode, translator, args, dp):
     oo = OptimizerOptions(lr=1e-5, bf16=opts.bf16, use_distributed_optimizer=True)
     chunks = wrap_ddp(chunks, oo)
     opt = build_optimizer(chunks, oo)
-    gbs, mbs, seq = args.global_batch_size, args.micro_batch_size, args.seq_length
+    gbs, mbs, seq = timing.global_batch_size, timing.micro_batch_size, timing.seq_length
     nmb = gbs // (mbs * dp)
     data = TokenWindows(torch.randint(0, cfg.vocab_size, (gbs * (seq + 1) * 2,)).numpy(), seq)
     rank = ps.get_data_parallel_rank()
@@ -129,7 +141,7 @@ def run_config(cfg, opts, mode, translator, args, dp):
     fwd, fb, optim = [], [], []
     if platform.HAVE_CUDA:
         torch.cuda.reset_peak_memory_stats()
-    for i in range(args.warmup + args.iters):
+    for i in range(timing.warmup + timing.iters):
         sync(); t0 = time.perf_counter()
         train_step(lm_forward_step, it(i), chunks, opt, nmb, seq, mbs, forward_only=True)
         sync(); t1 = time.perf_counter()
@@ -143,7 +155,7 @@ def run_config(cfg, opts, mode, translator, args, dp):
         sync(); t2 = time.perf_counter()
         opt.step()
         sync(); t3 = time.perf_counter()
-        if i >= args.warmup:
+        if i >= timing.warmup:
             fwd.append(t1 - t0); fb.append(t2 - t1); optim.append(t3 - t2)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     t_fwd, t_fb, t_opt = med(fwd), med(fb), med(optim)
@@ -151,7 +163,7 @@ def run_config(cfg, opts, mode, translator, args, dp):
     world = torch.distributed.get_world_size()
     flops = decoder_training_flops(cfg, gbs, seq, trainable_layers,
                                    padded_vocab_size(cfg.vocab_size, opts.tensor_model_parallel_size))
-    peak = PEAK_TFLOPS.get(args.gpu_type) if platform.HAVE_CUDA else None
+    peak = PEAK_TFLOPS.get(timing.gpu_type) if platform.HAVE_CUDA else None
     tflops, util = mfu(flops, step, world, peak or float("inf"))
     if platform.HAVE_CUDA:
         mem = torch.cuda.max_memory_allocated() / 2**30

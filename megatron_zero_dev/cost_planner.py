@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Optional
 
 from megatron_zero.errors import UserError
 
@@ -197,32 +198,53 @@ def format_plan(result: dict, gpu_label: str, mfu_source: str) -> str:
     return "\n".join(lines)
 
 
-def project(args) -> dict:
-    """``tools/benchmark.py --project-only``: plan from its flags, print the table (and ``--output-json``)."""
+@dataclasses.dataclass(frozen=True)
+class ProjectionRequest:
+    """What ``tools/benchmark.py --project-only`` is asked (its flags; ``None``: the paper's setting)."""
+
+    model: Optional[str] = None  # default llama-3.1-70b
+    surrogate: Optional[str] = None  # translator span "a,b", default 40,78
+    gpu_type: Optional[str] = None  # default A100
+    peak_tflops: Optional[float] = None  # default: the gpu type's datasheet peak
+    mfu: float = 0.40
+    mfu_from: Optional[str] = None  # a gpu_check.json whose measured MFU replaces ``mfu``
+    vision: str = "clip-vit-l-14-336"
+    num_gpus_projection: int = 128
+    vl_samples: int = 665_000
+    text_samples: int = 500_000
+    decoder_data_fraction: float = 0.2
+    vl_tokens: float = 850.0
+    text_tokens: float = 1180.0
+    encoder_trainable_layers: int = 8
+    output_json: Optional[str] = None
+
+
+def project(req: ProjectionRequest) -> dict:
+    """``tools/benchmark.py --project-only``: plan, print the table (and write ``output_json``)."""
     from megatron_zero.models.clip_vit import get_vision_preset
     from megatron_zero.models.llama_config import load_model_config
     from megatron_zero.surrogate import surrogate_config
     from megatron_zero.training.flops import PEAK_TFLOPS
     from megatron_zero_dev.benchmark import parse_span
 
-    gpu = args.gpu_type or "A100"
-    if args.peak_tflops is None and gpu not in PEAK_TFLOPS:
+    gpu = req.gpu_type or "A100"
+    if req.peak_tflops is None and gpu not in PEAK_TFLOPS:
         raise PlannerError(f"--gpu-type {gpu}: unknown; choose from {', '.join(PEAK_TFLOPS)} or give --peak-tflops")
-    peak = args.peak_tflops or PEAK_TFLOPS[gpu]
-    mfu, source = args.mfu, "assumed"
-    if args.mfu_from:
-        mfu, source = measured_mfu(args.mfu_from)
-    cfg = load_model_config(args.model or "llama-3.1-70b")
+    peak = req.peak_tflops or PEAK_TFLOPS[gpu]
+    mfu, source = req.mfu, "assumed"
+    if req.mfu_from:
+        mfu, source = measured_mfu(req.mfu_from)
+    cfg = load_model_config(req.model or "llama-3.1-70b")
     try:
-        scfg = surrogate_config(cfg, *parse_span(args.surrogate or "40,78"))
+        scfg = surrogate_config(cfg, *parse_span(req.surrogate or "40,78"))
     except ValueError as e:
-        raise PlannerError(f"--surrogate {args.surrogate}: {e}") from None
-    result = plan(PlanInputs(cfg, scfg, get_vision_preset(args.vision), args.num_gpus_projection, peak, mfu,
-                             args.vl_samples, args.text_samples, args.decoder_data_fraction, args.vl_tokens,
-                             args.text_tokens, args.encoder_trainable_layers))
-    print(format_plan(result, gpu if args.peak_tflops is None else "GPU", source))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
+        raise PlannerError(f"--surrogate {req.surrogate}: {e}") from None
+    result = plan(PlanInputs(cfg, scfg, get_vision_preset(req.vision), req.num_gpus_projection, peak, mfu,
+                             req.vl_samples, req.text_samples, req.decoder_data_fraction, req.vl_tokens,
+                             req.text_tokens, req.encoder_trainable_layers))
+    print(format_plan(result, gpu if req.peak_tflops is None else "GPU", source))
+    if req.output_json:
+        with open(req.output_json, "w") as f:
             json.dump(result, f, indent=2)
     return result
 

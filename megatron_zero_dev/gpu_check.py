@@ -553,8 +553,7 @@ def check_vs_transformers(ctx: Context) -> dict:
 
 
 def check_packed_vlm(ctx: Context) -> dict:
-    from megatron.core import parallel_state as ps
-
+    from megatron_zero.config import DataConfig, RunConfig, TrainingConfig
     from megatron_zero.models.clip_vit import get_vision_preset
     from megatron_zero.models.freezing import apply_freezing
     from megatron_zero.models.vlm import VLMConfig, build_vlm_chunks
@@ -573,9 +572,10 @@ def check_packed_vlm(ctx: Context) -> dict:
     samples = llava_length_mix(s.vlm_samples * (s.iters + s.warmup), s.seq_length, e, 1 if not ctx.dry_run else 64,
                                vocab_size=s.vocab_size)
     img = torch.randn(3, vision.image_size, vision.image_size)
-    batches = VLMBatches(samples, image_token_id=IMAGE_TOKEN_ID, num_image_embeddings=e, seq_length=s.seq_length,
-                         pad_id=0, global_batch_size=s.vlm_samples, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0,
-                         load_image=lambda p: img, dp_group=ps.get_data_parallel_group(), pack_sequences=True)
+    run = RunConfig(training=TrainingConfig(micro_batch_size=1, global_batch_size=s.vlm_samples,
+                                            seq_length=s.seq_length, seed=0), data=DataConfig(pack_sequences=True))
+    batches = VLMBatches.from_config(samples, run, pad_id=0, image_token_id=IMAGE_TOKEN_ID, num_image_embeddings=e,
+                                     load_image=lambda path: img)
     times, fractions, reals, losses = [], [], [], []
     for i in range(s.warmup + s.iters):
         step = batches.iteration(i)

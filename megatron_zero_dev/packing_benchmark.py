@@ -115,8 +115,7 @@ def _forward_step(data_iterator, model):
 def run_packing_benchmark(cfg: PackingBenchmarkConfig, log=print) -> dict:
     """Alternate padded and packed training steps on the same global batches; returns per-mode medians and the
     packed/padded ratio of real tokens/s. Needs initialised parallel state (a world of one)."""
-    from megatron.core import parallel_state as ps
-
+    from megatron_zero.config import DataConfig, RunConfig, TrainingConfig
     from megatron_zero.models.llama import RuntimeOptions, build_llama_model
     from megatron_zero.models.llama_config import LlamaConfig
     from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
@@ -129,18 +128,17 @@ def run_packing_benchmark(cfg: PackingBenchmarkConfig, log=print) -> dict:
                        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
                        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.seq_length, rope_theta=10000.0,
                        rope_scaling_factor=None, name="packing-bench")
-    dp = ps.get_data_parallel_world_size()
     models, opts_, batches = {}, {}, {}
     for mode in ("padded", "packed"):
         torch.manual_seed(cfg.seed)
         chunks = wrap_ddp([build_llama_model(lcfg, RuntimeOptions())], OptimizerOptions(lr=1e-4))
         models[mode], opts_[mode] = chunks, build_optimizer(chunks, OptimizerOptions(lr=1e-4))
-        batches[mode] = VLMBatches(
-            samples, image_token_id=IMAGE_TOKEN_ID, num_image_embeddings=cfg.num_image_tokens,
-            seq_length=cfg.seq_length, pad_id=0, global_batch_size=cfg.global_batch_size,
-            micro_batch_size=cfg.micro_batch_size, dp_rank=ps.get_data_parallel_rank(), dp_size=dp, seed=cfg.seed,
-            load_image=lambda p: torch.zeros(1), dp_group=ps.get_data_parallel_group(),
-            pack_sequences=mode == "packed")
+        run = RunConfig(training=TrainingConfig(micro_batch_size=cfg.micro_batch_size,
+                                                global_batch_size=cfg.global_batch_size, seq_length=cfg.seq_length,
+                                                seed=cfg.seed), data=DataConfig(pack_sequences=mode == "packed"))
+        batches[mode] = VLMBatches.from_config(
+            samples, run, pad_id=0, image_token_id=IMAGE_TOKEN_ID, num_image_embeddings=cfg.num_image_tokens,
+            load_image=lambda path: torch.zeros(1))
     rows = {m: [] for m in models}
     for r in range(cfg.rounds + 1):
         for mode in ("padded", "packed"):
@@ -194,11 +192,6 @@ def length_mix_summary(samples: list[Sample], num_image_tokens: int, seq_length:
     return {"kinds": kinds, "mean_length": float(lengths.mean()), "p50": float(np.median(lengths)),
             "p99": float(np.percentile(lengths, 99)), "max": int(lengths.max()),
             "padded_real_fraction": float(lengths.mean() / seq_length)}
-
-
-def main_config(args) -> PackingBenchmarkConfig:
-    fields = {f.name for f in dataclasses.fields(PackingBenchmarkConfig)}
-    return PackingBenchmarkConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
 
 
 def check_goals(result: dict, min_fraction: float = 0.95, min_speedup: float = 2.5) -> Optional[str]:

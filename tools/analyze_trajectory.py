@@ -30,6 +30,7 @@ provenance) and ``trajectory.png`` (as the paper's Fig. 3). The logic is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -76,8 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from megatron_zero.analysis.run import (TrajectoryInputError, analyze, conversation, encode_records, plot,
-                                            read_records, trajectory_record)
+    from megatron_zero.analysis.run import (TrajectoryInputError, TrajectorySettings, analyze, conversation,
+                                            encode_records, plot, read_records, trajectory_record)
     from megatron_zero.analysis.trajectory import detect_transition, transition_crossing
     from megatron_zero.evaluation.text_model import ParallelTextModel
 
@@ -105,7 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     detected = detect_transition(median, args.transition_fraction)
     crossing = transition_crossing(median, args.transition_fraction)
     transition = args.transition_layer if args.transition_layer is not None else detected
-    result = trajectory_record(args, cfg, kl, median, detected, crossing, transition, kept, num_tokens,
+    settings = TrajectorySettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrajectorySettings)})
+    result = trajectory_record(settings, cfg, kl, median, detected, crossing, transition, kept, num_tokens,
                                responses, len(samples), max_length)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "trajectory.json"), "w") as f:

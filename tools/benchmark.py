@@ -27,6 +27,7 @@ at which the projection meets the paper's hours and what the surrogate saves
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -79,16 +80,17 @@ def build_parser():
 def main(argv=None):
     run, args = arguments.parse_tool(build_parser(), argv)
     if args.project_only:
-        from megatron_zero_dev.cost_planner import project
+        from megatron_zero_dev.cost_planner import ProjectionRequest, project
 
-        return project(args)
+        return project(ProjectionRequest(**{f.name: getattr(args, f.name)
+                                            for f in dataclasses.fields(ProjectionRequest)}))
     args.gpu_type = args.gpu_type or "H100"
     from megatron_zero import platform
     from megatron_zero.config import ConfigError
     from megatron_zero.models.llama import ModelConfigError, RuntimeOptions, validate
     from megatron_zero.models.llama_config import load_model_config
     from megatron_zero.parallel.initialize import initialize_from_config, print_rank0
-    from megatron_zero_dev.benchmark import benchmark_configs, check_iterations, projected_table, run_config
+    from megatron_zero_dev.benchmark import Timing, benchmark_configs, check_iterations, projected_table, run_config
 
     check_iterations(args.iters, args.warmup)
 
@@ -117,9 +119,11 @@ def main(argv=None):
                 f"PP={opts.pipeline_model_parallel_size} DP={dp} | seq {args.seq_length} | "
                 f"global batch {args.global_batch_size} | FLOPs: Megatron-LM convention (GQA, SwiGLU, causal/2, "
                 f"logits); frozen layers counted at 2x forward")
+    timing = Timing(args.global_batch_size, args.micro_batch_size, args.seq_length, args.warmup, args.iters,
+                    args.gpu_type)
     results = []
     for c, mode, translator in configs:
-        r = run_config(c, opts, mode, translator, args, dp)
+        r = run_config(c, opts, mode, translator, timing, dp)
         results.append(r)
         mfu_s = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (no GPU peak)"
         print_rank0(f"{r['model']:28s} {mode:10s} fwd {r['forward_ms']:9.1f} ms  bwd {r['backward_ms']:9.1f} ms  "

@@ -8,6 +8,7 @@ side in one run (steps alternate). The mix and the method: megatron_zero_dev/pac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     from megatron_zero.parallel import initialize
     from megatron_zero_dev import packing_benchmark as pb
 
-    cfg = pb.main_config(args)
+    cfg = pb.PackingBenchmarkConfig(**{f.name: getattr(args, f.name)
+                                       for f in dataclasses.fields(pb.PackingBenchmarkConfig)})
     if cfg.seq_length < 1 or cfg.global_batch_size % cfg.micro_batch_size:
         raise ConfigError(f"--global-batch-size {cfg.global_batch_size} must be a multiple of "
                           f"--micro-batch-size {cfg.micro_batch_size}")

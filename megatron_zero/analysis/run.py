@@ -159,33 +159,50 @@ def analyze(lm, samples: list[Sample], metric: str, mode: str, batch_size: int, 
     return rows, kept, responses, num_tokens
 
 
-def trajectory_record(args, cfg, kl, median, detected: int, crossing: float, transition: int, kept, num_tokens,
-                      responses, num_records: int, max_length: int) -> dict:
-    """The content of ``trajectory.json`` (``args``: ``tools/analyze_trajectory.py``'s flags)."""
+@dataclasses.dataclass(frozen=True)
+class TrajectorySettings:
+    """What a trajectory run was told (``tools/analyze_trajectory.py``'s flags), as ``trajectory.json`` records it."""
+
+    pretrained_checkpoint: str
+    data: str
+    tokenizer: Optional[str]
+    metric: str
+    mode: str
+    transition_fraction: float
+    transition_layer: Optional[int] = None  # an override of the detected transition
+    max_new_tokens: Optional[int] = None  # --mode generated
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    bf16: bool = False
+
+
+def trajectory_record(run: TrajectorySettings, cfg, kl, median, detected: int, crossing: float, transition: int,
+                      kept, num_tokens, responses, num_records: int, max_length: int) -> dict:
+    """The content of ``trajectory.json``."""
     from megatron_zero.analysis.trajectory import METRIC_DEFINITIONS, TRANSITION_RULE
 
     return {
-        "metric": args.metric,
-        "metric_definition": METRIC_DEFINITIONS[args.metric],
+        "metric": run.metric,
+        "metric_definition": METRIC_DEFINITIONS[run.metric],
         "num_layers": cfg.num_layers,
         "median": median.tolist(),
         "detected_transition_layer": detected,
         "transition_crossing": crossing,
         "transition_layer": transition,
-        "transition_override": args.transition_layer is not None,
-        "transition_rule": TRANSITION_RULE.format(fraction=args.transition_fraction),
+        "transition_override": run.transition_layer is not None,
+        "transition_rule": TRANSITION_RULE.format(fraction=run.transition_fraction),
         "per_sample": kl.tolist(),
         "sample_record_index": [s.index for s in kept],
         "sample_num_tokens": num_tokens,
-        "model": {"load_dir": os.path.abspath(args.pretrained_checkpoint), "name": cfg.name, "config": cfg.to_dict(),
-                  "tensor_model_parallel_size": args.tensor_model_parallel_size,
-                  "pipeline_model_parallel_size": args.pipeline_model_parallel_size,
-                  "dtype": "bf16" if args.bf16 else "fp32"},
-        "data": {"path": os.path.abspath(args.data), "sha256": file_sha256(args.data),
-                 "tokenizer": os.path.abspath(args.tokenizer or args.pretrained_checkpoint), "mode": args.mode,
+        "model": {"load_dir": os.path.abspath(run.pretrained_checkpoint), "name": cfg.name, "config": cfg.to_dict(),
+                  "tensor_model_parallel_size": run.tensor_model_parallel_size,
+                  "pipeline_model_parallel_size": run.pipeline_model_parallel_size,
+                  "dtype": "bf16" if run.bf16 else "fp32"},
+        "data": {"path": os.path.abspath(run.data), "sha256": file_sha256(run.data),
+                 "tokenizer": os.path.abspath(run.tokenizer or run.pretrained_checkpoint), "mode": run.mode,
                  "num_records": num_records, "num_samples": len(kept), "max_length": max_length,
-                 **({"max_new_tokens": args.max_new_tokens, "generated_tokens": responses}
-                    if args.mode == "generated" else {})},
+                 **({"max_new_tokens": run.max_new_tokens, "generated_tokens": responses}
+                    if run.mode == "generated" else {})},
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -1,9 +1,9 @@
 """One Trainer for every training entry point: configure -> validate -> ``Trainer`` -> ``initialize`` ->
 ``build`` -> ``run``.
 
-An entry point (``pretrain_lm``, ``pretrain_vlm``; the demo, benchmarks and GPU check can adopt it) parses its
-command line into a :class:`~megatron_zero.config.RunConfig` (:func:`megatron_zero.arguments.parse`), checks what
-its model and data need, then::
+An entry point (``pretrain_lm``, ``pretrain_vlm``) parses its command line into a
+:class:`~megatron_zero.config.RunConfig` (:func:`megatron_zero.arguments.parse`), or builds one in code (the demo,
+once per training run of its pipeline), checks what its model and data need, then::
 
     trainer = Trainer(cfg)                  # checks and locks --save (nothing is built yet)
     dp = trainer.initialize()               # process groups (TP/PP/DP), seeds

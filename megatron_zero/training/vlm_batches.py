@@ -117,23 +117,26 @@ class VLMBatches:
     @classmethod
     def from_config(cls, dataset, cfg: RunConfig, *, pad_id: Optional[int], image_token_id: Optional[int] = None,
                     num_image_embeddings: int = 1, image_size: Optional[int] = None,
-                    eot_id: Optional[int] = None, read_image=None) -> "VLMBatches":
+                    eot_id: Optional[int] = None, read_image=None,
+                    load_image: Optional[Callable[[str], torch.Tensor]] = None) -> "VLMBatches":
         """The micro-batches a run of ``cfg`` trains on, for this rank of megatron's data-parallel group (call it
         after the process groups exist). What the model and tokenizer decide comes as arguments: the placeholder
         id and embeddings per image (``None``/1 for text-only data), the encoder's ``image_size`` (images are
         loaded only with it), the pad id and the turn-end id. ``read_image(path, image_size)`` reads an image of the
-        data source (default: a file, :func:`megatron_zero.data.images.load_image`; a shard dataset's reader)."""
+        data source (default: a file, :func:`megatron_zero.data.images.load_image`; a shard dataset's reader).
+        ``load_image(path)`` instead gives the image tensors directly (in-memory images: the demo, benchmarks)."""
         from megatron.core import parallel_state as ps
 
-        from megatron_zero.data.images import load_image
+        from megatron_zero.data import images
 
-        read_image = read_image or load_image
+        read_image = read_image or images.load_image
         t, s, p = cfg.training, cfg.stage, cfg.parallel
         return cls(dataset, image_token_id=image_token_id, num_image_embeddings=num_image_embeddings,
                    seq_length=t.seq_length, pad_id=pad_id if pad_id is not None else 0,
                    global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                    dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(), seed=t.seed,
-                   load_image=None if image_size is None else (lambda path: read_image(path, image_size)),
+                   load_image=load_image if load_image is not None or image_size is None else (
+                       lambda path: read_image(path, image_size)),
                    loss_weighting=s.loss_weighting,
                    loss_weighting_ord=DEFAULT_ORD if s.loss_weighting_ord is None else s.loss_weighting_ord,
                    loss_weighting_avg_norm=s.loss_weighting_avg_norm, dp_group=ps.get_data_parallel_group(),
