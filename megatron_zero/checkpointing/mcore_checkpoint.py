@@ -76,7 +76,7 @@ def _sharded(model) -> dict:
     return _weights_only(MegatronModule.sharded_state_dict(model))
 
 
-_save_strategy: Optional[tuple] = None  # (structure, megatron-core save strategy holding its cached save plan)
+_save_strategy: tuple | None = None  # (structure, megatron-core save strategy holding its cached save plan)
 
 
 def _structure(sharded_state_dict: dict) -> tuple:
@@ -94,7 +94,9 @@ def _strategy_for(sharded_state_dict: dict):
     """(save strategy, whether this structure is new on some rank: collective). Repeated saves of one structure
     (every ``--save-interval`` of a run) reuse one strategy, so megatron-core reuses its save plan and global
     metadata (validated by it across ranks) and the access-integrity check runs only on a structure's first save."""
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        TorchDistSaveShardedStrategy,
+    )
 
     global _save_strategy
     structure = _structure(sharded_state_dict)
