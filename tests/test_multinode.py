@@ -86,7 +86,7 @@ def test_tp2_dp2_across_two_nodes_gives_the_single_process_losses(tmp_path):
 
 
 def test_signal_to_one_node_saves_every_rank_at_one_iteration(tmp_path):
-    from megatron_zero.training.checkpoint import latest_iteration
+    from megatron_zero.checkpointing.run_dir import latest_iteration
 
     ckpt, m = tmp_path / "ckpt", tmp_path / "m.jsonl"
     nodes = start_nodes(tmp_path, "--train-iters", "500", "--tensor-model-parallel-size", "2", "--save", str(ckpt),

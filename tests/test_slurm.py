@@ -197,7 +197,7 @@ def test_bad_input_exits_2_and_is_not_requeued(slurm, tmp_path):
 def test_time_limit_saves_before_it(slurm, tmp_path):
     """--time=3 with --signal=USR1@90 (SLURM sends it up to 60 s early: 30-90 s into the job): the run saves and
     requeues before the limit (then we cancel it)."""
-    from megatron_zero.training.checkpoint import latest_iteration
+    from megatron_zero.checkpointing.run_dir import latest_iteration
 
     ckpt = tmp_path / "ckpt"
     text = _lm_job(tmp_path, "--train-iters", "100000", "--save", str(ckpt), "--load", str(ckpt))
