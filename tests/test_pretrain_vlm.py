@@ -55,6 +55,15 @@ def _world(tmp_path):
     return canonical
 
 
+def hf_style_world(root):
+    """:func:`_world` with the tokenizer inside the decoder directory, as an HF checkpoint comes (no --tokenizer)."""
+    import shutil
+
+    _world(root)
+    shutil.copy(root / "tok" / "tokenizer.json", root / "decoder" / "tokenizer.json")
+    return root
+
+
 def _run(args, nproc=1):
     """pretrain_vlm as a user starts it: under torchrun for several processes, plainly for one (a world of one
     needs no launcher process)."""

@@ -12,7 +12,6 @@ the reason.
 """
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -47,12 +46,9 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from tests.test_pretrain_vlm import _world
+    from tests.test_pretrain_vlm import hf_style_world
 
-    root = tmp_path_factory.mktemp("slurm_world")
-    _world(root)
-    shutil.copy(root / "tok" / "tokenizer.json", root / "decoder" / "tokenizer.json")
-    return root
+    return hf_style_world(tmp_path_factory.mktemp("slurm_world"))
 
 
 def _free_port() -> int:

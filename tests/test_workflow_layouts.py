@@ -3,23 +3,18 @@ status 2, and the input checks of the surrogate builder and the benchmark. The l
 scaled down, run as sbatch jobs under a real SLURM in tests/test_slurm.py (stage 1/2 of the 70B recipe also in
 tests/test_workflow.py against the PP=1 losses)."""
 import json
-import shutil
 
 import pytest
 
 from tests.conftest import run_cli
-from tests.test_pretrain_vlm import _world
+from tests.test_pretrain_vlm import hf_style_world
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layouts")
-    _world(root)
-    # as an HF checkpoint comes: the tokenizer sits in the decoder directory (no --tokenizer needed)
-    shutil.copy(root / "tok" / "tokenizer.json", root / "decoder" / "tokenizer.json")
-    return root
+    return hf_style_world(tmp_path_factory.mktemp("layouts"))
 
 
 def _vlm(world, *args, nproc=4, expect=0):
