@@ -27,9 +27,12 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 # Compile the CUDA kernel for Ampere and Hopper (nvcc needs no GPU): a broken kernel cannot land.
+# torch's extension builds compile with these (torch.utils.cpp_extension.COMMON_NVCC_FLAGS): no implicit half casts
+TORCH_NVCC_FLAGS := -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ \
+	-D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr
 kernels-check:
-	nvcc -c -std=c++17 -arch=sm_80 -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm80.o
-	nvcc -c -std=c++17 -arch=sm_90 -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm90.o
+	nvcc -c -std=c++17 -arch=sm_80 $(TORCH_NVCC_FLAGS) -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm80.o
+	nvcc -c -std=c++17 -arch=sm_90 $(TORCH_NVCC_FLAGS) -Icsrc csrc/weighted_ce_kernel.cu -o /tmp/wce_sm90.o
 
 # The GPU acceptance run (one H100/H200, <= 8 minutes): JSON + Markdown in gpu_check_results/, non-zero if a check
 # fails (docs/gpu.md). On the project's GPU machine (no network, no megatron-core) first `make gpu-wheels` here.

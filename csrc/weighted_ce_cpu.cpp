@@ -89,7 +89,7 @@ at::Tensor logit_grad_cpu(const at::Tensor& logits, const at::Tensor& target, co
         const scalar_t* row = x + r * vocab;
         scalar_t* grad_row = g + r * vocab;
         for (int64_t v = 0; v < vocab; ++v) {
-          grad_row[v] = static_cast<scalar_t>(logit_grad(static_cast<float>(row[v]), l[r], v == local_target, sc[r]));
+          grad_row[v] = from_float<scalar_t>(logit_grad(to_float(row[v]), l[r], v == local_target, sc[r]));
         }
       }
     });

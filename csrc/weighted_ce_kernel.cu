@@ -77,7 +77,7 @@ __global__ void logit_grad_kernel(const T* __restrict__ logits, const int64_t* _
   const float row_lse = lse[r];
   const float row_scale = scale[r];
   for (int64_t v = threadIdx.x; v < shard_vocab; v += blockDim.x) {
-    grad_row[v] = static_cast<T>(logit_grad(static_cast<float>(row[v]), row_lse, v == local_target, row_scale));
+    grad_row[v] = from_float<T>(logit_grad(to_float(row[v]), row_lse, v == local_target, row_scale));
   }
 }
 

@@ -175,9 +175,14 @@ def _nvcc():
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc not found on PATH or in /usr/local/cuda/bin")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_kernel_compiles_with_nvcc(arch, tmp_path):
-    """The .cu compiles standalone (no torch headers), so a broken kernel cannot land without a GPU in CI."""
+    """The .cu compiles standalone (no torch headers) with the flags torch's extension builds pass to nvcc
+    (``COMMON_NVCC_FLAGS``: no implicit half/bfloat16 conversions; the first GPU run failed on exactly those), so a
+    broken kernel cannot land without a GPU in CI."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    assert "-D__CUDA_NO_HALF_CONVERSIONS__" in COMMON_NVCC_FLAGS
     source = fce.CSRC_DIR / "weighted_ce_kernel.cu"
-    cmd = [_nvcc(), "-c", f"-arch={arch}", "-std=c++17", f"-I{fce.CSRC_DIR}", str(source),
+    cmd = [_nvcc(), "-c", f"-arch={arch}", "-std=c++17", *COMMON_NVCC_FLAGS, f"-I{fce.CSRC_DIR}", str(source),
            "-o", str(tmp_path / f"weighted_ce_{arch}.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from megatron_zero.checkpointing.hf_writer import check_save_dir, copy_tokenizer_files, publish, temp_dir_for
 from megatron_zero.checkpointing.run_dir import CheckpointError
 from megatron_zero.models.llama_config import LlamaConfig
+from megatron_zero.parallel.collectives import any_rank
 from megatron_zero.parallel.sharding import TE_NORM_ALIASES, VOCAB_KEYS
 
 FORMAT_VERSION = 1
@@ -100,14 +101,10 @@ def _strategy_for(sharded_state_dict: dict):
 
     global _save_strategy
     structure = _structure(sharded_state_dict)
-    new = torch.tensor([float(_save_strategy is None or _save_strategy[0] != structure)])
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            new = new.cuda()
-        dist.all_reduce(new, op=dist.ReduceOp.MAX)
-    if float(new) > 0:
+    new = any_rank(_save_strategy is None or _save_strategy[0] != structure)
+    if new:
         _save_strategy = (structure, TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True))
-    return _save_strategy[1], float(new) > 0
+    return _save_strategy[1], new
 
 
 def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = False):

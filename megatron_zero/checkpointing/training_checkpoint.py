@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_zero.checkpointing import run_dir
+from megatron_zero.parallel.collectives import all_reduce_values, any_rank
 from megatron_zero.checkpointing.run_dir import (
     COMPLETE, CheckpointError, iter_dir, latest_iteration, rank as _rank, read_manifest, verify_files, warn as _warn,
 )
@@ -55,12 +56,8 @@ def optimizer_sharding_type(optimizer, model_chunks=None) -> str:
         return cached
     del model_chunks  # the optimizer's own parameters decide, the same way on save and on load
     held = any(len(g["params"]) for g in optimizer.param_groups)
-    local = torch.tensor([1.0 if held else 0.0])
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            local = local.cuda()
-        dist.all_reduce(local, op=dist.ReduceOp.MIN)
-    kind = OPTIMIZER_METADATA["distrib_optim_sharding_type"] if float(local) > 0 else "dp_reshardable"
+    every = all_reduce_values([1.0 if held else 0.0], "min")[0]
+    kind = OPTIMIZER_METADATA["distrib_optim_sharding_type"] if every > 0 else "dp_reshardable"
     optimizer._megatron_zero_sharding = kind
     return kind
 def _arch_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -124,10 +121,7 @@ def _model_sharded_state_dict(model_chunks: list) -> dict[str, Any]:
 # ---- trainable-only checkpoints: the frozen base is referenced by its identity, not saved ---------------------
 def has_frozen_parameters(model_chunks: list) -> bool:
     """Whether any rank holds a frozen parameter (collective)."""
-    local = torch.tensor([float(any(not p.requires_grad for m in model_chunks for p in m.parameters()))])
-    if dist.is_initialized():
-        dist.all_reduce(local, op=dist.ReduceOp.MAX)
-    return bool(local.item())
+    return any_rank(any(not p.requires_grad for m in model_chunks for p in m.parameters()))
 
 
 def _first_shard(v):

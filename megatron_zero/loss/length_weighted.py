@@ -54,6 +54,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_zero.parallel.collectives import comm_device
+
 __all__ = [
     "DEFAULT_ORD",
     "DEFAULT_RELEASED_ORD",
@@ -135,9 +137,9 @@ def _paper_raw_weights(lengths: torch.Tensor, max_length: float, ord: float) -> 
 
 
 def _reduction_device(group: dist.ProcessGroup | None, fallback: torch.device) -> torch.device:
-    if group is not None and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return fallback
+    """Where ``group``'s backend reduces (:func:`megatron_zero.parallel.collectives.comm_device`), else ``fallback``."""
+    device = comm_device(group) if group is not None else fallback
+    return fallback if device.type == "cpu" else device
 
 
 def global_length_stats(

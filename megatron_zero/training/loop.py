@@ -159,10 +159,10 @@ class _ExitSignal:
 
     def any_rank(self, *local: bool) -> list[bool]:
         """Whether a signal arrived on any rank, then each of ``local`` or-ed over the ranks (one all-reduce)."""
-        flag = torch.tensor([1 if self.received is not None else 0, *(int(x) for x in local)])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return [bool(x) for x in flag.tolist()]
+        from megatron_zero.parallel.collectives import all_reduce_values
+
+        flags = all_reduce_values([1 if self.received is not None else 0, *(int(x) for x in local)], "max")
+        return [bool(x) for x in flags]
 
     def restore(self):
         if self.received is not None:
@@ -285,7 +285,10 @@ def _last_stage_loss(result: StepResult) -> Optional[float]:
 
     if not dist.is_initialized() or ps.get_pipeline_model_parallel_world_size() == 1:
         return result.loss
-    t = torch.tensor([result.loss if result.loss is not None else 0.0], dtype=torch.float64)
+    from megatron_zero.parallel.collectives import comm_tensor
+
+    group = ps.get_pipeline_model_parallel_group()
+    t = comm_tensor([result.loss if result.loss is not None else 0.0], group=group)
     dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
     return t.item()
 

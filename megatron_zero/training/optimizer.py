@@ -115,13 +115,9 @@ def _fused_cpu_adam(optimizer) -> None:
 
 
 def _any_rank(flag: bool) -> bool:
-    import torch.distributed as dist
+    from megatron_zero.parallel.collectives import any_rank
 
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return any_rank(flag)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

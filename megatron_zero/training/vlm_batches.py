@@ -210,14 +210,9 @@ class VLMBatches:
         """``values`` reduced (``"max"`` | ``"sum"``) over the data-parallel ranks."""
         if self.dp_group is None or self.dp_size == 1:
             return values
-        import torch.distributed as dist
+        from megatron_zero.parallel.collectives import all_reduce_values
 
-        op = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
-        t = torch.tensor(values, dtype=torch.float64)
-        if dist.get_backend(self.dp_group) == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=op, group=self.dp_group)
-        return [float(x) for x in t.cpu()]
+        return all_reduce_values(values, op, self.dp_group)
 
     def iteration(self, iteration: int) -> StepBatches:
         """This rank's micro-batches of ``iteration`` (images are loaded first: a sample with a bad one is replaced
