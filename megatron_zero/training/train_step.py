@@ -47,12 +47,17 @@ def packed_seq_params(batch: dict):
                            max_seqlen_kv=int(batch["max_seqlen"]))
 
 
+def to_device(batch: dict) -> dict:
+    """``batch`` with its tensors on :func:`megatron_zero.platform.device` (data is built on the host; the model may
+    be on a GPU). Tensors already there are not copied."""
+    dev = platform.device()
+    return {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
 def lm_forward_step(data_iterator: Iterator[dict], model) -> tuple[torch.Tensor, Callable]:
     """Forward step for a text LM batch ``{tokens, labels, loss_mask, position_ids}`` (packed rows: also
     ``cu_seqlens``/``max_seqlen``, see :mod:`megatron_zero.training.vlm_batches`)."""
-    batch = next(data_iterator) if data_iterator is not None else None
-    from megatron.core import parallel_state as ps  # noqa: F401  (keeps import cost out of module import)
-
+    batch = to_device(next(data_iterator))
     tokens = batch["tokens"]
     position_ids = batch.get("position_ids")
     if position_ids is None:

@@ -34,7 +34,6 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from megatron_zero import platform
 from megatron_zero.config import RunConfig
 from megatron_zero.data.datasets import Sample
 from megatron_zero.data.images import ImageLoadError
@@ -44,7 +43,7 @@ from megatron_zero.data.packing import collate_packed, expand_image_placeholders
 from megatron_zero.loss.length_weighted import (DEFAULT_ORD, global_length_stats, released_segments,
                                                 released_token_weights, response_lengths, token_weights)
 from megatron_zero.models.vlm import expand_image_placeholders
-from megatron_zero.training.train_step import lm_loss_func, packed_seq_params
+from megatron_zero.training.train_step import lm_loss_func, packed_seq_params, to_device
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +284,7 @@ class VLMBatches:
                 batch["images"] = self._images(image_paths, cache)
                 if batch["token_weights"] is None:
                     del batch["token_weights"]
-                dev = platform.device()
-                yield {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v)
-                       for k, v in batch.items()}
+                yield to_device(batch)
 
         return StepBatches(build(), n_mb, shape, int(real), computed)
 
