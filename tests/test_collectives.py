@@ -17,8 +17,8 @@ def test_nccl_groups_reduce_on_the_current_cuda_device(monkeypatch):
     assert collectives.comm_device() == torch.device("cpu")
 
 
-def test_without_a_process_group_values_pass_through():
-    assert not dist.is_initialized()
+def test_without_a_process_group_values_pass_through(monkeypatch):
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # earlier tests may leave a world of one behind
     assert collectives.all_reduce_values([1.0, 5.0], "sum") == [1.0, 5.0]
     assert collectives.any_rank(True) and not collectives.any_rank(False)
 
