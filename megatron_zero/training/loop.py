@@ -117,6 +117,7 @@ def setup_optimization(cfg: RunConfig, chunks: list, model_config: Optional[dict
     oopts = OptimizerOptions.from_config(o, bf16=cfg.model.bf16)
     chunks = wrap_ddp(chunks, oopts)
     optimizer = build_optimizer(chunks, oopts)
+    ckpt.decide_optimizer_format(optimizer, chunks)  # from the model, once: save and load agree
     scheduler = build_scheduler(optimizer, o.lr, o.min_lr, cfg.training.train_iters, o.lr_warmup_fraction,
                                 o.lr_decay_style, o.weight_decay)
     check_resume_dir(load)
