@@ -264,20 +264,26 @@ def describe_base(base: Optional[dict[str, str]]) -> str:
     return " + ".join(f"{flag} {p}" for flag, p in (base or {}).items()) or "the base it was trained on"
 
 
-def check_frozen_base(path: str, recorded: dict[str, Any], frozen: dict[str, Any]) -> None:
-    """Refuse (one line naming the base) a run whose frozen tensors are not the base the checkpoint references."""
+def check_frozen_base(path: str, recorded: dict[str, Any], frozen: dict[str, Any], flag: str = "--load") -> None:
+    """Refuse (one line naming the base) a run whose frozen tensors are not the base the checkpoint references
+    (``flag``: how the checkpoint was given; ``reading``: read elsewhere, its base loaded by the reader)."""
     base = describe_base(recorded.get("path"))
-    for flag, p in (recorded.get("path") or {}).items():
-        if not os.path.exists(p):
-            raise CheckpointError(f"--load {path}: a trainable-only checkpoint whose frozen base ({flag} {p}) no "
-                                  f"longer exists; restore it there (checkpoints with --save-frozen hold it)")
+    resume = flag == "--load"
+    for base_flag, p in (recorded.get("path") or {}).items():
+        if resume and not os.path.exists(p):
+            raise CheckpointError(f"--load {path}: a trainable-only checkpoint whose frozen base ({base_flag} {p}) "
+                                  f"no longer exists; restore it there (checkpoints with --save-frozen hold it)")
     current = frozen_identity(frozen)["tensors"]
     common = sorted(set(current) & set(recorded.get("tensors", {})))
     differ = [k for k in common if current[k] != recorded["tensors"][k]]
+    where = f"--load {path}" if resume else path
     if current and not common:
-        _warn(f"--load {path}: the frozen base's fingerprints were taken at another parallel layout: not verified")
+        _warn(f"{where}: the frozen base's fingerprints were taken at another parallel layout: not verified")
     if differ:
         what = f"{len(differ)} of {len(common)} frozen tensors differ, e.g. {differ[0].split('@')[0]}"
+        if not resume:
+            raise CheckpointError(f"{path}: a trainable-only checkpoint of the frozen base {base}, which has changed "
+                                  f"since ({what}); restore that base (checkpoints with --save-frozen hold it)")
         raise CheckpointError(f"--load {path}: a trainable-only checkpoint of the frozen base {base}, but this run's "
                               f"frozen weights are not that base ({what}); start from {base}")
 

@@ -294,6 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     opts = RuntimeOptions.from_config(cfg.parallel, cfg.model)
     validate(dec.cfg, opts)
     cfg, tokenizer, template, vlm_cfg = resolve_text(cfg, dec, enc)
+    trainer.cfg = trainer.cfg.replace("data", tokenizer=cfg.data.tokenizer)  # recorded in every checkpoint
     # the data is checked before any model is built or weight is read
     d = cfg.data
     source = open_llava_data(d.data_path, d.image_root, strict=d.strict_images)  # JSON or shards
