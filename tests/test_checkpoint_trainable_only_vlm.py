@@ -134,14 +134,37 @@ def test_export_graft_generate_evaluate_read_iteration_from_its_bases(runs, tmp_
         answers[name] = [json.loads(x) for x in open(out)]
     assert answers["only"] == answers["full"] and "logprob_yes" in answers["only"][0]
 
-    # evaluation's VLM loader (tools/evaluate.py --suite vlm) reads the iteration the same way
+    # evaluation's loaders read the iteration the same way: the VLM (tools/evaluate.py --suite vlm) and its
+    # decoder alone (--suite text)
+    from megatron_zero.checkpointing.sources import resolve_decoder
     from megatron_zero.evaluation.vlm_adapter import VLMEvaluator
+    from megatron_zero.models.llama import build_llama_model
 
-    a = VLMEvaluator(str(runs / "only" / "iter_0000002")).model.state_dict()
-    b = VLMEvaluator(str(runs / "full" / "iter_0000002")).model.state_dict()
-    for k, t in b.items():
-        if isinstance(t, torch.Tensor) and not k.endswith("_extra_state"):
-            assert torch.equal(a[k], t), k
+    def same(a, b):
+        for k, t in b.items():
+            if isinstance(t, torch.Tensor) and not k.endswith("_extra_state"):
+                assert torch.equal(a[k], t), k
+
+    only, full = (VLMEvaluator(str(runs / n / "iter_0000002")).model for n in ("only", "full"))
+    same(only.state_dict(), full.state_dict())
+    decoders = []
+    for name in ("only", "full"):
+        src = resolve_decoder(str(runs / name / "iter_0000002"))
+        decoders.append(build_llama_model(src.cfg))
+        src.load_into(decoders[-1:])
+    same(decoders[0].state_dict(), decoders[1].state_dict())
+    same(decoders[0].state_dict(), only.language_model.state_dict())
+
+    # the next stage starts from an iteration (--decoder-load/--encoder-load, the tokenizer the run recorded)
+    losses = []
+    for name in ("only", "full"):
+        it = runs / name / "iter_0000002"
+        run_cli_ok(["-m", "megatron_zero.training.pretrain_vlm", "--data-path", runs / "llava.json", "--image-root",
+                    runs / "images", "--seq-length", "48", "--micro-batch-size", "2", "--global-batch-size", "4",
+                    "--lr", "1e-2", "--stage", "3", "--decoder-load", it, "--encoder-load", it, "--train-iters", "1",
+                    "--metrics-file", tmp_path / f"s3_{name}.jsonl"], timeout=400)
+        losses.append([json.loads(x)["loss"] for x in open(tmp_path / f"s3_{name}.jsonl")])
+    assert losses[0] == losses[1] and len(losses[0]) == 1
 
 
 def test_changed_or_missing_base_is_refused_in_one_line(runs, tmp_path):

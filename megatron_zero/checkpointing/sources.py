@@ -61,7 +61,7 @@ class DecoderSource:
             mcore_checkpoint.load_model(decoders, self.path, skip=skip)
             return
         if self.kind == "training":
-            load_training_weights(chunks, self.path)
+            load_training_weights(chunks, self.path, decoder_only=True)
             return
         for d in decoders:
             sharding.load_canonical(d, self.getter, ps.get_tensor_model_parallel_rank(),
@@ -127,11 +127,12 @@ def _unwrap(model):
     return model
 
 
-def load_training_weights(chunks: list, iteration_dir: str, verify: str = "hash") -> None:
+def load_training_weights(chunks: list, iteration_dir: str, verify: str = "hash", decoder_only: bool = False) -> None:
     """The model weights of a training checkpoint (``iter_*``) into ``chunks``, at any TP/PP (optimizer state and
     RNG are left alone: this starts from the weights, it does not resume). A ``pretrain_vlm`` checkpoint fills VLM
-    chunks whole, or only the decoders of other chunks; a ``pretrain_lm`` one fills the decoders. A trainable-only
-    checkpoint's frozen part is first loaded from the base it references and checked against its fingerprints."""
+    chunks whole (unless ``decoder_only``), or the decoders of other chunks; a ``pretrain_lm`` one fills the
+    decoders. A trainable-only checkpoint's frozen part is first loaded from the base it references and checked
+    against its fingerprints."""
     from megatron.core import dist_checkpointing
 
     from megatron_zero.checkpointing import mcore_checkpoint, run_dir, training_checkpoint
@@ -140,7 +141,7 @@ def load_training_weights(chunks: list, iteration_dir: str, verify: str = "hash"
     run_dir.verify_files(iteration_dir, manifest, verify)
     models = [_unwrap(c) for c in chunks]
     vlm_checkpoint = "vision" in (manifest.get("model_config") or {})
-    if vlm_checkpoint and all(hasattr(m, "language_model") for m in models):
+    if vlm_checkpoint and not decoder_only and all(hasattr(m, "language_model") for m in models):
         targets, prefix = models, ""  # the whole VLM
     else:
         targets = [getattr(m, "language_model", m) for m in models]
@@ -154,7 +155,7 @@ def load_training_weights(chunks: list, iteration_dir: str, verify: str = "hash"
     loaded = dist_checkpointing.load(sharded, iteration_dir)
     frozen_names = {k[len(prefix):] for k in frozen_names}
     for i, model in enumerate(targets):
-        state = loaded["model"] if len(targets) == 1 else loaded[f"model{i}"]
+        state = loaded.get("model" if len(targets) == 1 else f"model{i}", {})  # absent: all of it frozen
         state = {k[len(prefix):]: v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and k not in frozen_names]
