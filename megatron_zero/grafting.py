@@ -101,7 +101,6 @@ def _write_encoder_of(ckpt, path: str) -> None:
     """The image-encoder checkpoint of a training checkpoint's VLM (loaded with the frozen base it references),
     recording the decoder it was trained with, as the run's export records it."""
     from megatron_zero.checkpointing.sources import materialize_vlm
-    from megatron_zero.checkpointing.vlm_checkpoint import save_image_encoder_from_model, tokenizer_hash
 
     tok = ckpt.tokenizer_dir
     save_image_encoder_from_model(path, materialize_vlm(ckpt), tokenizer_hash(tok) if tok else None)

@@ -3,6 +3,10 @@ training run's initial weights come from: one function per part.
 
 Loaders: :func:`decoder_source` / :func:`encoder_source` (weights into built model chunks, any TP/PP),
 :func:`iter_decoder_canonical` (canonical decoder tensors streamed without a model), :func:`load_vlm`.
+A training checkpoint (``iter_*``) is read by :func:`load_training_weights`: a trainable-only one's frozen part
+from the bases its manifest references (fingerprints compared), then its trainable part; what needs canonical
+tensors of a ``pretrain_vlm`` ``iter_*`` (its encoder, the HF LLaVA export) reads them from the VLM
+:func:`materialize_vlm` loads.
 
 Decoder (``--decoder-load``): anything :func:`megatron_zero.checkpointing.resolve.resolve_checkpoint` finds a
 decoder in -- an HF Llama directory (target or surrogate), a megatron_zero ``torch_dist`` model checkpoint, a VLM
