@@ -2,12 +2,14 @@
 decoder -> a VLM checkpoint, after checking that they belong together.
 
 No model is built and nothing is trained: the encoder (+adapter, start/end-of-image embeddings) and the target's HF
-files are placed side by side, unchanged. The file formats and their I/O live in
+files are placed side by side, unchanged. (An encoder given as a training run's ``iter_*`` is the exception: that VLM
+is loaded, with the frozen base it references, and its encoder written out first.) The file formats and their I/O live in
 :mod:`megatron_zero.checkpointing.vlm_checkpoint` (re-exported here for convenience); this module holds the
 provenance checks and :func:`graft`.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
 
@@ -95,6 +97,27 @@ def resolve_target(path: str, flag: str = "--target") -> str:
     return ckpt.root
 
 
+def _write_encoder_of(ckpt, path: str) -> None:
+    """The image-encoder checkpoint of a training checkpoint's VLM (loaded with the frozen base it references),
+    recording the decoder it was trained with, as the run's export records it."""
+    from megatron_zero.checkpointing.sources import materialize_vlm
+
+    tok = ckpt.tokenizer_dir
+    save_image_encoder_from_model(path, materialize_vlm(ckpt), tokenizer_hash(tok) if tok else None)
+
+
+def _rewrite_record(output: str, record: dict) -> None:
+    from megatron_zero.models.vlm import VLM_CONFIG_FILE
+
+    path = os.path.join(output, VLM_CONFIG_FILE)
+    with open(path) as f:
+        data = json.load(f)
+    data["graft"] = record
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def graft(encoder_path: str, target_path: str, output: str, force: bool = False, overwrite: bool = False) -> dict:
     """Write a VLM checkpoint: the encoder (+adapter, start/end embeddings) unchanged, the target decoder unchanged.
 
@@ -105,8 +128,19 @@ def graft(encoder_path: str, target_path: str, output: str, force: bool = False,
     """
     from megatron_zero.checkpointing.resolve import ENCODER_KINDS, resolve_checkpoint
 
-    encoder_path = resolve_checkpoint(encoder_path, "--encoder", accept=ENCODER_KINDS).encoder_dir
+    ckpt = resolve_checkpoint(encoder_path, "--encoder", accept=ENCODER_KINDS)
     target_path = resolve_target(target_path)
+    if ckpt.encoder_dir is None:  # a training checkpoint (iter_*): its encoder written out first, then grafted
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=".graft-encoder-", dir=os.path.dirname(os.path.abspath(output))) as t:
+            encoder_dir = os.path.join(t, "encoder")
+            _write_encoder_of(ckpt, encoder_dir)
+            record = graft(encoder_dir, target_path, output, force, overwrite)
+        record["encoder"] = ckpt.root
+        _rewrite_record(output, record)
+        return record
+    encoder_path = ckpt.encoder_dir
     meta = read_image_encoder_meta(encoder_path)
     target = HFDecoder(target_path)
     identity = target.identity()

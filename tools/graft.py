@@ -22,7 +22,8 @@ def main(argv=None) -> int:
 
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", required=True,
-                   help="image-encoder checkpoint (trained on a surrogate), or the training run / export holding it")
+                   help="image-encoder checkpoint (trained on a surrogate), or the training run / export / iter_* "
+                        "holding it")
     p.add_argument("--target", required=True, help="target decoder: HF Llama directory (config.json + safetensors)")
     p.add_argument("--output", required=True, help="VLM checkpoint directory to write")
     p.add_argument("--force", action="store_true", help="graft even if the provenance checks fail")

@@ -84,7 +84,8 @@ def _tokenizer_problem(tokenizer_dir: str):
 def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
                     merge_lora: bool = False) -> None:
     """Write a VLM as an HF LLaVA directory. ``vlm_dir``: anything that resolves to a VLM (``tools/graft.py``
-    output, a training run or its ``<save>/export``, whose decoder is a torch_dist checkpoint). A decoder with LoRA
+    output, a training run or its ``<save>/export``, whose decoder is a torch_dist checkpoint, or one ``iter_*`` of
+    the run: loaded in this process with the frozen base it references). A decoder with LoRA
     adapters (stage 3 with ``--lora-rank``) needs ``merge_lora``: the adapters are folded into its weights."""
     from megatron_zero.platform import mcore_fixes
     from megatron_zero.checkpointing.hf_writer import (ShardedSafetensorsWriter, atomic_directory, check_save_dir,
@@ -104,7 +105,12 @@ def export_hf_llava(vlm_dir: str, save_dir: str, overwrite: bool = False, max_sh
     if cfg.decoder.lora and not merge_lora:
         raise LlavaExportError(f"{vlm_dir}: the decoder holds LoRA adapters (rank {cfg.decoder.lora['rank']}); "
                                f"pass --merge-lora to fold them into the exported decoder")
-    _, encoder = load_image_encoder(ckpt.encoder_dir)
+    if ckpt.encoder_dir is not None:
+        _, encoder = load_image_encoder(ckpt.encoder_dir)
+    else:  # a training checkpoint (iter_*): the VLM is loaded, with the frozen base it references
+        from megatron_zero.checkpointing.sources import encoder_source
+
+        encoder = encoder_source(ckpt).tensors
     tokenizer_problem = _tokenizer_problem(ckpt.tokenizer_dir or ckpt.decoder.path)
     check_save_dir(save_dir, overwrite)
     if ckpt.decoder.format != "hf":  # torch_dist reads are collective: a world of one

@@ -66,15 +66,15 @@ def _weights_only(sharded: dict) -> dict:
     return out
 
 
-def _sharded(model) -> dict:
+def _sharded(model, prefix: str = "") -> dict:
     """``model.sharded_state_dict()``; for a plain ``torch.nn.Module`` holding megatron-core blocks (the vision
     encoder), megatron's default recursion: its own tensors replicated, each child's ``sharded_state_dict``."""
     from megatron.core.transformer.module import MegatronModule
 
     model = _unwrap(model)
     if hasattr(model, "sharded_state_dict"):
-        return _weights_only(model.sharded_state_dict())
-    return _weights_only(MegatronModule.sharded_state_dict(model))
+        return _weights_only(model.sharded_state_dict(prefix=prefix))
+    return _weights_only(MegatronModule.sharded_state_dict(model, prefix))
 
 
 _save_strategy: tuple | None = None  # (structure, megatron-core save strategy holding its cached save plan)
@@ -131,11 +131,12 @@ def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = Fa
                                    async_sharded_save=async_sharded_save)
 
 
-def model_sharded_state_dict(chunks: list) -> dict[str, Any]:
-    """``{"model": ...}`` (or ``model0``, ``model1``... for virtual pipeline chunks), as training checkpoints."""
+def model_sharded_state_dict(chunks: list, prefix: str = "") -> dict[str, Any]:
+    """``{"model": ...}`` (or ``model0``, ``model1``... for virtual pipeline chunks), as training checkpoints;
+    ``prefix``: where the chunks sit in the checkpoint's model (``language_model.``: the decoder of a VLM's)."""
     if len(chunks) == 1:
-        return {"model": _sharded(chunks[0])}
-    return {f"model{i}": _sharded(m) for i, m in enumerate(chunks)}
+        return {"model": _sharded(chunks[0], prefix)}
+    return {f"model{i}": _sharded(m, prefix) for i, m in enumerate(chunks)}
 
 
 # ---- metadata -----------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ Kinds (``ResolvedCheckpoint.kind``), decided from small files only (no tensor is
 ``training-export`` a training run's ``<save>/export`` (``vlm_config.json`` + image encoder + ``decoder/`` as a
                     ``torch_dist`` checkpoint)
 ``training-run``    a training run's ``--save`` directory (``iter_*/`` + ``latest_checkpointed_iteration.txt``):
-                    its ``export/`` when there is one (pretrain_vlm), else the newest complete ``iter_*`` with the
-                    run's ``model_config.json`` (pretrain_lm)
+                    its ``export/`` when there is one (pretrain_vlm), else its newest complete ``iter_*``; or one
+                    ``iter_*`` directory itself. An ``iter_*`` of ``pretrain_vlm`` is a VLM (architecture from its
+                    manifest), one of ``pretrain_lm`` a decoder (the run's ``model_config.json``); a trainable-only
+                    one is read with the frozen base it references (see ``sources``)
 ==================  ===========================================================================================
 
 A surrogate is an ``hf-llama`` or ``mcore-llama`` whose config records surrogate provenance
@@ -47,7 +49,7 @@ KINDS = {
     "image-encoder": "an image-encoder checkpoint (image_encoder.json)",
     "vlm": "a grafted VLM checkpoint (vlm_config.json + decoder/)",
     "training-export": "a training export (<save>/export)",
-    "training-run": "a training run directory (--save: iter_*/)",
+    "training-run": "a training run directory (--save: iter_*/) or one of its iter_*",
 }
 DECODER_KINDS = ("hf-llama", "mcore-llama", "vlm", "training-export", "training-run")
 ENCODER_KINDS = ("image-encoder", "vlm", "training-export", "training-run")
@@ -166,18 +168,58 @@ def _training_run(path: str, flag: str) -> ResolvedCheckpoint:
     export = run_dir.export_dir(path)
     if os.path.isfile(os.path.join(export, VLM_CONFIG_FILE)):
         return _vlm(export, path, "training-run", run_dir=path, iteration=iteration)
-    model_cfg = os.path.join(path, _MODEL_CONFIG)
     if iteration is None:
         raise CheckpointResolveError(f"{flag} {path}: a training run directory with no complete checkpoint "
                                      f"(no iter_*/COMPLETE) and no {EXPORT_DIR}/")
+    return _training_iteration(path, iteration, path, flag)
+
+
+def _iteration_of(path: str) -> Optional[int]:
+    """The iteration of ``path`` when it is a complete ``iter_*`` directory of a training run."""
+    name = os.path.basename(path.rstrip("/"))
+    if name.startswith("iter_") and name[5:].isdigit() and os.path.isfile(os.path.join(path, run_dir.COMPLETE)):
+        return int(name[5:])
+    return None
+
+
+def _recorded_tokenizer(manifest: dict, run: str) -> Optional[str]:
+    """Where a training checkpoint's tokenizer is: the one the run recorded, else its decoder base's, else the
+    run directory's."""
+    tok = manifest.get("tokenizer")
+    if tok and os.path.exists(tok):
+        return tok if os.path.isdir(tok) else os.path.dirname(tok)
+    base = ((manifest.get("frozen_base") or {}).get("path") or {})
+    for flag in ("--decoder-load", "--pretrained"):
+        if base.get(flag) and os.path.isdir(base[flag]):
+            try:
+                found = _classify(os.path.abspath(base[flag]), flag).tokenizer_dir
+            except ValueError:
+                found = None
+            if found:
+                return found
+    return _tokenizer_dir(run)
+
+
+def _training_iteration(run: str, iteration: int, given: str, flag: str) -> ResolvedCheckpoint:
+    """One complete ``iter_*`` of a run: a VLM (``pretrain_vlm``: the architecture recorded in its manifest) or a
+    decoder (``pretrain_lm``: ``model_config.json``), read with the frozen base it references if trainable-only
+    (:func:`megatron_zero.checkpointing.sources.decoder_source`)."""
+    root = run_dir.iter_dir(run, iteration)
+    manifest = run_dir.read_manifest(root)
+    recorded = manifest.get("model_config")
+    if isinstance(recorded, dict) and "vision" in recorded:
+        cfg = VLMConfig.from_dict(recorded)
+        return ResolvedCheckpoint("training-run", given, root, DecoderFiles("training", root, cfg.decoder),
+                                  vlm_config=cfg, tokenizer_dir=_recorded_tokenizer(manifest, run), run_dir=run,
+                                  iteration=iteration)
+    model_cfg = os.path.join(run, _MODEL_CONFIG)
     if not os.path.isfile(model_cfg):
         raise CheckpointResolveError(
-            f"{flag} {path}: a training run without {EXPORT_DIR}/ (pretrain_vlm writes it when the run ends) or "
-            f"{_MODEL_CONFIG}: resume it with --load {path} to finish, or pass its {EXPORT_DIR}/ once written")
-    root = run_dir.iter_dir(path, iteration)
+            f"{flag} {given}: a training checkpoint without a recorded architecture ({_MODEL_CONFIG} or its "
+            f"manifest's model_config): pass the run's {EXPORT_DIR}/ once written")
     cfg = LlamaConfig.load(model_cfg)
-    return ResolvedCheckpoint("training-run", path, root, DecoderFiles("training", root, cfg),
-                              tokenizer_dir=_tokenizer_dir(path), run_dir=path, iteration=iteration)
+    return ResolvedCheckpoint("training-run", given, root, DecoderFiles("training", root, cfg),
+                              tokenizer_dir=_recorded_tokenizer(manifest, run), run_dir=run, iteration=iteration)
 
 
 def _classify(path: str, flag: str) -> ResolvedCheckpoint:
@@ -187,6 +229,9 @@ def _classify(path: str, flag: str) -> ResolvedCheckpoint:
         return _vlm(path, path)
     if is_training_run(path):
         return _training_run(path, flag)
+    iteration = _iteration_of(path)
+    if iteration is not None:
+        return _training_iteration(os.path.dirname(path.rstrip("/")), iteration, path, flag)
     if os.path.isfile(os.path.join(path, ENCODER_META)):
         from megatron_zero.checkpointing.vlm_checkpoint import read_image_encoder_meta
 

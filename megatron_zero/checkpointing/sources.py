@@ -3,6 +3,10 @@ training run's initial weights come from: one function per part.
 
 Loaders: :func:`decoder_source` / :func:`encoder_source` (weights into built model chunks, any TP/PP),
 :func:`iter_decoder_canonical` (canonical decoder tensors streamed without a model), :func:`load_vlm`.
+A training checkpoint (``iter_*``) is read by :func:`load_training_weights`: a trainable-only one's frozen part
+from the bases its manifest references (fingerprints compared), then its trainable part; what needs canonical
+tensors of a ``pretrain_vlm`` ``iter_*`` (its encoder, the HF LLaVA export) reads them from the VLM
+:func:`materialize_vlm` loads.
 
 Decoder (``--decoder-load``): anything :func:`megatron_zero.checkpointing.resolve.resolve_checkpoint` finds a
 decoder in -- an HF Llama directory (target or surrogate), a megatron_zero ``torch_dist`` model checkpoint, a VLM
@@ -61,7 +65,7 @@ class DecoderSource:
             mcore_checkpoint.load_model(decoders, self.path, skip=skip)
             return
         if self.kind == "training":
-            _load_training_weights(decoders, self.path)
+            load_training_weights(chunks, self.path, decoder_only=True)
             return
         for d in decoders:
             sharding.load_canonical(d, self.getter, ps.get_tensor_model_parallel_rank(),
@@ -121,25 +125,42 @@ def resolve_encoder(path: Optional[str], vision_preset: Optional[str] = None, fe
         raise WeightSourceError(f"{flag} {path}: {e}") from None
 
 
-def _load_training_weights(chunks: list, iteration_dir: str) -> None:
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def load_training_weights(chunks: list, iteration_dir: str, verify: str = "hash", decoder_only: bool = False) -> None:
     """The model weights of a training checkpoint (``iter_*``) into ``chunks``, at any TP/PP (optimizer state and
-    RNG are left alone: this starts from the weights, it does not resume)."""
+    RNG are left alone: this starts from the weights, it does not resume). A ``pretrain_vlm`` checkpoint fills VLM
+    chunks whole (unless ``decoder_only``), or the decoders of other chunks; a ``pretrain_lm`` one fills the
+    decoders. A trainable-only checkpoint's frozen part is first loaded from the base it references and checked
+    against its fingerprints."""
     from megatron.core import dist_checkpointing
 
     from megatron_zero.checkpointing import mcore_checkpoint, run_dir, training_checkpoint
 
-    sharded = mcore_checkpoint.model_sharded_state_dict(chunks)
     manifest = run_dir.read_manifest(iteration_dir)
+    run_dir.verify_files(iteration_dir, manifest, verify)
+    models = [_unwrap(c) for c in chunks]
+    vlm_checkpoint = "vision" in (manifest.get("model_config") or {})
+    if vlm_checkpoint and not decoder_only and all(hasattr(m, "language_model") for m in models):
+        targets, prefix = models, ""  # the whole VLM
+    else:
+        targets = [getattr(m, "language_model", m) for m in models]
+        prefix = "language_model." if vlm_checkpoint else ""
+    sharded = mcore_checkpoint.model_sharded_state_dict(targets, prefix=prefix)
     frozen_names: set = set()
     if manifest.get("frozen_base"):  # trainable-only: the frozen part from the base it references, then the rest
         frozen = training_checkpoint.split_frozen(sharded, training_checkpoint.recorded_frozen(manifest), frozen_names)
-        _load_frozen_base(chunks, iteration_dir, manifest["frozen_base"], frozen)
+        _load_frozen_base(targets, iteration_dir, manifest["frozen_base"], frozen, whole_vlm=targets is models
+                          and vlm_checkpoint)
     loaded = dist_checkpointing.load(sharded, iteration_dir)
-    for i, chunk in enumerate(chunks):
-        state = loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"]
-        model = chunk
-        while hasattr(model, "module"):
-            model = model.module
+    frozen_names = {k[len(prefix):] for k in frozen_names}
+    for i, model in enumerate(targets):
+        state = loaded.get("model" if len(targets) == 1 else f"model{i}", {})  # absent: all of it frozen
+        state = {k[len(prefix):]: v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state") and k not in frozen_names]
         if missing or unexpected:
@@ -147,22 +168,55 @@ def _load_training_weights(chunks: list, iteration_dir: str) -> None:
                                          f"{missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def _load_frozen_base(chunks: list, iteration_dir: str, recorded: dict, frozen: dict) -> None:
-    """Load the decoder base a trainable-only checkpoint references (``--pretrained``/``--decoder-load``) and check
-    it is the one it was trained on (fingerprints, where the layout allows)."""
+def _load_frozen_base(chunks: list, iteration_dir: str, recorded: dict, frozen: dict, whole_vlm: bool = False) -> None:
+    """Load the base a trainable-only checkpoint references -- the decoder (``--pretrained``/``--decoder-load``)
+    and, for a whole VLM, the image encoder (``--encoder-load``) -- and check it is the one it was trained on
+    (fingerprints, where the layout allows)."""
     from megatron_zero.checkpointing import training_checkpoint
     from megatron_zero.models.lora import is_lora_key
 
     paths = recorded.get("path") or {}
     base = paths.get("--pretrained") or paths.get("--decoder-load")
-    if base is None or set(paths) - {"--pretrained", "--decoder-load"}:
+    if base is None or set(paths) - {"--pretrained", "--decoder-load", "--encoder-load"}:
         raise CheckpointResolveError(f"{iteration_dir}: a trainable-only checkpoint of the base "
                                      f"{training_checkpoint.describe_base(paths)}: read the run's export/ instead")
-    if not os.path.exists(base):
-        raise CheckpointResolveError(f"{iteration_dir}: a trainable-only checkpoint whose frozen base {base} no "
-                                     f"longer exists")
+    for flag, p in paths.items():
+        if (flag != "--encoder-load" or whole_vlm) and not os.path.exists(p):
+            raise CheckpointResolveError(f"{iteration_dir}: a trainable-only checkpoint whose frozen base ({flag} {p}) "
+                                         f"no longer exists; restore it there (checkpoints with --save-frozen hold it)")
+    vision_frozen = any(k.startswith("vision.") for k in frozen)
+    if whole_vlm and vision_frozen and "--encoder-load" not in paths:
+        raise CheckpointResolveError(f"{iteration_dir}: a trainable-only checkpoint whose frozen encoder was freshly "
+                                     f"initialised (no --encoder-load): read the run's export/, or save with "
+                                     f"--save-frozen")
     resolve_decoder(base, "frozen base").load_into(chunks, skip=is_lora_key)
-    training_checkpoint.check_frozen_base(iteration_dir, recorded, frozen)
+    if whole_vlm and "--encoder-load" in paths:
+        resolve_encoder(paths["--encoder-load"], flag="frozen base --encoder-load").load_into(chunks)
+    training_checkpoint.check_frozen_base(iteration_dir, recorded, frozen, flag="reading")
+
+
+_materialized: dict = {}
+
+
+def materialize_vlm(ckpt: ResolvedCheckpoint):
+    """The VLM of a training checkpoint (``iter_*``), built and loaded in this process (its frozen part from the
+    base it references), for what reads canonical tensors: the HF LLaVA export, grafting, an ``--encoder-load``.
+    Uses the parallel state if initialised (one pipeline stage), else a world of one. Kept for the next call."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_zero.models.llama import RuntimeOptions
+    from megatron_zero.parallel.initialize import initialize_parallel
+
+    if ckpt.root not in _materialized:
+        if not ps.model_parallel_is_initialized():
+            initialize_parallel(1, 1)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            raise CheckpointResolveError(f"{ckpt.path}: the image encoder of a training checkpoint is read in one "
+                                         f"pipeline stage; pass the run's export/ (written when it ends)")
+        _materialized.clear()
+        tp = ps.get_tensor_model_parallel_world_size()
+        _materialized[ckpt.root] = load_vlm(ckpt, RuntimeOptions(tensor_model_parallel_size=tp))
+    return _materialized[ckpt.root]
 
 
 def decoder_source(ckpt: ResolvedCheckpoint):
@@ -197,6 +251,12 @@ def encoder_source(ckpt: ResolvedCheckpoint, feature_convention: str = "zero"):
         getter = hf_clip.canonical_getter(reader.get, vision, hf_clip.detect_prefix(reader.weight_map.keys()))
         tensors = {k: getter(k) for k in hf_clip.canonical_keys(vision)}
         return EncoderSource(vision, tensors, None, ckpt.clip_dir, partial=True)
+    if ckpt.is_vlm and ckpt.decoder is not None and ckpt.decoder.format == "training":
+        from megatron_zero.models.vlm import encoder_canonical_state
+
+        cfg = ckpt.vlm_config
+        return EncoderSource(cfg.vision, encoder_canonical_state(materialize_vlm(ckpt)), cfg.image_token_id,
+                             ckpt.root)
     raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} holds no image encoder")
 
 
@@ -216,6 +276,13 @@ def iter_decoder_canonical(ckpt: ResolvedCheckpoint) -> Iterator[tuple[str, torc
             yield key, get(key)
     elif d.format == "mcore":
         yield from mcore_checkpoint.iter_llama_canonical(d.path, d.cfg)
+    elif ckpt.is_vlm:  # a pretrain_vlm iter_*: built and loaded (with its frozen base), then read
+        from megatron.core import parallel_state as ps
+
+        from megatron_zero.parallel import sharding
+
+        model = materialize_vlm(ckpt)
+        yield from sharding.iter_canonical(model.language_model, ps.get_tensor_model_parallel_group(), d.cfg.vocab_size)
     else:
         raise CheckpointResolveError(f"{ckpt.path}: streaming the decoder of a training checkpoint is not supported; "
                                      f"load it into a model (decoder_source) or convert its export")
@@ -230,6 +297,9 @@ def load_vlm(ckpt: ResolvedCheckpoint, opts=None):
     if ckpt.vlm_config is None:
         raise CheckpointResolveError(f"{ckpt.path}: {ckpt.describe()} is not a VLM")
     model = build_vlm(ckpt.vlm_config, dataclasses.replace(opts or RuntimeOptions(), initialize_weights=False))
+    if ckpt.decoder.format == "training":  # one training checkpoint holds both (and references its base)
+        load_training_weights([model], ckpt.root)
+        return model
     decoder_source(ckpt).load_into([model])
     encoder_source(ckpt).load_into([model])
     return model

@@ -42,24 +42,65 @@ from megatron_zero.checkpointing.run_dir import (
 # of its loader is fixed in ``platform.mcore_fixes``). A plain optimizer's state_dict is saved per rank with
 # torch.save (its model-space sharded form cannot describe frozen layers inside megatron's stacked per-layer
 # tensors), so it resumes only at the layout it was saved with; anything else is refused before loading.
-# Exception: when some rank has nothing to train (a frozen pipeline stage, normal in stages 1-2), megatron-core's
-# fully reshardable form is invalid (its per-layer model-space tensors have holes) and the DP-reshardable format is
-# used instead: such a run resumes at another DP size only (other changes are refused before loading).
+# Exception: when some rank has nothing to train (a frozen pipeline stage, normal in stages 1-2) or a stacked
+# per-layer key is partly frozen (the encoder's lower layers in stages 2-3), megatron-core's fully reshardable form
+# is invalid (its per-layer model-space tensors have holes) and the DP-reshardable format is used instead: such a
+# run resumes at another DP size only (other changes are refused before loading).
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def optimizer_sharding_type(optimizer, model_chunks=None) -> str:
-    """``fully_reshardable``, or ``dp_reshardable`` when some rank holds no trainable parameter (collective the
-    first time; the answer is kept on the optimizer)."""
+    """``fully_reshardable``, or ``dp_reshardable`` when some rank holds no trainable parameter or a stacked key is
+    partly frozen (collective the first time, which must pass ``model_chunks``; the answer is kept on the
+    optimizer, so save and load decide the same way)."""
     cached = getattr(optimizer, "_megatron_zero_sharding", None)
     if cached is not None:
         return cached
-    del model_chunks  # the optimizer's own parameters decide, the same way on save and on load
     held = any(len(g["params"]) for g in optimizer.param_groups)
-    every = all_reduce_values([1.0 if held else 0.0], "min")[0]
+    partly = bool(model_chunks) and bool(partly_frozen_keys(model_chunks))
+    every = all_reduce_values([1.0 if held and not partly else 0.0], "min")[0]
     kind = OPTIMIZER_METADATA["distrib_optim_sharding_type"] if every > 0 else "dp_reshardable"
     optimizer._megatron_zero_sharding = kind
     return kind
+
+
+def decide_optimizer_format(optimizer, model_chunks: list) -> None:
+    """Decide a distributed optimizer's checkpoint format from the model, once, before any load or save
+    (collective)."""
+    if _is_distributed(optimizer):
+        optimizer_sharding_type(optimizer, model_chunks)
+
+
+def partly_frozen_keys(model_chunks: list) -> list[str]:
+    """Sharded keys of which some pieces train and others are frozen (a stacked per-layer key of which only the
+    top layers train: the encoder in stages 2-3, the translator layer in stage 1), over all ranks. megatron-core's
+    fully reshardable optimizer format describes each such key as one model-space tensor, which would have holes
+    where the layers are frozen ("Invalid access pattern" on save). Collective."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    status = {}
+    for m in model_chunks:
+        for p in m.parameters():
+            status[(p.data_ptr(), p.numel())] = p.requires_grad
+    seen: dict[str, set] = {}
+
+    def walk(d: dict) -> None:
+        for v in d.values():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(v, (ShardedTensor, ShardedTensorFactory)):
+                s = status.get((v.data.data_ptr(), v.data.numel()))
+                if s is not None:
+                    seen.setdefault(v.key, set()).add(s)
+
+    walk(_model_sharded_state_dict(model_chunks))
+    merged: dict[str, set] = {}
+    for part in run_dir.gather(seen):
+        for k, s in part.items():
+            merged.setdefault(k, set()).update(s)
+    return sorted(k for k, s in merged.items() if len(s) > 1)
+
+
 def _arch_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(saved) | set(current)):
@@ -223,20 +264,26 @@ def describe_base(base: Optional[dict[str, str]]) -> str:
     return " + ".join(f"{flag} {p}" for flag, p in (base or {}).items()) or "the base it was trained on"
 
 
-def check_frozen_base(path: str, recorded: dict[str, Any], frozen: dict[str, Any]) -> None:
-    """Refuse (one line naming the base) a run whose frozen tensors are not the base the checkpoint references."""
+def check_frozen_base(path: str, recorded: dict[str, Any], frozen: dict[str, Any], flag: str = "--load") -> None:
+    """Refuse (one line naming the base) a run whose frozen tensors are not the base the checkpoint references
+    (``flag``: how the checkpoint was given; ``reading``: read elsewhere, its base loaded by the reader)."""
     base = describe_base(recorded.get("path"))
-    for flag, p in (recorded.get("path") or {}).items():
-        if not os.path.exists(p):
-            raise CheckpointError(f"--load {path}: a trainable-only checkpoint whose frozen base ({flag} {p}) no "
-                                  f"longer exists; restore it there (checkpoints with --save-frozen hold it)")
+    resume = flag == "--load"
+    for base_flag, p in (recorded.get("path") or {}).items():
+        if resume and not os.path.exists(p):
+            raise CheckpointError(f"--load {path}: a trainable-only checkpoint whose frozen base ({base_flag} {p}) "
+                                  f"no longer exists; restore it there (checkpoints with --save-frozen hold it)")
     current = frozen_identity(frozen)["tensors"]
     common = sorted(set(current) & set(recorded.get("tensors", {})))
     differ = [k for k in common if current[k] != recorded["tensors"][k]]
+    where = f"--load {path}" if resume else path
     if current and not common:
-        _warn(f"--load {path}: the frozen base's fingerprints were taken at another parallel layout: not verified")
+        _warn(f"{where}: the frozen base's fingerprints were taken at another parallel layout: not verified")
     if differ:
         what = f"{len(differ)} of {len(common)} frozen tensors differ, e.g. {differ[0].split('@')[0]}"
+        if not resume:
+            raise CheckpointError(f"{path}: a trainable-only checkpoint of the frozen base {base}, which has changed "
+                                  f"since ({what}); restore that base (checkpoints with --save-frozen hold it)")
         raise CheckpointError(f"--load {path}: a trainable-only checkpoint of the frozen base {base}, but this run's "
                               f"frozen weights are not that base ({what}); start from {base}")
 

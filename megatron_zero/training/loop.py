@@ -51,6 +51,7 @@ class LoopConfig:
     save_interval_minutes: Optional[float] = None  # also save when this long has passed since the last save
     save_frozen: bool = False  # full saves even with frozen parameters (else: trainable-only, base referenced)
     frozen_base: Optional[dict] = None  # {flag: path} the frozen parameters were loaded from
+    tokenizer: Optional[str] = None  # recorded in every checkpoint, for readers of an iter_* (generation, export)
 
     @property
     def num_microbatches(self) -> int:
@@ -77,7 +78,16 @@ class LoopConfig:
             frozen_base={flag: path for flag, path in (("--pretrained", c.pretrained_checkpoint),
                                                        ("--decoder-load", cfg.stage.decoder_load),
                                                        ("--encoder-load", cfg.stage.encoder_load)) if path},
+            tokenizer=os.path.abspath(cfg.data.tokenizer) if cfg.data.tokenizer else None,
         )
+
+
+def _checkpoint_meta(cfg: LoopConfig) -> Optional[dict]:
+    """What a checkpoint's manifest records besides its files: the architecture and the tokenizer."""
+    meta = {"model_config": cfg.model_config} if cfg.model_config else {}
+    if cfg.tokenizer:
+        meta["tokenizer"] = cfg.tokenizer
+    return meta or None
 
 
 def build_scheduler(optimizer, lr: float, min_lr: float, train_iters: int, warmup_fraction: float,
@@ -117,6 +127,7 @@ def setup_optimization(cfg: RunConfig, chunks: list, model_config: Optional[dict
     oopts = OptimizerOptions.from_config(o, bf16=cfg.model.bf16)
     chunks = wrap_ddp(chunks, oopts)
     optimizer = build_optimizer(chunks, oopts)
+    ckpt.decide_optimizer_format(optimizer, chunks)  # from the model, once: save and load agree
     scheduler = build_scheduler(optimizer, o.lr, o.min_lr, cfg.training.train_iters, o.lr_warmup_fraction,
                                 o.lr_decay_style, o.weight_decay)
     check_resume_dir(load)
@@ -364,7 +375,7 @@ def train(
             if cfg.save and (periodic or stopping):
                 ckpt.save_checkpoint(cfg.save, iteration, model_chunks, optimizer, scheduler,
                                      extra_state(iteration), keep_last=cfg.keep_last,
-                                     meta={"model_config": cfg.model_config} if cfg.model_config else None,
+                                     meta=_checkpoint_meta(cfg),
                                      async_save=cfg.async_save and not stopping, trainable_only=trainable_only,
                                      frozen_base=cfg.frozen_base)
                 print_rank0(f"{'started saving' if cfg.async_save and not stopping else 'saved'} checkpoint "

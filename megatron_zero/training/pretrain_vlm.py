@@ -113,6 +113,14 @@ def tokenizer_path(given: Optional[str], decoder_path: str) -> str:
               os.path.join(export_dir(decoder_path), DECODER_DIR)):
         if any(os.path.isfile(os.path.join(d, c)) for c in TOKENIZER_DIR_CANDIDATES):
             return d
+    try:  # a training checkpoint (iter_*): the tokenizer its run recorded
+        from megatron_zero.checkpointing.resolve import resolve_checkpoint
+
+        found = resolve_checkpoint(decoder_path, "--decoder-load").tokenizer_dir
+    except ValueError:
+        found = None
+    if found:
+        return found
     raise ConfigError(f"--tokenizer: not given, and --decoder-load {decoder_path} holds no tokenizer "
                       f"(tokenizer.json or tokenizer.model); give --tokenizer")
 
@@ -294,6 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list:
     opts = RuntimeOptions.from_config(cfg.parallel, cfg.model)
     validate(dec.cfg, opts)
     cfg, tokenizer, template, vlm_cfg = resolve_text(cfg, dec, enc)
+    trainer.cfg = trainer.cfg.replace("data", tokenizer=cfg.data.tokenizer)  # recorded in every checkpoint
     # the data is checked before any model is built or weight is read
     d = cfg.data
     source = open_llava_data(d.data_path, d.image_root, strict=d.strict_images)  # JSON or shards
