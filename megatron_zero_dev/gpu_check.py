@@ -566,6 +566,7 @@ def check_packed_vlm(ctx: Context) -> dict:
     from megatron_zero.models.vlm import VLMConfig, build_vlm_chunks
     from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID, llava_length_mix
     from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
+    from megatron_zero_dev.steps import AssembledAhead
 
     s = ctx.sizes
     vision = get_vision_preset(s.vision)
@@ -574,19 +575,20 @@ def check_packed_vlm(ctx: Context) -> dict:
     chunks = build_vlm_chunks(cfg, ctx.opts())
     apply_freezing(chunks, "stage2", min(8, vision.num_layers), None, False)
     steps = s.warmup + s.iters
-    assembled = {}  # iteration -> its batch, assembled before the clock starts
-    trainer = _trainer(ctx, chunks, vlm_forward_step, assembled.pop, steps, s.seq_length, s.vlm_samples)
+    # each batch is assembled before the clock starts (from ``packed``, made below once the trainer is built)
+    batches = AssembledAhead(lambda i: packed.iteration(i))
+    trainer = _trainer(ctx, chunks, vlm_forward_step, batches, steps, s.seq_length, s.vlm_samples)
     e = cfg.num_image_embeddings
     samples = llava_length_mix(s.vlm_samples * (s.iters + s.warmup), s.seq_length, e, 1 if not ctx.dry_run else 64,
                                vocab_size=s.vocab_size)
     img = torch.randn(3, vision.image_size, vision.image_size)
     run = RunConfig(training=TrainingConfig(micro_batch_size=1, global_batch_size=s.vlm_samples,
                                             seq_length=s.seq_length, seed=0), data=DataConfig(pack_sequences=True))
-    batches = VLMBatches.from_config(samples, run, pad_id=0, image_token_id=IMAGE_TOKEN_ID, num_image_embeddings=e,
-                                     load_image=lambda path: img)
+    packed = VLMBatches.from_config(samples, run, pad_id=0, image_token_id=IMAGE_TOKEN_ID, num_image_embeddings=e,
+                                    load_image=lambda path: img)
     times, fractions, reals, losses = [], [], [], []
     for i in range(steps):
-        assembled[i] = batches.iteration(i)
+        batches.prepare(i)
         ctx.sync()
         t0 = time.perf_counter()
         r = trainer.step(i)

@@ -41,3 +41,19 @@ def alternating_token_batches(tokens: torch.Tensor, seq_length: int, global_batc
     data = TokenWindows(tokens.numpy(), seq_length)
     return lambda i: data.iteration_microbatches(i % 2, global_batch_size, micro_batch_size, rank,
                                                  data_parallel_size)
+
+
+class AssembledAhead:
+    """A ``make_iterator`` whose batches are assembled before the clock starts: ``prepare(i)`` assembles iteration
+    ``i``'s batch with ``make_batch`` (packing, images); the trainer's ``step(i)`` then takes it as it is."""
+
+    def __init__(self, make_batch: Callable[[int], Iterator]):
+        self.make_batch = make_batch
+        self._ready: dict[int, Iterator] = {}
+
+    def prepare(self, iteration: int) -> Iterator:
+        self._ready[iteration] = self.make_batch(iteration)
+        return self._ready[iteration]
+
+    def __call__(self, iteration: int) -> Iterator:
+        return self._ready.pop(iteration)

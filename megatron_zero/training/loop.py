@@ -322,7 +322,7 @@ def run_iteration(cfg: LoopConfig, model_chunks: list, optimizer, scheduler, for
                   time_phases: bool = False) -> StepResult:
     """One training iteration (the body of :func:`train`): the iteration's global batch through megatron's
     schedule, the optimizer step and the LR schedule. The result's loss is known on every rank; it also carries
-    the lr the step used and the step's real/computed positions."""
+    the lr the step used, the step's real/computed positions and its number of micro-batches."""
     data, num_mb, seq, mbs, real, computed = _iteration_data(cfg, model_chunks, make_data_iterator, iteration)
     result = train_step(forward_step_func, data, model_chunks, optimizer, num_mb, seq, mbs,
                         time_phases=time_phases)
@@ -330,7 +330,7 @@ def run_iteration(cfg: LoopConfig, model_chunks: list, optimizer, scheduler, for
     if result.update_successful:
         scheduler.step(increment=1)
     return dataclasses.replace(result, loss=_last_stage_loss(result), lr=lr, real_tokens=real,
-                               computed_tokens=computed)
+                               computed_tokens=computed, num_microbatches=num_mb)
 
 
 def forward_iteration(cfg: LoopConfig, model_chunks: list, forward_step_func: Callable,
@@ -338,7 +338,8 @@ def forward_iteration(cfg: LoopConfig, model_chunks: list, forward_step_func: Ca
     """The forward pass of :func:`run_iteration` alone: no gradients kept, no update."""
     data, num_mb, seq, mbs, real, computed = _iteration_data(cfg, model_chunks, make_data_iterator, iteration)
     result = train_step(forward_step_func, data, model_chunks, None, num_mb, seq, mbs, forward_only=True)
-    return dataclasses.replace(result, loss=_last_stage_loss(result), real_tokens=real, computed_tokens=computed)
+    return dataclasses.replace(result, loss=_last_stage_loss(result), real_tokens=real, computed_tokens=computed,
+                               num_microbatches=num_mb)
 
 
 def train(

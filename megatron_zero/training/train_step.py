@@ -27,6 +27,7 @@ class StepResult:
     lr: Optional[float] = None  # the learning rate this step used
     real_tokens: Optional[int] = None  # positions that belong to samples
     computed_tokens: Optional[int] = None  # positions computed (padding included)
+    num_microbatches: Optional[int] = None
     # with ``time_phases``: wall seconds of forward+backward (gradients zeroed first) and of the optimizer step,
     # the device synchronised at each boundary (benchmarks; a training run does not synchronise)
     forward_backward_s: Optional[float] = None
