@@ -134,6 +134,14 @@ class Context:
                            vocab_size=s.vocab_size, max_position_embeddings=max(s.seq_length, 128),
                            rope_theta=500000.0, rope_scaling_factor=8.0, name=f"llama-3.1-8b-shaped-{n}l")
 
+    def vlm(self):
+        """The checks' VLM config: the vision preset of these sizes + adapter + the :meth:`llama` slice."""
+        from megatron_zero.models.clip_vit import get_vision_preset
+        from megatron_zero.models.vlm import VLMConfig
+        from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID
+
+        return VLMConfig(self.llama(), get_vision_preset(self.sizes.vision), IMAGE_TOKEN_ID)
+
     def opts(self, use_te: bool = False, fp8: Optional[str] = None):
         from megatron_zero.models.llama import RuntimeOptions
 
@@ -561,16 +569,15 @@ def check_vs_transformers(ctx: Context) -> dict:
 
 def check_packed_vlm(ctx: Context) -> dict:
     from megatron_zero.config import DataConfig, RunConfig, TrainingConfig
-    from megatron_zero.models.clip_vit import get_vision_preset
     from megatron_zero.models.freezing import apply_freezing
-    from megatron_zero.models.vlm import VLMConfig, build_vlm_chunks
-    from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID, llava_length_mix
+    from megatron_zero.models.vlm import build_vlm_chunks
     from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
+    from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID, llava_length_mix
     from megatron_zero_dev.steps import AssembledAhead
 
     s = ctx.sizes
-    vision = get_vision_preset(s.vision)
-    cfg = VLMConfig(ctx.llama(), vision, IMAGE_TOKEN_ID)
+    cfg = ctx.vlm()
+    vision = cfg.vision
     torch.manual_seed(0)
     chunks = build_vlm_chunks(cfg, ctx.opts())
     apply_freezing(chunks, "stage2", min(8, vision.num_layers), None, False)
@@ -624,19 +631,17 @@ def check_surrogate_ratio(ctx: Context) -> dict:
 
 def check_generation(ctx: Context) -> dict:
     from megatron_zero.inference.generate import SamplingOptions, generate
-    from megatron_zero.models.clip_vit import get_vision_preset
-    from megatron_zero.models.vlm import VLMConfig, build_vlm
+    from megatron_zero.models.vlm import build_vlm
     from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID
 
     s = ctx.sizes
-    vision = get_vision_preset(s.vision)
-    cfg = VLMConfig(ctx.llama(), vision, IMAGE_TOKEN_ID)
+    cfg = ctx.vlm()
     torch.manual_seed(0)
     model = build_vlm(cfg, ctx.opts())
     g = torch.Generator().manual_seed(0)
     prompts = [[1, IMAGE_TOKEN_ID, *torch.randint(10, s.vocab_size, (24 + 4 * i,), generator=g).tolist()]
                for i in range(s.gen_prompts)]
-    images = [torch.randn(1, 3, vision.image_size, vision.image_size, generator=g).to(ctx.dtype)
+    images = [torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g).to(ctx.dtype)
               for _ in prompts]
     options = SamplingOptions(max_new_tokens=s.gen_new_tokens)
     generate(model, prompts, images, SamplingOptions(max_new_tokens=2))  # warm-up
