@@ -1,10 +1,12 @@
 """Throughput / MFU benchmark of decoder training steps (``tools/benchmark.py``): target vs surrogate, and the
 projected VLM training cost in the form of the paper's Table 9.
 
-For each configuration :func:`run_config` times forward (a forward-only pass of the global batch),
-forward+backward and the optimizer step (backward = forward+backward - forward), and reports tokens/s per device,
-achieved TFLOP/s per device and MFU in Megatron-LM's FLOPs convention (:mod:`megatron_zero.training.flops`), and
-peak memory (and the training state it holds: weights, gradients, optimizer state). Configurations (:func:`benchmark_configs`): ``target/full`` (stage 3), ``target/frozen`` (the
+For each configuration :func:`run_config` times, on the library's Trainer
+(:meth:`~megatron_zero.training.trainer.Trainer.forward` and ``step(time_phases=True)``), forward (a forward-only
+pass of the global batch), forward+backward and the optimizer step (backward = forward+backward - forward), and
+reports tokens/s per device, achieved TFLOP/s per device and MFU in Megatron-LM's FLOPs convention
+(:mod:`megatron_zero.training.flops`), and peak memory (and the training state it holds: weights, gradients,
+optimizer state). Configurations (:func:`benchmark_configs`): ``target/full`` (stage 3), ``target/frozen`` (the
 baseline's pre-training stage: decoder frozen, gradients flow through it), and for a surrogate T(a, b)
 (:func:`megatron_zero.surrogate.surrogate_config`) ``surrogate/translator`` (stage 1) and ``surrogate/frozen``
 (stage 2). Frozen layers do no weight-gradient GEMMs: their FLOPs count 2x forward instead of 3x.
@@ -110,12 +112,11 @@ def run_config(cfg, opts, mode, translator, timing: Timing, dp):
     from megatron.core import parallel_state as ps
 
     from megatron_zero import platform
-    from megatron_zero.data.token_windows import TokenWindows
     from megatron_zero.models.llama import build_llama_chunks
     from megatron_zero.models.llama_config import padded_vocab_size
     from megatron_zero.training.flops import PEAK_TFLOPS, decoder_training_flops, mfu
-    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
-    from megatron_zero.training.train_step import lm_forward_step, train_step
+    from megatron_zero.training.train_step import lm_forward_step
+    from megatron_zero_dev.steps import alternating_token_batches, step_trainer
 
     chunks = build_llama_chunks(cfg, opts)
     for c in chunks:
@@ -123,16 +124,12 @@ def run_config(cfg, opts, mode, translator, timing: Timing, dp):
     trainable_params = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     trainable_layers = {"full": cfg.num_layers, "frozen": 0, "translator": 1, "lora": 0}[mode]  # (adapter
     # GEMMs are left out of the FLOPs: r << hidden)
-    oo = OptimizerOptions(lr=1e-5, bf16=opts.bf16, use_distributed_optimizer=True)
-    chunks = wrap_ddp(chunks, oo)
-    opt = build_optimizer(chunks, oo)
     gbs, mbs, seq = timing.global_batch_size, timing.micro_batch_size, timing.seq_length
-    nmb = gbs // (mbs * dp)
-    data = TokenWindows(torch.randint(0, cfg.vocab_size, (gbs * (seq + 1) * 2,)).numpy(), seq)
-    rank = ps.get_data_parallel_rank()
-
-    def it(i):
-        return data.iteration_microbatches(i % 2, gbs, mbs, rank, dp)
+    tokens = torch.randint(0, cfg.vocab_size, (gbs * (seq + 1) * 2,))
+    trainer = step_trainer(chunks, lm_forward_step, alternating_token_batches(tokens, seq, gbs, mbs,
+                                                                              ps.get_data_parallel_rank(), dp),
+                           steps=timing.warmup + timing.iters, seq_length=seq, global_batch_size=gbs,
+                           micro_batch_size=mbs, lr=1e-5, bf16=opts.bf16, distributed_optimizer=True)
 
     def sync():
         if platform.HAVE_CUDA:
@@ -143,20 +140,11 @@ def run_config(cfg, opts, mode, translator, timing: Timing, dp):
         torch.cuda.reset_peak_memory_stats()
     for i in range(timing.warmup + timing.iters):
         sync(); t0 = time.perf_counter()
-        train_step(lm_forward_step, it(i), chunks, opt, nmb, seq, mbs, forward_only=True)
+        trainer.forward(i)
         sync(); t1 = time.perf_counter()
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        for c in chunks:
-            c.zero_grad_buffer()
-        opt.zero_grad()
-        get_forward_backward_func()(forward_step_func=lm_forward_step, data_iterator=it(i), model=chunks,
-                                    num_microbatches=nmb, seq_length=seq, micro_batch_size=mbs)
-        sync(); t2 = time.perf_counter()
-        opt.step()
-        sync(); t3 = time.perf_counter()
+        r = trainer.step(i, time_phases=True)
         if i >= timing.warmup:
-            fwd.append(t1 - t0); fb.append(t2 - t1); optim.append(t3 - t2)
+            fwd.append(t1 - t0); fb.append(r.forward_backward_s); optim.append(r.optimizer_s)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     t_fwd, t_fb, t_opt = med(fwd), med(fb), med(optim)
     step = t_fb + t_opt
@@ -179,8 +167,8 @@ def run_config(cfg, opts, mode, translator, timing: Timing, dp):
             f"timing noise dominates, the backward time is meaningless; use more --iters"),
         "tokens_per_s_per_device": gbs * seq / step / world, "tflops_per_device": tflops,
         "mfu": util if peak else None, "peak_memory_gb": mem,
-        "model_state_gb": model_state_bytes(chunks, opt) / 2**30, "global_batch": gbs, "seq_length": seq,
-        "trainable_params_this_rank": trainable_params,
+        "model_state_gb": model_state_bytes(trainer.chunks, trainer.optimizer) / 2**30, "global_batch": gbs,
+        "seq_length": seq, "trainable_params_this_rank": trainable_params,
     }
 
 

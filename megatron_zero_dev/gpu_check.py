@@ -134,6 +134,14 @@ class Context:
                            vocab_size=s.vocab_size, max_position_embeddings=max(s.seq_length, 128),
                            rope_theta=500000.0, rope_scaling_factor=8.0, name=f"llama-3.1-8b-shaped-{n}l")
 
+    def vlm(self):
+        """The checks' VLM config: the vision preset of these sizes + adapter + the :meth:`llama` slice."""
+        from megatron_zero.models.clip_vit import get_vision_preset
+        from megatron_zero.models.vlm import VLMConfig
+        from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID
+
+        return VLMConfig(self.llama(), get_vision_preset(self.sizes.vision), IMAGE_TOKEN_ID)
+
     def opts(self, use_te: bool = False, fp8: Optional[str] = None):
         from megatron_zero.models.llama import RuntimeOptions
 
@@ -265,9 +273,10 @@ def check_nccl(ctx: Context) -> dict:
     s = ctx.sizes
     cfg = dataclasses.replace(ctx.llama(2), hidden_size=256, ffn_hidden_size=512, vocab_size=1024, name="nccl-step")
     torch.manual_seed(0)
-    chunks, opt = _train_setup(ctx, build_llama_chunks(cfg, ctx.opts()))
-    _, losses = _lm_steps(ctx, chunks, opt, 2, min(s.seq_length, 256), vocab_size=cfg.vocab_size)
-    del chunks, opt
+    trainer = _lm_trainer(ctx, build_llama_chunks(cfg, ctx.opts()), 2, min(s.seq_length, 256),
+                          vocab_size=cfg.vocab_size)
+    _, losses = _lm_steps(ctx, trainer, 2)
+    del trainer
     expected = "nccl" if platform.HAVE_CUDA else "gloo"
     metrics = {"backend": backend, "world_size": world, "all_reduce_ok": reduced_ok,
                "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if platform.HAVE_CUDA else None,
@@ -408,28 +417,32 @@ def _fwd_bwd(loss_fn, x: torch.Tensor) -> Callable[[], None]:
 
 # --- training steps -----------------------------------------------------------------------------------------------
 
-def _train_setup(ctx: Context, chunks):
-    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+def _trainer(ctx: Context, chunks, forward_step, make_iterator, steps: int, seq: int, gbs: int = 1):
+    """The library's Trainer over ``chunks`` (its step is what the checks time): distributed optimizer, AdamW at a
+    constant lr 1e-5, micro batch 1."""
+    from megatron_zero_dev.steps import step_trainer
 
-    oo = OptimizerOptions(lr=1e-5, bf16=ctx.dtype == torch.bfloat16, use_distributed_optimizer=True)
-    chunks = wrap_ddp(chunks, oo)
-    return chunks, build_optimizer(chunks, oo)
+    return step_trainer(chunks, forward_step, make_iterator, steps=steps, seq_length=seq, global_batch_size=gbs,
+                        lr=1e-5, bf16=ctx.dtype == torch.bfloat16, distributed_optimizer=True)
 
 
-def _lm_steps(ctx: Context, chunks, opt, n: int, seq: int, gbs: int = 1,
-              vocab_size: Optional[int] = None) -> tuple[list[float], list[float]]:
-    """``n`` training steps on random tokens; (step times, losses)."""
-    from megatron_zero.data.token_windows import TokenWindows
-    from megatron_zero.training.train_step import lm_forward_step, train_step
+def _lm_trainer(ctx: Context, chunks, steps: int, seq: int, gbs: int = 1, vocab_size: Optional[int] = None):
+    """:func:`_trainer` on random tokens (two global batches, alternating)."""
+    from megatron_zero.training.train_step import lm_forward_step
+    from megatron_zero_dev.steps import alternating_token_batches
 
     vocab = vocab_size or ctx.sizes.vocab_size
-    data = TokenWindows(torch.randint(0, vocab, (gbs * (seq + 1) * 2,),
-                                      generator=torch.Generator().manual_seed(1)).numpy(), seq)
+    tokens = torch.randint(0, vocab, (gbs * (seq + 1) * 2,), generator=torch.Generator().manual_seed(1))
+    return _trainer(ctx, chunks, lm_forward_step, alternating_token_batches(tokens, seq, gbs), steps, seq, gbs)
+
+
+def _lm_steps(ctx: Context, trainer, n: int) -> tuple[list[float], list[float]]:
+    """``n`` training steps (iterations 0 .. n-1); (step times, losses)."""
     times, losses = [], []
     for i in range(n):
         ctx.sync()
         t0 = time.perf_counter()
-        r = train_step(lm_forward_step, data.iteration_microbatches(i % 2, gbs, 1, 0, 1), chunks, opt, gbs, seq, 1)
+        r = trainer.step(i)
         ctx.sync()
         times.append(time.perf_counter() - t0)
         losses.append(r.loss)
@@ -445,14 +458,15 @@ def _throughput(ctx: Context, fp8: Optional[str] = None, num_layers: Optional[in
     cfg = ctx.llama(num_layers)
     seq = ctx.sizes.seq_length
     torch.manual_seed(0)
-    chunks, opt = _train_setup(ctx, build_llama_chunks(cfg, ctx.opts(use_te=use_te, fp8=fp8)))
-    times, losses = _lm_steps(ctx, chunks, opt, ctx.sizes.warmup + ctx.sizes.iters, seq)
+    steps = ctx.sizes.warmup + ctx.sizes.iters
+    trainer = _lm_trainer(ctx, build_llama_chunks(cfg, ctx.opts(use_te=use_te, fp8=fp8)), steps, seq)
+    times, losses = _lm_steps(ctx, trainer, steps)
     step = statistics.median(times[ctx.sizes.warmup:])
     flops = decoder_flops_per_step(cfg, 1, seq, padded_vocab_size(cfg.vocab_size, 1))
     tflops, util = mfu(flops, step, 1, ctx.peak_tflops or float("inf"))
     datasheet = _datasheet_peak()
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if platform.HAVE_CUDA else None
-    del chunks, opt
+    del trainer
     ctx.free()
     return {"layers": cfg.num_layers, "seq_length": seq, "step_s": step, "tokens_per_s": seq / step,
             "tflops": tflops, "mfu": util if ctx.peak_tflops else None,
@@ -512,13 +526,14 @@ def check_vs_transformers(ctx: Context) -> dict:
 
     s = ctx.sizes
     torch.manual_seed(0)
-    chunks, opt = _train_setup(ctx, build_llama_chunks(ctx.llama(), ctx.opts()))
+    rounds = s.warmup + s.peer_rounds
+    trainer = _lm_trainer(ctx, build_llama_chunks(ctx.llama(), ctx.opts()), rounds, s.seq_length)
     theirs = _TransformersStep(ctx, _tokens(ctx, 1, s.seq_length - 1))
     times = {"megatron_zero": [], "transformers": []}
     losses = {"megatron_zero": [], "transformers": []}
 
     def ours_step(i):
-        t, loss = _lm_steps(ctx, chunks, opt, 1, s.seq_length)
+        t, loss = _lm_steps(ctx, trainer, 1)  # the same batch every round, as theirs
         return t[0], loss[0]
 
     def theirs_step(i):
@@ -529,14 +544,14 @@ def check_vs_transformers(ctx: Context) -> dict:
         return time.perf_counter() - t0, loss
 
     sides = {"megatron_zero": ours_step, "transformers": theirs_step}
-    for r in range(s.warmup + s.peer_rounds):
+    for r in range(rounds):
         order = list(sides) if r % 2 == 0 else list(sides)[::-1]  # alternate who goes first
         for name in order:
             dt, loss = sides[name](r)
             losses[name].append(loss)
             if r >= s.warmup:
                 times[name].append(dt)
-    chunks = opt = theirs = None  # both models go before anything else runs
+    trainer = theirs = None  # both models go before anything else runs
     ctx.free()
     ratios = [t / o for o, t in zip(times["megatron_zero"], times["transformers"], strict=True)]
     ratio = statistics.median(ratios)
@@ -554,42 +569,43 @@ def check_vs_transformers(ctx: Context) -> dict:
 
 def check_packed_vlm(ctx: Context) -> dict:
     from megatron_zero.config import DataConfig, RunConfig, TrainingConfig
-    from megatron_zero.models.clip_vit import get_vision_preset
     from megatron_zero.models.freezing import apply_freezing
-    from megatron_zero.models.vlm import VLMConfig, build_vlm_chunks
-    from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID, llava_length_mix
-    from megatron_zero.training.train_step import train_step
+    from megatron_zero.models.vlm import build_vlm_chunks
     from megatron_zero.training.vlm_batches import VLMBatches, vlm_forward_step
+    from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID, llava_length_mix
+    from megatron_zero_dev.steps import AssembledAhead
 
     s = ctx.sizes
-    vision = get_vision_preset(s.vision)
-    cfg = VLMConfig(ctx.llama(), vision, IMAGE_TOKEN_ID)
+    cfg = ctx.vlm()
+    vision = cfg.vision
     torch.manual_seed(0)
     chunks = build_vlm_chunks(cfg, ctx.opts())
     apply_freezing(chunks, "stage2", min(8, vision.num_layers), None, False)
-    chunks, opt = _train_setup(ctx, chunks)
+    steps = s.warmup + s.iters
+    # each batch is assembled before the clock starts (from ``packed``, made below once the trainer is built)
+    batches = AssembledAhead(lambda i: packed.iteration(i))
+    trainer = _trainer(ctx, chunks, vlm_forward_step, batches, steps, s.seq_length, s.vlm_samples)
     e = cfg.num_image_embeddings
     samples = llava_length_mix(s.vlm_samples * (s.iters + s.warmup), s.seq_length, e, 1 if not ctx.dry_run else 64,
                                vocab_size=s.vocab_size)
     img = torch.randn(3, vision.image_size, vision.image_size)
     run = RunConfig(training=TrainingConfig(micro_batch_size=1, global_batch_size=s.vlm_samples,
                                             seq_length=s.seq_length, seed=0), data=DataConfig(pack_sequences=True))
-    batches = VLMBatches.from_config(samples, run, pad_id=0, image_token_id=IMAGE_TOKEN_ID, num_image_embeddings=e,
-                                     load_image=lambda path: img)
+    packed = VLMBatches.from_config(samples, run, pad_id=0, image_token_id=IMAGE_TOKEN_ID, num_image_embeddings=e,
+                                    load_image=lambda path: img)
     times, fractions, reals, losses = [], [], [], []
-    for i in range(s.warmup + s.iters):
-        step = batches.iteration(i)
-        seq, mbs = step.schedule_shape
+    for i in range(steps):
+        batches.prepare(i)
         ctx.sync()
         t0 = time.perf_counter()
-        r = train_step(vlm_forward_step, step, chunks, opt, step.num_microbatches, seq, mbs)
+        r = trainer.step(i)
         ctx.sync()
         if i >= s.warmup:
             times.append(time.perf_counter() - t0)
-            reals.append(step.real_tokens)
-            fractions.append(step.real_tokens / step.computed_tokens)
+            reals.append(r.real_tokens)
+            fractions.append(r.real_tokens / r.computed_tokens)
         losses.append(r.loss)
-    del chunks, opt
+    del chunks, trainer
     ctx.free()
     metrics = {"real_tokens_per_s": sum(reals) / sum(times), "real_token_fraction": sum(fractions) / len(fractions),
                "step_s": sum(times) / len(times), "samples_per_step": s.vlm_samples, "loss": losses[-1]}
@@ -615,19 +631,17 @@ def check_surrogate_ratio(ctx: Context) -> dict:
 
 def check_generation(ctx: Context) -> dict:
     from megatron_zero.inference.generate import SamplingOptions, generate
-    from megatron_zero.models.clip_vit import get_vision_preset
-    from megatron_zero.models.vlm import VLMConfig, build_vlm
+    from megatron_zero.models.vlm import build_vlm
     from megatron_zero_dev.packing_benchmark import IMAGE_TOKEN_ID
 
     s = ctx.sizes
-    vision = get_vision_preset(s.vision)
-    cfg = VLMConfig(ctx.llama(), vision, IMAGE_TOKEN_ID)
+    cfg = ctx.vlm()
     torch.manual_seed(0)
     model = build_vlm(cfg, ctx.opts())
     g = torch.Generator().manual_seed(0)
     prompts = [[1, IMAGE_TOKEN_ID, *torch.randint(10, s.vocab_size, (24 + 4 * i,), generator=g).tolist()]
                for i in range(s.gen_prompts)]
-    images = [torch.randn(1, 3, vision.image_size, vision.image_size, generator=g).to(ctx.dtype)
+    images = [torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g).to(ctx.dtype)
               for _ in prompts]
     options = SamplingOptions(max_new_tokens=s.gen_new_tokens)
     generate(model, prompts, images, SamplingOptions(max_new_tokens=2))  # warm-up
@@ -689,8 +703,7 @@ def check_fp8_step(ctx: Context) -> dict:
     sharding.load_canonical(fp8, canonical)
     losses = {}
     for name, m in (("bf16", ref), ("fp8", fp8)):
-        chunks, opt = _train_setup(ctx, [m])
-        _, (loss,) = _lm_steps(ctx, chunks, opt, 1, seq)
+        _, (loss,) = _lm_steps(ctx, _lm_trainer(ctx, [m], 1, seq), 1)
         losses[name] = loss
     rel = abs(losses["fp8"] - losses["bf16"]) / abs(losses["bf16"])
     ok = math.isfinite(losses["fp8"]) and rel <= TOL["fp8_loss_rel"]

@@ -19,7 +19,7 @@ plus a 24-token system/BOS prefix. Samples longer than ``--seq-length`` are trun
 
 The benchmark trains a small Llama decoder on these samples through the real data path
 (:class:`~megatron_zero.training.vlm_batches.VLMBatches`: padded one sample per row, or packed into THD rows) and
-the real step (:func:`~megatron_zero.training.train_step.train_step`: megatron schedule, AdamW). Image positions
+the real step (:meth:`~megatron_zero.training.trainer.Trainer.step`: megatron schedule, AdamW). Image positions
 enter the decoder as placeholder-token embeddings (the decoder's cost does not depend on what fills a position).
 Padded and packed steps alternate on the same global batches, so machine load affects both alike.
 """
@@ -118,9 +118,8 @@ def run_packing_benchmark(cfg: PackingBenchmarkConfig, log=print) -> dict:
     from megatron_zero.config import DataConfig, RunConfig, TrainingConfig
     from megatron_zero.models.llama import RuntimeOptions, build_llama_model
     from megatron_zero.models.llama_config import LlamaConfig
-    from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
-    from megatron_zero.training.train_step import train_step
     from megatron_zero.training.vlm_batches import VLMBatches
+    from megatron_zero_dev.steps import AssembledAhead, step_trainer
 
     samples = llava_length_mix(cfg.num_samples, cfg.seq_length, cfg.num_image_tokens, cfg.scale, cfg.seed,
                                cfg.vocab_size)
@@ -128,32 +127,34 @@ def run_packing_benchmark(cfg: PackingBenchmarkConfig, log=print) -> dict:
                        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_query_groups,
                        vocab_size=cfg.vocab_size, max_position_embeddings=cfg.seq_length, rope_theta=10000.0,
                        rope_scaling_factor=None, name="packing-bench")
-    models, opts_, batches = {}, {}, {}
+    trainers, batches = {}, {}
     for mode in ("padded", "packed"):
         torch.manual_seed(cfg.seed)
-        chunks = wrap_ddp([build_llama_model(lcfg, RuntimeOptions())], OptimizerOptions(lr=1e-4))
-        models[mode], opts_[mode] = chunks, build_optimizer(chunks, OptimizerOptions(lr=1e-4))
+        chunks = [build_llama_model(lcfg, RuntimeOptions())]
         run = RunConfig(training=TrainingConfig(micro_batch_size=cfg.micro_batch_size,
                                                 global_batch_size=cfg.global_batch_size, seq_length=cfg.seq_length,
                                                 seed=cfg.seed), data=DataConfig(pack_sequences=mode == "packed"))
         batches[mode] = VLMBatches.from_config(
             samples, run, pad_id=0, image_token_id=IMAGE_TOKEN_ID, num_image_embeddings=cfg.num_image_tokens,
             load_image=lambda path: torch.zeros(1))
-    rows = {m: [] for m in models}
+        batches[mode] = AssembledAhead(batches[mode].iteration)  # assembly is not timed
+        trainers[mode] = step_trainer(chunks, _forward_step, batches[mode], steps=cfg.rounds + 1,
+                                      seq_length=cfg.seq_length, global_batch_size=cfg.global_batch_size,
+                                      micro_batch_size=cfg.micro_batch_size, lr=1e-4)
+    rows = {m: [] for m in trainers}
     for r in range(cfg.rounds + 1):
         for mode in ("padded", "packed"):
-            step = batches[mode].iteration(r)
-            seq, mbs = step.schedule_shape
+            batches[mode].prepare(r)
             t0 = time.perf_counter()
-            res = train_step(_forward_step, step, models[mode], opts_[mode], step.num_microbatches, seq, mbs)
+            res = trainers[mode].step(r)
             dt = time.perf_counter() - t0
-            row = {"round": r, "step_s": dt, "real_tokens": step.real_tokens, "computed_tokens": step.computed_tokens,
-                   "micro_batches": step.num_microbatches, "loss": res.loss}
+            row = {"round": r, "step_s": dt, "real_tokens": res.real_tokens, "computed_tokens": res.computed_tokens,
+                   "micro_batches": res.num_microbatches, "loss": res.loss}
             if r > 0:
                 rows[mode].append(row)
             log(f"round {r}{' (warm-up)' if r == 0 else ''} {mode:6s}: {dt:7.2f} s  "
-                f"real {step.real_tokens:6d} / computed {step.computed_tokens:6d} positions "
-                f"({100 * step.real_tokens / step.computed_tokens:5.1f}%)  {step.real_tokens / dt:9.1f} real tok/s  "
+                f"real {res.real_tokens:6d} / computed {res.computed_tokens:6d} positions "
+                f"({100 * res.real_tokens / res.computed_tokens:5.1f}%)  {res.real_tokens / dt:9.1f} real tok/s  "
                 f"loss {res.loss:.4f}")
     out = {"config": dataclasses.asdict(cfg)}
     for mode, rs in rows.items():

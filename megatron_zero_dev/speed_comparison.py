@@ -7,7 +7,8 @@ gradient clipping at 1.0 on the same random token batches:
   :class:`~megatron_zero.models.attention.SDPACoreAttention`), megatron DDP, megatron's optimizer (the plain one,
   ``pretrain_lm``'s default; ``distributed_optimizer=True`` for ``--use-distributed-optimizer``, whose shard
   copies and buffer fills cost ~5-15% of a CPU step at DP=1, where it shards nothing) and
-  :func:`~megatron_zero.training.train_step.train_step` (megatron's schedule) -- exactly what ``pretrain_lm`` runs;
+  megatron's schedule and LR scheduler: :meth:`~megatron_zero.training.trainer.Trainer.step`, exactly what
+  ``pretrain_lm`` runs per iteration;
 * ``transformers``: ``LlamaForCausalLM`` (``attn_implementation="eager"`` by default), ``loss.backward()``,
   ``clip_grad_norm_`` and ``torch.optim.AdamW``.
 
@@ -52,25 +53,24 @@ def llama_config(cfg: SpeedConfig):
 
 
 class OurStep:
+    """The library's Trainer (:func:`megatron_zero_dev.steps.step_trainer`): one ``step`` per call."""
+
     def __init__(self, cfg: SpeedConfig, tokens: torch.Tensor):
-        from megatron_zero.data.token_windows import TokenWindows
         from megatron_zero.models.llama import RuntimeOptions, build_llama_chunks
-        from megatron_zero.training.optimizer import OptimizerOptions, build_optimizer, wrap_ddp
+        from megatron_zero.training.train_step import lm_forward_step
+        from megatron_zero_dev.steps import alternating_token_batches, step_trainer
 
         torch.manual_seed(cfg.seed)
-        oo = OptimizerOptions(lr=1e-5, clip_grad=cfg.clip_grad, use_distributed_optimizer=cfg.distributed_optimizer)
-        self.chunks = wrap_ddp(build_llama_chunks(llama_config(cfg), RuntimeOptions(
-            make_vocab_size_divisible_by=1)), oo)
-        self.opt = build_optimizer(self.chunks, oo)
-        self.data = TokenWindows(tokens.numpy(), cfg.seq_length)
-        self.cfg = cfg
+        chunks = build_llama_chunks(llama_config(cfg), RuntimeOptions(make_vocab_size_divisible_by=1))
+        self.trainer = step_trainer(
+            chunks, lm_forward_step, alternating_token_batches(tokens, cfg.seq_length, cfg.batch_size,
+                                                               cfg.batch_size),
+            steps=cfg.warmup + cfg.rounds, seq_length=cfg.seq_length, global_batch_size=cfg.batch_size,
+            micro_batch_size=cfg.batch_size, lr=1e-5, clip_grad=cfg.clip_grad,
+            distributed_optimizer=cfg.distributed_optimizer)
 
     def __call__(self, i: int) -> float:
-        from megatron_zero.training.train_step import lm_forward_step, train_step
-
-        c = self.cfg
-        it = self.data.iteration_microbatches(i % 2, c.batch_size, c.batch_size, 0, 1)
-        return train_step(lm_forward_step, it, self.chunks, self.opt, 1, c.seq_length, c.batch_size).loss
+        return self.trainer.step(i).loss
 
 
 class TransformersStep:

@@ -29,16 +29,14 @@ TOKENIZER_FILES = {
 
 
 def hf_model(seed=0):
-    import transformers
+    from tests.tiny_models import hf_llama
 
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=16384, rope_theta=500000.0, rms_norm_eps=1e-5,
+    model = hf_llama(
+        seed, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        max_position_embeddings=16384, rope_theta=500000.0, rms_norm_eps=1e-5,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
-        tie_word_embeddings=False, attn_implementation="eager")
-    model = transformers.LlamaForCausalLM(cfg).eval()
+        tie_word_embeddings=False, attn_implementation="eager").eval()
     with torch.no_grad():  # norms are initialised to 1; randomise them so their mapping is tested too
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -56,13 +54,9 @@ def read_all(directory):
 
 
 def clip_model(seed=0):
-    import transformers
+    from tests.tiny_models import hf_clip_config, hf_clip_model
 
-    from tests.tiny_models import hf_clip_model
-
-    return hf_clip_model(transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4,
-        hidden_act="quick_gelu", attn_implementation="eager"), seed)
+    return hf_clip_model(hf_clip_config(num_hidden_layers=3, attn_implementation="eager"), seed)
 
 
 def clip_features(model, pixels):

@@ -13,14 +13,12 @@ from megatron_zero.checkpointing.hf_writer import SaveDirError
 from megatron_zero.data.tokenizers import WordTokenizer
 from megatron_zero.inference.generate import SamplingOptions, answer_yes_no, generate
 from megatron_zero.models.clip_vit import get_vision_preset
-from megatron_zero.grafting import (DECODER_DIR, graft, load_image_encoder,
-                                           load_vlm_checkpoint, save_hf_decoder, save_image_encoder_from_model,
-                                           tokenizer_hash)
-from megatron_zero.models.llama import build_llama_model
+from megatron_zero.grafting import (DECODER_DIR, graft, load_image_encoder, load_vlm_checkpoint,
+                                    save_image_encoder_from_model, tokenizer_hash)
 from megatron_zero.models.llama_config import get_preset
 from megatron_zero.models.vlm import VLMConfig, build_vlm, load_vlm_canonical
-from megatron_zero.parallel import sharding
 from tests.conftest import exit_status
+from tests.tiny_models import write_hf_decoder
 
 TEXTS = ["a cat sits on the mat", "is there a dog in the picture", "yes no maybe", "describe the image briefly"]
 
@@ -35,17 +33,10 @@ def setup(tmp_path_factory):
     tok = WordTokenizer.build(TEXTS)
     target_cfg = dataclasses.replace(get_preset("tiny"), vocab_size=tok.vocab_size, name="tiny-target")
 
-    def hf_decoder(path, seed):
-        torch.manual_seed(seed)
-        canonical = sharding.gather_canonical([build_llama_model(target_cfg)], vocab_size=target_cfg.vocab_size)
-        save_hf_decoder(str(path), target_cfg, canonical)
-        tok.save(os.path.join(path, "tokenizer.json"))
-        return canonical
-
     target = root / "target"
-    target_weights = hf_decoder(target, seed=0)
+    _, target_weights = write_hf_decoder(target, target_cfg, seed=0, tokenizer=tok)
     other = root / "other"
-    hf_decoder(other, seed=1)
+    write_hf_decoder(other, target_cfg, seed=1, tokenizer=tok)
 
     surrogate_cfg = dataclasses.replace(target_cfg, num_layers=2, name="tiny-srgt",
                                         surrogate={"target": str(target), "a": 1, "b": 3, "translator_index": 1})

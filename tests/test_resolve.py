@@ -14,17 +14,14 @@ from megatron_zero.checkpointing.resolve import CheckpointResolveError, resolve_
 @pytest.fixture(scope="module")
 def kinds(tmp_path_factory):
     """One directory of each kind, from one tiny VLM (LLaVA convention, so it also exports to HF LLaVA)."""
-    import transformers
-
     from megatron_zero.checkpointing import convert_clip, convert_llama, vlm_checkpoint
     from megatron_zero.checkpointing.hf_llama import canonical_keys
-    from megatron_zero.models.llama import build_llama_model
-    from megatron_zero.parallel import sharding
     from megatron_zero.parallel.initialize import initialize_parallel
     from megatron_zero.surrogate import build_hf_surrogate
     from megatron_zero.checkpointing import training_checkpoint
     from megatron_zero.training.pretrain_vlm import export
     from tests.test_hf_llava import _vlm_checkpoint
+    from tests.tiny_models import hf_clip, write_hf_decoder
 
     initialize_parallel(1, 1, seed=5)
     root = tmp_path_factory.mktemp("kinds")
@@ -47,11 +44,9 @@ def kinds(tmp_path_factory):
     dec = LlamaConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, num_query_groups=2,
                       vocab_size=100, max_position_embeddings=64, rope_theta=10000.0, rope_scaling_factor=None,
                       name="target4")
-    lm = build_llama_model(dec)
-    target = sharding.gather_canonical([lm], vocab_size=dec.vocab_size)
-    assert set(target) == set(canonical_keys(dec))
     paths["target"] = root / "target4"
-    vlm_checkpoint.save_hf_decoder(str(paths["target"]), dec, target)
+    lm, target = write_hf_decoder(paths["target"], dec)
+    assert set(target) == set(canonical_keys(dec))
     paths["surrogate"] = root / "target4-T12"
     build_hf_surrogate(str(paths["target"]), str(paths["surrogate"]), 1, 2, log=lambda m: None)
     paths["mcore-llama"] = root / "target4-mcore"
@@ -61,9 +56,7 @@ def kinds(tmp_path_factory):
     dec.save(str(paths["lm-run"] / "model_config.json"))  # what pretrain_lm writes next to its checkpoints
 
     # HF CLIP and its torch_dist conversion
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4,
-        hidden_act="quick_gelu"))
+    clip = hf_clip()
     paths["hf-clip"] = root / "clip"
     clip.save_pretrained(paths["hf-clip"])
     paths["mcore-clip"] = root / "clip-mcore"

@@ -44,12 +44,10 @@ def test_layer_map_and_control_provenance():
 def test_build_surrogate_hf(tmp_path):
     import transformers
 
+    from tests.tiny_models import hf_llama
     from tools import build_surrogate
 
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    target = transformers.LlamaForCausalLM(cfg)
+    target = hf_llama(seed=0)
     target.save_pretrained(tmp_path / "target")
     from megatron_zero.data.tokenizers import WordTokenizer
 
@@ -101,8 +99,7 @@ def test_build_surrogate_hf(tmp_path):
     with pytest.raises(UserError, match="is itself a surrogate"):
         build_surrogate.main(["--load-dir", str(tmp_path / "srgt"), "--save-dir", out, "--translator-start", "1"])
     # a checkpoint whose tensors do not match its config (a layer missing) is refused before anything is written
-    cfg.num_hidden_layers = 4
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "short")
+    hf_llama(num_hidden_layers=4).save_pretrained(tmp_path / "short")
     conf = json.loads((tmp_path / "short" / "config.json").read_text())
     (tmp_path / "short" / "config.json").write_text(json.dumps({**conf, "num_hidden_layers": 6}))
     with pytest.raises(UserError, match="model.layers.5"):
@@ -113,14 +110,10 @@ def test_build_surrogate_hf(tmp_path):
 def test_build_surrogate_sharded_pipeline_pruner(tmp_path):
     """Sharded target (PP=2) -> sharded surrogate T(2,4) re-partitioned over PP=2: kept layers and the
     translator are bit-identical to the target's, provenance recorded."""
-    import transformers
-
     from tests.conftest import run_worker
+    from tests.tiny_models import hf_llama
 
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    hf_llama(seed=0).save_pretrained(tmp_path / "hf")
     out = run_worker("surrogate_mcore.py", str(tmp_path / "hf"), str(tmp_path / "target"), str(tmp_path / "srgt"),
                      nproc=2)
     assert "SURROGATE MCORE MATCH" in out, out[-3000:]
@@ -128,17 +121,13 @@ def test_build_surrogate_sharded_pipeline_pruner(tmp_path):
 
 def test_build_surrogate_sharded_world_of_one(tmp_path):
     """A bf16 sharded target -> sharded T(1, 3) in one process: bf16 kept, kept layers bit-identical, T* recorded."""
-    import transformers
-
     from megatron_zero.checkpointing import mcore_checkpoint
     from megatron_zero.parallel.initialize import initialize_parallel
     from megatron_zero.checkpointing import convert_llama
+    from tests.tiny_models import hf_llama
     from tools import build_surrogate
 
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(1)
-    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    hf_llama(seed=1).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     initialize_parallel(1, 1)
     convert_llama.hf_to_mcore(str(tmp_path / "hf"), str(tmp_path / "target"))
     assert build_surrogate.main(["--load-dir", str(tmp_path / "target"), "--save-dir", str(tmp_path / "srgt"),

@@ -173,14 +173,10 @@ def test_trajectory_tp2_pp2_matches_transformers(tmp_path):
 
 
 def _tiny_hf_checkpoint(path):
-    import transformers
-
     from megatron_zero.data.tokenizers import WordTokenizer
+    from tests.tiny_models import hf_llama
 
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    hf_llama(seed=0, vocab_size=256, num_hidden_layers=3, max_position_embeddings=128).save_pretrained(path)
     WordTokenizer([f"w{i}" for i in range(200)]).save(path / "tokenizer.json")
 
 

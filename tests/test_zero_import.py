@@ -34,21 +34,15 @@ def _save_theirs(path, model_state, global_step):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import transformers
-
     from megatron_zero.parallel.initialize import initialize_parallel
+    from tests.tiny_models import hf_clip, hf_llama
     from tools import build_surrogate
 
     initialize_parallel(1, 1, seed=5)
     root = tmp_path_factory.mktemp("zero_import")
-    torch.manual_seed(0)
-    clip_cfg = transformers.CLIPVisionConfig(hidden_size=CLIP_D, intermediate_size=64, num_hidden_layers=4,
-                                             num_attention_heads=4, image_size=28, patch_size=14)
-    clip = transformers.CLIPVisionModel(clip_cfg)
+    clip = hf_clip(seed=0, hidden_size=CLIP_D, num_hidden_layers=4, image_size=28, patch_size=14)
     clip.save_pretrained(root / "clip")
-    llama_cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=D, intermediate_size=64, num_hidden_layers=6,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    target = transformers.LlamaForCausalLM(llama_cfg)
+    target = hf_llama(vocab_size=96, hidden_size=D)
     target.save_pretrained(root / "target")
     assert build_surrogate.main(["--load-dir", str(root / "target"), "--save-dir", str(root / "srgt"),
                                  "--translator-start", "2", "--translator-end", "4"]) == 0  # T(2,4): 0,1,T,5

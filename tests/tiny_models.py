@@ -23,6 +23,66 @@ def hf_causal_lm(cfg):
     return getattr(transformers, _CLASSES[cfg.family][1])(hf_config(cfg))
 
 
+# transformers' own configs of a tiny Llama and CLIP tower (HF's defaults elsewhere): override any field per test
+TINY_HF_LLAMA = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64)
+TINY_HF_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+                    patch_size=4, hidden_act="quick_gelu")
+
+
+def hf_llama_config(**overrides):
+    """A transformers ``LlamaConfig``: :data:`TINY_HF_LLAMA` with ``overrides``."""
+    import transformers
+
+    return transformers.LlamaConfig(**{**TINY_HF_LLAMA, **overrides})
+
+
+def hf_llama(seed=None, **overrides):
+    """An untrained transformers ``LlamaForCausalLM`` of :func:`hf_llama_config` (HF's own initialisation, from
+    ``seed`` when given, else from the current random state)."""
+    import transformers
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(hf_llama_config(**overrides))
+
+
+def hf_clip_config(**overrides):
+    """A transformers ``CLIPVisionConfig``: :data:`TINY_HF_CLIP` with ``overrides``."""
+    import transformers
+
+    return transformers.CLIPVisionConfig(**{**TINY_HF_CLIP, **overrides})
+
+
+def hf_clip(seed=None, **overrides):
+    """An untrained transformers ``CLIPVisionModel`` of :func:`hf_clip_config` (HF's own initialisation, from
+    ``seed`` when given); :func:`hf_clip_model` randomises its norms and biases too."""
+    import transformers
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return transformers.CLIPVisionModel(hf_clip_config(**overrides))
+
+
+def write_hf_decoder(path, cfg, seed=None, tokenizer=None):
+    """Our decoder of ``cfg`` (megatron init, from ``seed`` when given) written as an HF decoder directory, with
+    ``tokenizer``'s ``tokenizer.json`` when given. Returns ``(model, canonical weights)``."""
+    import os
+
+    from megatron_zero.checkpointing.vlm_checkpoint import save_hf_decoder
+    from megatron_zero.models.llama import build_llama_model
+    from megatron_zero.parallel import sharding
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = build_llama_model(cfg)
+    canonical = sharding.gather_canonical([model], vocab_size=cfg.vocab_size)
+    save_hf_decoder(str(path), cfg, canonical)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(path, "tokenizer.json"))
+    return model, canonical
+
+
 def hf_model(cfg, seed=0):
     """A transformers model of ``cfg``'s family with random weights (norms and biases randomised too)."""
     torch.manual_seed(seed)
@@ -34,7 +94,6 @@ def hf_model(cfg, seed=0):
             elif n.endswith(".bias"):
                 p.normal_(0.0, 0.5)
     return model
-
 
 
 def hf_clip_model(cfg, seed: int = 0):

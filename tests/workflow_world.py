@@ -59,20 +59,20 @@ def write_hf_llama3_tokenizer(out_dir: str) -> None:
 
 def build_world(root: str, llama: bool = True) -> dict:
     """The world; ``llama=False``: the CLIP tower and the data only (a test brings its own decoder)."""
-    import transformers
     from PIL import Image
     from skimage import data as skdata
+
+    from tests.tiny_models import hf_clip, hf_llama
 
     torch.manual_seed(0)
     paths = {k: os.path.join(root, k) for k in ("llama", "clip", "images")}
     if llama:
-        cfg = transformers.LlamaConfig(vocab_size=128256, bos_token_id=128000, eos_token_id=128009,
-                                       tie_word_embeddings=False, **DECODER)
-        transformers.LlamaForCausalLM(cfg).eval().save_pretrained(paths["llama"])
+        hf_llama(vocab_size=128256, bos_token_id=128000, eos_token_id=128009, tie_word_embeddings=False,
+                 **DECODER).eval().save_pretrained(paths["llama"])
         write_hf_llama3_tokenizer(paths["llama"])
     else:
         del paths["llama"]
-    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**CLIP)).eval()
+    clip = hf_clip(**CLIP).eval()
     clip.save_pretrained(paths["clip"])
     os.makedirs(paths["images"])
     records, texts = [], []

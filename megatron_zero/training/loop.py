@@ -314,6 +314,45 @@ def _maybe_test_signal(iteration: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _iteration_data(cfg: LoopConfig, model_chunks: list, make_data_iterator: Callable[[int], Iterator],
+                    iteration: int) -> tuple:
+    """The micro-batch iterator(s) of ``iteration`` and how the schedule runs them: ``(data, num_microbatches,
+    seq_length, micro_batch_size, real_tokens, computed_tokens)``."""
+    # the interleaved (virtual pipeline) schedule takes one iterator per model chunk
+    # a packed step (training.vlm_batches.StepBatches) says how many micro-batches of which shape it has
+    data = [make_data_iterator(iteration) for _ in model_chunks]
+    num_mb = getattr(data[0], "num_microbatches", cfg.num_microbatches)
+    seq, mbs = getattr(data[0], "schedule_shape", (cfg.seq_length, cfg.micro_batch_size))
+    computed = getattr(data[0], "computed_tokens", cfg.global_batch_size * cfg.seq_length)
+    real = getattr(data[0], "real_tokens", computed)
+    return data if len(data) > 1 else data[0], num_mb, seq, mbs, real, computed
+
+
+def run_iteration(cfg: LoopConfig, model_chunks: list, optimizer, scheduler, forward_step_func: Callable,
+                  make_data_iterator: Callable[[int], Iterator], iteration: int,
+                  time_phases: bool = False) -> StepResult:
+    """One training iteration (the body of :func:`train`): the iteration's global batch through megatron's
+    schedule, the optimizer step and the LR schedule. The result's loss is known on every rank; it also carries
+    the lr the step used, the step's real/computed positions and its number of micro-batches."""
+    data, num_mb, seq, mbs, real, computed = _iteration_data(cfg, model_chunks, make_data_iterator, iteration)
+    result = train_step(forward_step_func, data, model_chunks, optimizer, num_mb, seq, mbs,
+                        time_phases=time_phases)
+    lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it on)
+    if result.update_successful:
+        scheduler.step(increment=1)
+    return dataclasses.replace(result, loss=_last_stage_loss(result), lr=lr, real_tokens=real,
+                               computed_tokens=computed, num_microbatches=num_mb)
+
+
+def forward_iteration(cfg: LoopConfig, model_chunks: list, forward_step_func: Callable,
+                      make_data_iterator: Callable[[int], Iterator], iteration: int) -> StepResult:
+    """The forward pass of :func:`run_iteration` alone: no gradients kept, no update."""
+    data, num_mb, seq, mbs, real, computed = _iteration_data(cfg, model_chunks, make_data_iterator, iteration)
+    result = train_step(forward_step_func, data, model_chunks, None, num_mb, seq, mbs, forward_only=True)
+    return dataclasses.replace(result, loss=_last_stage_loss(result), real_tokens=real, computed_tokens=computed,
+                               num_microbatches=num_mb)
+
+
 def train(
     cfg: LoopConfig,
     model_chunks: list,
@@ -340,28 +379,18 @@ def train(
     trainable_only = bool(cfg.save) and not cfg.save_frozen and ckpt.has_frozen_parameters(model_chunks)
     try:
         while iteration < stop_at:
-            # the interleaved (virtual pipeline) schedule takes one iterator per model chunk
-            # a packed step (training.vlm_batches.StepBatches) says how many micro-batches of which shape it has
-            data = [make_data_iterator(iteration) for _ in model_chunks]
-            num_mb = getattr(data[0], "num_microbatches", cfg.num_microbatches)
-            seq, mbs = getattr(data[0], "schedule_shape", (cfg.seq_length, cfg.micro_batch_size))
-            computed = getattr(data[0], "computed_tokens", cfg.global_batch_size * cfg.seq_length)
-            real = getattr(data[0], "real_tokens", computed)
-            logger.count(real, computed)
-            result = train_step(forward_step_func, data if len(data) > 1 else data[0], model_chunks, optimizer,
-                                num_mb, seq, mbs)
-            lr = optimizer.param_groups[0]["lr"]  # the lr this step used (the scheduler moves it on)
-            if result.update_successful:
-                scheduler.step(increment=1)
+            result = run_iteration(cfg, model_chunks, optimizer, scheduler, forward_step_func, make_data_iterator,
+                                   iteration)
+            logger.count(result.real_tokens, result.computed_tokens)
             iteration += 1
-            loss = _last_stage_loss(result)
+            loss = result.loss
             losses.append(loss)
             if iteration % cfg.log_interval == 0 or iteration == stop_at:
-                logger.log(iteration, result, lr, loss)
+                logger.log(iteration, result, result.lr, loss)
             if metrics is not None:
                 metrics.write(json.dumps({"iteration": iteration, "loss": loss, "grad_norm": result.grad_norm,
-                                          "lr": lr, "real_tokens": real,
-                                          "computed_tokens": computed}) + "\n")
+                                          "lr": result.lr, "real_tokens": result.real_tokens,
+                                          "computed_tokens": result.computed_tokens}) + "\n")
                 metrics.flush()
             _maybe_test_signal(iteration)
             if cfg.async_save and ckpt.finalize_async_save():

@@ -9,31 +9,23 @@ import dataclasses
 
 import torch
 
+from megatron_zero.config import OptimizerConfig
 
-@dataclasses.dataclass
-class OptimizerOptions:
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions(OptimizerConfig):
+    """What DDP and the optimizer are built from: a run's :class:`~megatron_zero.config.OptimizerConfig` (its
+    LR-schedule fields are the scheduler's) plus the parameters' precision. Built in code (tests, tools), it
+    defaults to the distributed optimizer and a set ``lr``."""
+
     lr: float = 1e-4
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = False
-    overlap_param_gather: bool = False
     bf16: bool = False
 
     @classmethod
-    def from_config(cls, o, bf16: bool) -> "OptimizerOptions":
-        """From a :class:`megatron_zero.config.OptimizerConfig` (the LR schedule's fields are the scheduler's)."""
-        return cls(
-            lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
-            use_distributed_optimizer=o.use_distributed_optimizer,
-            overlap_grad_reduce=o.overlap_grad_reduce, overlap_param_gather=o.overlap_param_gather,
-            bf16=bf16,
-        )
+    def from_config(cls, o: OptimizerConfig, bf16: bool) -> "OptimizerOptions":
+        """From a run's optimizer section (its lr resolved) and ``--bf16``."""
+        return cls(**{f.name: getattr(o, f.name) for f in dataclasses.fields(OptimizerConfig)}, bf16=bf16)
 
 
 def wrap_ddp(model_chunks: list, opts: OptimizerOptions) -> list:

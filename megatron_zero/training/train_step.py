@@ -7,6 +7,7 @@ whole global batch for every TP/PP/DP layout and micro-batch split.
 from __future__ import annotations
 
 import dataclasses
+import time
 from functools import partial
 from typing import Any, Callable, Iterator, Optional
 
@@ -22,6 +23,15 @@ class StepResult:
     num_tokens: int
     grad_norm: Optional[float]
     update_successful: bool
+    # filled by the training loop's iteration (training.loop.run_iteration)
+    lr: Optional[float] = None  # the learning rate this step used
+    real_tokens: Optional[int] = None  # positions that belong to samples
+    computed_tokens: Optional[int] = None  # positions computed (padding included)
+    num_microbatches: Optional[int] = None
+    # with ``time_phases``: wall seconds of forward+backward (gradients zeroed first) and of the optimizer step,
+    # the device synchronised at each boundary (benchmarks; a training run does not synchronise)
+    forward_backward_s: Optional[float] = None
+    optimizer_s: Optional[float] = None
 
 
 def lm_loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor, token_weights: Optional[torch.Tensor] = None):
@@ -85,10 +95,15 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    time_phases: bool = False,
 ) -> StepResult:
-    """Run forward/backward over ``num_microbatches`` micro-batches and (unless forward_only) step."""
+    """Run forward/backward over ``num_microbatches`` micro-batches and (unless forward_only) step.
+
+    ``time_phases``: also measure the forward+backward and optimizer phases (see :class:`StepResult`)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    clock = _synchronized_clock if time_phases else (lambda: 0.0)
+    t0 = clock()
     if not forward_only:
         for m in model_chunks:
             m.zero_grad_buffer()
@@ -102,8 +117,20 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
+    t1 = clock()
     loss, ntok = _reduce_loss(losses)
     if forward_only:
         return StepResult(loss, ntok, None, True)
+    t2 = clock()
     ok, grad_norm, _ = optimizer.step()
-    return StepResult(loss, ntok, None if grad_norm is None else float(grad_norm), bool(ok))
+    t3 = clock()
+    return StepResult(loss, ntok, None if grad_norm is None else float(grad_norm), bool(ok),
+                      forward_backward_s=t1 - t0 if time_phases else None,
+                      optimizer_s=t3 - t2 if time_phases else None)
+
+
+def _synchronized_clock() -> float:
+    """``time.perf_counter()`` once the device has finished its queued work."""
+    if platform.HAVE_CUDA:
+        torch.cuda.synchronize()
+    return time.perf_counter()
