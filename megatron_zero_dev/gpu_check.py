@@ -459,8 +459,9 @@ def _throughput(ctx: Context, fp8: Optional[str] = None, num_layers: Optional[in
     seq = ctx.sizes.seq_length
     torch.manual_seed(0)
     steps = ctx.sizes.warmup + ctx.sizes.iters
-    trainer = _lm_trainer(ctx, build_llama_chunks(cfg, ctx.opts(use_te=use_te, fp8=fp8)), steps, seq)
+    trainer = _lm_trainer(ctx, build_llama_chunks(cfg, ctx.opts(use_te=use_te, fp8=fp8)), steps + 1, seq)
     times, losses = _lm_steps(ctx, trainer, steps)
+    profile_top = _profile_top(ctx, lambda: trainer.step(steps))  # one more step, off the clock
     step = statistics.median(times[ctx.sizes.warmup:])
     flops = decoder_flops_per_step(cfg, 1, seq, padded_vocab_size(cfg.vocab_size, 1))
     tflops, util = mfu(flops, step, 1, ctx.peak_tflops or float("inf"))
@@ -471,7 +472,25 @@ def _throughput(ctx: Context, fp8: Optional[str] = None, num_layers: Optional[in
     return {"layers": cfg.num_layers, "seq_length": seq, "step_s": step, "tokens_per_s": seq / step,
             "tflops": tflops, "mfu": util if ctx.peak_tflops else None,
             "mfu_datasheet": tflops / datasheet if datasheet else None, "peak_memory_gb": peak_mem,
-            "flops_per_step": flops, "loss": losses[-1], "finite": all(math.isfinite(x) for x in losses)}
+            "flops_per_step": flops, "loss": losses[-1], "finite": all(math.isfinite(x) for x in losses),
+            "profile_top": profile_top}
+
+
+def _profile_top(ctx: Context, step: Callable[[], object], top: int = 12) -> list[dict]:
+    """Where one step's time goes (the issue asks misses to come with it): the ``top`` operators by self time on
+    the GPU (self CPU time without one), with their share of the step's total and their call counts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if platform.HAVE_CUDA else [])
+    with profile(activities=activities) as prof:
+        step()
+        ctx.sync()
+    attr = "self_device_time_total" if platform.HAVE_CUDA else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"op": e.key[:90], "ms": round(getattr(e, attr) / 1e3, 3), "share": round(getattr(e, attr) / total, 4),
+             "calls": e.count} for e in events[:top]]
 
 
 def _throughput_note(ctx: Context, m: dict, what: str) -> str:
@@ -888,7 +907,7 @@ def _short(metrics: dict) -> str:
             return "[" + ", ".join(f"{x:.4g}" for x in v) + "]"
         return str(v)
 
-    return ", ".join(f"{k}={fmt(v)}" for k, v in metrics.items())
+    return ", ".join(f"{k}={fmt(v)}" for k, v in metrics.items() if k != "profile_top")
 
 
 def markdown(result: dict) -> str:
@@ -916,6 +935,12 @@ def markdown(result: dict) -> str:
         for name, m in tp.items():
             lines.append(f"| {name.split('_')[1]} | {m['layers']} | {m['seq_length']} | {m['tokens_per_s']:.0f} | "
                          f"{m['tflops']:.1f} | {pct(m.get('mfu'))} | {pct(m.get('mfu_datasheet'))} |")
+    for name, m in tp.items():
+        if m.get("profile_top"):
+            lines += ["", f"### {name}: where one step's time goes (profiler, self time)", "",
+                      "| operator | ms | share | calls |", "|---|---|---|---|"]
+            lines += [f"| `{e['op']}` | {e['ms']:.2f} | {100 * e['share']:.1f}% | {e['calls']} |"
+                      for e in m["profile_top"]]
     crashed = [r for r in result["checks"] if r.get("traceback")]
     for r in crashed:
         lines += ["", f"### {r['check']}: {r['status']}", "", "```", r["traceback"].rstrip(), "```"]

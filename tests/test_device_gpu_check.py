@@ -108,9 +108,12 @@ def test_device_gpu_check_rehearsal(tmp_path):
     assert 0 < records["packed_vlm_stage2"]["metrics"]["real_token_fraction"] <= 1
     assert records["vs_transformers"]["metrics"]["transformers_tokens_per_s"] > 0
     assert {g["goal"] for g in records["throughput_bf16"]["goals"]} == {">= 45% MFU (bf16, local spec)"}
+    top = records["throughput_bf16"]["metrics"]["profile_top"]  # where a step's time goes, for a missed goal
+    assert top and any(e["op"] in ("aten::mm", "aten::addmm") for e in top) and 0 < sum(e["share"] for e in top) <= 1
 
     md = (out / "gpu_check.md").read_text()
     assert "DRY RUN" in md and "| precision |" in md and "| goal |" in md
+    assert "### throughput_bf16: where one step's time goes" in md
     assert "| te_vs_local_bf16 | not installed here |" in md and "| sdpa_kernel | **CRASHED** |" in md
     assert "### generation_kv_cache: error" in md and "### sdpa_kernel: crashed" in md
     log = (out / "gpu_check.log").read_text()
