@@ -193,6 +193,11 @@ def add_checkpoint_timing_args(g) -> None:
     g.add_argument("--save-frozen", action="store_true",
                    help="save frozen parameters too (full checkpoints); by default a run with frozen parameters "
                         "saves only what trains and references the frozen base by its identity")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state in megatron-core's fully_reshardable format (resumes "
+                        "at any TP/PP/DP; each save copies the whole optimizer state and gathers it over DP). "
+                        "Default: dp_reshardable (each rank writes its own shard as is; resumes at the same TP/PP, "
+                        "any DP)")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save a checkpoint and exit 75 (resumable) once the run has lasted this many minutes "
                         "(set it below the job's walltime; no signal needed)")

@@ -82,6 +82,7 @@ class CheckpointConfig:
     # background saves, frozen weights in checkpoints, time-based exit and save (Megatron-LM names)
     async_save: bool = False
     save_frozen: bool = False
+    dist_ckpt_optim_fully_reshardable: bool = False  # distributed optimizer: save in the format any TP/PP/DP resumes
     exit_duration_in_mins: Optional[float] = None
     save_interval_minutes: Optional[float] = None
     export_model: bool = False  # pretrain_lm: write <save>/export at the end
@@ -213,5 +214,8 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"--text-ratio must be in (0, 1), got {text_ratio}")
     if c.export_model and not c.save:
         raise ConfigError("--export-model writes <save>/export: give --save")
+    if c.dist_ckpt_optim_fully_reshardable and not cfg.optimizer.use_distributed_optimizer:
+        raise ConfigError("--dist-ckpt-optim-fully-reshardable is a format of the distributed optimizer's state: give "
+                          "--use-distributed-optimizer (a plain optimizer's state resumes only at its own layout)")
     if cfg.model.fp8_format and t.seq_length % 16:
         raise ConfigError(f"--seq-length {t.seq_length} must be a multiple of 16 with --fp8-format")

@@ -5,8 +5,9 @@
   on the 70B recipe scaled down by ``scale`` in width (42-layer surrogate of Llama-3.1-70B dims / scale, CLIP-L/336
   dims / scale, 8 trainable encoder layers): the frozen/trainable split of the recipe is kept;
 * **stall**: the time training waits for an asynchronous save (the call + publishing) against a synchronous save of
-  the same state (everything trainable), alternating, ``reps`` each; the steps that run while the
-  background write goes on are timed against steps without one;
+  the same state (everything trainable), alternating, ``reps`` each, for both formats of the distributed optimizer's
+  state, with the training process's CPU time; the steps that run while the background write goes on are timed
+  against steps without one;
 * **projection**: the 70B recipe's bytes per save (stage 2 trainable-only and full, stage 3) and seconds per save
   at ``bandwidth_gbs`` GB/s of filesystem bandwidth.
 """
@@ -92,6 +93,9 @@ def measure_bytes(cfg, work: str) -> dict:
 
 
 def measure_stall(cfg, work: str, reps: int, log=print) -> dict:
+    """Per format of the distributed optimizer's state (``dp_reshardable``, the default, and ``fully_reshardable``,
+    ``--dist-ckpt-optim-fully-reshardable``), alternating within each repetition: a synchronous save, then an
+    asynchronous one; wall-clock seconds and the training process's CPU seconds (the writer processes excluded)."""
     from megatron_zero.checkpointing import training_checkpoint as tc
 
     chunks, optimizer = _build(cfg, None, distributed=True)  # everything trains: the largest checkpoint
@@ -104,29 +108,41 @@ def measure_stall(cfg, work: str, reps: int, log=print) -> dict:
         return time.perf_counter() - t
 
     base_steps = [step() for _ in range(20)]
-    sync, stall, during = [], [], []
-    for r in range(reps):
-        root = os.path.join(work, "stall")
-        shutil.rmtree(root, ignore_errors=True)
-        t = time.perf_counter()
-        tc.save_checkpoint(root, 2 * r + 1, chunks, optimizer)
-        sync.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        tc.save_checkpoint(root, 2 * r + 2, chunks, optimizer, async_save=True)
-        waited = time.perf_counter() - t
-        while tc.async_save_in_flight():
-            during.append(step())
-            t = time.perf_counter()
-            tc.finalize_async_save()
-            waited += time.perf_counter() - t
-        stall.append(waited)
-        log(f"rep {r + 1}/{reps}: synchronous save {sync[-1]:.2f} s, asynchronous stall {stall[-1]:.2f} s")
-    shutil.rmtree(os.path.join(work, "stall"), ignore_errors=True)
+    formats = {"dp_reshardable": False, "fully_reshardable": True}
+    rows = {f: {"sync": [], "sync_cpu": [], "stall": [], "stall_cpu": []} for f in formats}
+    during = []
+    root = os.path.join(work, "stall")
+    for r in range(reps + 1):  # the first round saves each structure once (megatron-core's plan is built): not timed
+        for name, fully in formats.items():
+            shutil.rmtree(root, ignore_errors=True)
+            w, c = time.perf_counter(), time.process_time()
+            tc.save_checkpoint(root, 2 * r + 1, chunks, optimizer, fully_reshardable=fully)
+            sync, sync_cpu = time.perf_counter() - w, time.process_time() - c
+            w, c = time.perf_counter(), time.process_time()
+            tc.save_checkpoint(root, 2 * r + 2, chunks, optimizer, async_save=True, fully_reshardable=fully)
+            waited, waited_cpu = time.perf_counter() - w, time.process_time() - c
+            while tc.async_save_in_flight():
+                during.append(step())
+                w, c = time.perf_counter(), time.process_time()
+                tc.finalize_async_save()
+                waited += time.perf_counter() - w
+                waited_cpu += time.process_time() - c
+            if r == 0:
+                continue
+            for k, v in (("sync", sync), ("sync_cpu", sync_cpu), ("stall", waited), ("stall_cpu", waited_cpu)):
+                rows[name][k].append(v)
+            log(f"rep {r}/{reps} {name}: synchronous save {sync:.2f} s, asynchronous stall {waited:.2f} s "
+                f"({waited_cpu:.2f} s CPU)")
+    shutil.rmtree(root, ignore_errors=True)
     mean = lambda v: sum(v) / max(len(v), 1)  # noqa: E731
-    return {"checkpoint_bytes": sum(p.numel() for c in chunks for p in c.parameters()) * (4 + BYTES_ADAM),
-            "sync_save_s": round(mean(sync), 3), "async_stall_s": round(mean(stall), 3),
-            "stall_vs_sync": round(mean(stall) / mean(sync), 4),
-            "step_slowdown_during_async_write": round(mean(during) / mean(base_steps), 3) if during else None}
+    out = {"checkpoint_bytes": sum(p.numel() for c in chunks for p in c.parameters()) * (4 + BYTES_ADAM),
+           "step_slowdown_during_async_write": round(mean(during) / mean(base_steps), 3) if during else None}
+    for name, v in rows.items():
+        out[name] = {"sync_save_s": round(mean(v["sync"]), 3), "async_stall_s": round(mean(v["stall"]), 3),
+                     "stall_vs_sync": round(mean(v["stall"]) / mean(v["sync"]), 4),
+                     "async_stall_cpu_s": round(mean(v["stall_cpu"]), 3),
+                     "sync_save_cpu_s": round(mean(v["sync_cpu"]), 3)}
+    return out
 
 
 def projection(bandwidth_gbs: float) -> dict:

@@ -63,6 +63,7 @@ def test_stage_presets_resolve_into_a_new_config():
     ({"training": {"global_batch_size": 3, "micro_batch_size": 2}}, 1, "--global-batch-size 3"),
     ({"data": {"text_ratio": 1.5}}, 1, "--text-ratio must be in"),
     ({"checkpoint": {"export_model": True}}, 1, "--export-model writes"),
+    ({"checkpoint": {"dist_ckpt_optim_fully_reshardable": True}}, 1, "--dist-ckpt-optim-fully-reshardable is a format"),
 ])
 def test_one_validator_names_the_flag(changes, world, message):
     cfg = RunConfig()

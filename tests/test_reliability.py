@@ -249,14 +249,15 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
 
 
 def test_resume_at_another_layout_continues_the_loss_curve(tmp_path):
-    """Distributed optimizer, fully reshardable format: saved at TP=2 x DP=1, resumed at TP=1 x DP=2 and (from a
-    DP=2 checkpoint) at DP=1: the losses continue those of the uninterrupted TP=2 run."""
+    """Distributed optimizer: saved at TP=2 x DP=1 with --dist-ckpt-optim-fully-reshardable, resumed at TP=1 x DP=2;
+    that run's checkpoint (the default DP-reshardable format) resumed at DP=1: the losses continue those of the
+    uninterrupted TP=2 run. The DP-reshardable checkpoint at another TP is refused in one line naming the flag."""
     args = [*LM, *TINY, *DISTOPT, "--train-iters", "6"]
     # the uninterrupted TP=2 run is the reference and saves the TP=2 checkpoint of iteration 3 on the way
     ref = tmp_path / "ref.jsonl"
     run_dir = tmp_path / "tp2-run"
     ok(torchrun() + args + ["--tensor-model-parallel-size", "2", "--save-interval", "3", "--save", str(run_dir),
-                            "--metrics-file", str(ref)])
+                            "--metrics-file", str(ref), "--dist-ckpt-optim-fully-reshardable"])
     want = {m["iteration"]: m["loss"] for m in metrics(ref)}
     assert sorted(want) == [1, 2, 3, 4, 5, 6]
     tp2 = tmp_path / "tp2"  # the run as it stood after iteration 3
@@ -270,6 +271,15 @@ def test_resume_at_another_layout_continues_the_loss_curve(tmp_path):
     assert "saved at TP=2 PP=1 DP=1" in out and "resuming at TP=1 PP=1 DP=2" in out
     resumed = {m["iteration"]: m["loss"] for m in metrics(got)}
     assert sorted(resumed) == [4, 5]
+    from megatron_zero.checkpointing.run_dir import iter_dir, read_manifest
+
+    saved = read_manifest(iter_dir(str(tmp_path / "dp2"), 5))["layout"]
+    assert saved["optimizer"] == "distributed:dp_reshardable" and saved["dp"] == 2
+    rc, out, err = run(torchrun() + args + ["--tensor-model-parallel-size", "2", "--load", str(tmp_path / "dp2"),
+                                            "--save", str(tmp_path / "tp2-again")])
+    lines = [x for x in err.splitlines() if "pretrain_lm.py: error: --load" in x]  # (torchrun adds its own report)
+    assert rc != 0 and lines, (out + err)[-3000:]
+    assert "reshards only along DP" in lines[0] and "--dist-ckpt-optim-fully-reshardable" in lines[0], lines[0]
     got1 = tmp_path / "dp1.jsonl"
     out = ok(single() + args + ["--load", str(tmp_path / "dp2"), "--save", str(tmp_path / "dp1"),
                                 "--metrics-file", str(got1)])

@@ -21,6 +21,7 @@ Saves are atomic: everything is written into ``<dir>.tmp-<pid>``, which is renam
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -77,18 +78,23 @@ def _sharded(model, prefix: str = "") -> dict:
     return _weights_only(MegatronModule.sharded_state_dict(model, prefix))
 
 
-_save_strategy: tuple | None = None  # (structure, megatron-core save strategy holding its cached save plan)
+_save_strategies: dict = {}  # structure -> megatron-core save strategy holding that structure's cached save plan
+_MAX_STRUCTURES = 4  # a run saves one or two structures (e.g. both optimizer formats in a measurement)
 
 
 def _structure(sharded_state_dict: dict) -> tuple:
-    """What megatron-core's save plan depends on: every sharded entry's key, shape, offset and replica."""
+    """What megatron-core's save plan depends on: every sharded entry's key, shape, offset, replica, flattened range
+    and dtype, in the state dict's (deterministic) order."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
-    return tuple(sorted(
-        (v.key, str(getattr(v, "global_shape", None)), str(getattr(v, "global_offset", None)), str(v.replica_id),
-         str(getattr(v, "flattened_range", None)), str(getattr(getattr(v, "data", None), "dtype", None)))
-        for v in nested_values(sharded_state_dict) if isinstance(v, ShardedBase)))
+    out = []
+    for v in nested_values(sharded_state_dict):
+        if isinstance(v, ShardedBase):
+            fr = getattr(v, "flattened_range", None)  # (ShardedTensor's own fields: no tensor is touched)
+            out.append((v.key, getattr(v, "global_shape", None), getattr(v, "global_offset", None), v.replica_id,
+                        None if fr is None else (fr.start, fr.stop), getattr(v, "dtype", None)))
+    return tuple(out)
 
 
 def _strategy_for(sharded_state_dict: dict):
@@ -99,17 +105,69 @@ def _strategy_for(sharded_state_dict: dict):
         TorchDistSaveShardedStrategy,
     )
 
-    global _save_strategy
     structure = _structure(sharded_state_dict)
-    new = any_rank(_save_strategy is None or _save_strategy[0] != structure)
+    new = any_rank(structure not in _save_strategies)
     if new:
-        _save_strategy = (structure, TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True))
-    return _save_strategy[1], new
+        _save_strategies.pop(structure, None)
+        while len(_save_strategies) >= _MAX_STRUCTURES:
+            _save_strategies.pop(next(iter(_save_strategies)))
+        _save_strategies[structure] = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
+    return _save_strategies[structure], new
+
+
+def _is_view(t: torch.Tensor) -> bool:
+    return t.untyped_storage().size() != t.numel() * t.itemsize
+
+
+def _clone_views_then_write(write_fn, saving_pid: int, rank: int, write_buckets: list, *args, **kwargs):
+    """The write of an asynchronous save (megatron-core's ``async_fn``), after cloning the CPU tensors that are views
+    of larger storages (``torch.save`` would write the whole storage), which megatron-core's ``prepare_write_data``
+    does in the training process. Run in the forked writer, the tensors are a copy-on-write snapshot taken at the
+    fork, so the clones hold the values of that moment; there it uses one intra-op thread (the parent's OpenMP pool
+    does not survive the fork: a parallel copy would wait forever)."""
+    if os.getpid() != saving_pid:
+        torch.set_num_threads(1)
+    for i, (file_name, storage_key, (bytes_data, tensor_data)) in enumerate(write_buckets):
+        tensor_data = [(item, t.clone() if t.device.type == "cpu" and _is_view(t) else t) for item, t in tensor_data]
+        write_buckets[i] = (file_name, storage_key, (bytes_data, tensor_data))
+    return write_fn(rank, write_buckets, *args, **kwargs)
+
+
+def _writer_cloning_in_the_fork():
+    """megatron-core's ``FileSystemWriterAsync`` whose ``prepare_write_data`` leaves views as they are (its
+    ``_clone_if_needed`` copies every view in the training process: the model's weights and the optimizer's main
+    parameters are all views of megatron's contiguous buffers); the writer process clones them
+    (:func:`_clone_views_then_write`). The rest is megatron-core 0.16's method."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    class Writer(fa.FileSystemWriterAsync):
+        def prepare_write_data(self, plan, planner) -> None:
+            storage_plan = plan.storage_data
+            bins = self.thread_count // 2 if self.separation_hint is not None else self.thread_count
+            item_buckets = fa._split_by_size_and_type(bins, plan.items)
+            file_count = 0
+            self.write_buckets = []
+            for group_name, group_buckets in fa._split_by_separation_hint(item_buckets, self.separation_hint).items():
+                for bucket in group_buckets:
+                    bytes_data = [(item, planner.resolve_data(item)) for item in bucket
+                                  if item.type == fa.WriteItemType.BYTE_IO]
+                    tensor_data = [(item, planner.resolve_data(item).detach()) for item in bucket
+                                   if item.type != fa.WriteItemType.BYTE_IO]
+                    if bytes_data or tensor_data:
+                        file_name = f"{group_name}{storage_plan.prefix}{file_count}{fa.DEFAULT_SUFFIX}"
+                        file_count += 1
+                        self.write_buckets.append((os.path.join(self.checkpoint_dir, file_name), file_name,
+                                                   (bytes_data, tensor_data)))
+            self.results_queue = fa._get_write_results_queue() if self.write_buckets else None
+
+    return Writer
 
 
 def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = False):
     """``dist_checkpointing.save`` (torch_dist) without the per-process ``spawn`` helper megatron-core starts;
-    with ``async_sharded_save`` its ``AsyncRequest`` (the write, to be scheduled) is returned.
+    with ``async_sharded_save`` its ``AsyncRequest`` (the write, to be scheduled) is returned. The views of
+    megatron's contiguous buffers (every weight, the optimizer's main parameters) are not copied in this process:
+    the request's write (in the forked writer) clones them first.
 
     megatron-core collects its writer processes' results through a ``multiprocessing`` Manager queue created with
     the ``spawn`` start method: a fresh interpreter per saving process that imports torch to unpickle the results
@@ -127,8 +185,21 @@ def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = Fa
     if getattr(filesystem_async, "_results_queue", "absent") is None:  # not created yet in this process
         filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
     strategy, new = _strategy_for(sharded_state_dict)
-    return dist_checkpointing.save(sharded_state_dict, path, sharded_strategy=strategy, validate_access_integrity=new,
-                                   async_sharded_save=async_sharded_save)
+    if not async_sharded_save:
+        return dist_checkpointing.save(sharded_state_dict, path, sharded_strategy=strategy,
+                                       validate_access_integrity=new)
+    from megatron.core.dist_checkpointing.strategies import torch as torch_strategies
+
+    plain = torch_strategies.FileSystemWriterAsync
+    torch_strategies.FileSystemWriterAsync = _writer_cloning_in_the_fork()
+    try:
+        request = dist_checkpointing.save(sharded_state_dict, path, sharded_strategy=strategy,
+                                          validate_access_integrity=new, async_sharded_save=True)
+    finally:
+        torch_strategies.FileSystemWriterAsync = plain
+    if request.async_fn is None:  # nothing to write on this rank
+        return request
+    return request._replace(async_fn=functools.partial(_clone_views_then_write, request.async_fn, os.getpid()))
 
 
 def model_sharded_state_dict(chunks: list, prefix: str = "") -> dict[str, Any]:

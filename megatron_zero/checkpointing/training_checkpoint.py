@@ -37,38 +37,41 @@ from megatron_zero.checkpointing.run_dir import (
     COMPLETE, CheckpointError, iter_dir, latest_iteration, rank as _rank, read_manifest, verify_files, warn as _warn,
 )
 
-# The distributed optimizer's state is saved in megatron-core's ``fully_reshardable`` format (model-space tensors,
-# gathered over DP on save, sliced per rank on load), so a run resumes at any TP/PP/DP (the CPU/torch-Adam failure
-# of its loader is fixed in ``platform.mcore_fixes``). A plain optimizer's state_dict is saved per rank with
-# torch.save (its model-space sharded form cannot describe frozen layers inside megatron's stacked per-layer
-# tensors), so it resumes only at the layout it was saved with; anything else is refused before loading.
-# Exception: when some rank has nothing to train (a frozen pipeline stage, normal in stages 1-2) or a stacked
-# per-layer key is partly frozen (the encoder's lower layers in stages 2-3), megatron-core's fully reshardable form
-# is invalid (its per-layer model-space tensors have holes) and the DP-reshardable format is used instead: such a
-# run resumes at another DP size only (other changes are refused before loading).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# The distributed optimizer's state is saved, as Megatron-LM does by default, in megatron-core's ``dp_reshardable``
+# format: each rank writes its own slice of the optimizer's flat buffers as they are (no copy, no communication), so
+# a save costs the training process little; such a checkpoint resumes at the same TP/PP and any DP.
+# ``--dist-ckpt-optim-fully-reshardable`` (Megatron-LM's flag) saves the ``fully_reshardable`` format instead
+# (model-space tensors, gathered over DP on save, sliced per rank on load: resumes at any TP/PP/DP; the CPU/torch-Adam
+# failure of its loader is fixed in ``platform.mcore_fixes``) at the price of a full copy + DP gather per save. A
+# TP/PP change from a ``dp_reshardable`` checkpoint is refused before loading, in one line naming the flag.
+# When some rank has nothing to train (a frozen pipeline stage, normal in stages 1-2) or a stacked per-layer key is
+# partly frozen (the encoder's lower layers in stages 2-3), megatron-core's fully reshardable form is invalid (its
+# per-layer model-space tensors have holes, "Invalid access pattern"): ``dp_reshardable`` is used even with the flag.
+# A plain optimizer's state_dict is saved per rank with torch.save (its model-space sharded form cannot describe
+# frozen layers inside megatron's stacked per-layer tensors), so it resumes only at the layout it was saved with;
+# anything else is refused before loading.
+FULLY_RESHARDABLE_FLAG = "--dist-ckpt-optim-fully-reshardable"
 
 
-def optimizer_sharding_type(optimizer, model_chunks=None) -> str:
-    """``fully_reshardable``, or ``dp_reshardable`` when some rank holds no trainable parameter or a stacked key is
-    partly frozen (collective the first time, which must pass ``model_chunks``; the answer is kept on the
-    optimizer, so save and load decide the same way)."""
-    cached = getattr(optimizer, "_megatron_zero_sharding", None)
-    if cached is not None:
-        return cached
-    held = any(len(g["params"]) for g in optimizer.param_groups)
-    partly = bool(model_chunks) and bool(partly_frozen_keys(model_chunks))
-    every = all_reduce_values([1.0 if held and not partly else 0.0], "min")[0]
-    kind = OPTIMIZER_METADATA["distrib_optim_sharding_type"] if every > 0 else "dp_reshardable"
-    optimizer._megatron_zero_sharding = kind
-    return kind
+def optimizer_sharding_type(optimizer, fully_reshardable: bool = False, model_chunks: Optional[list] = None) -> str:
+    """``dp_reshardable`` (the default), or ``fully_reshardable`` when asked for and that format can describe the
+    state: every rank holds a trainable parameter and no stacked key is partly frozen. Collective the first time,
+    which must pass ``model_chunks`` (:func:`decide_optimizer_format`); the answer is kept on the optimizer, so save
+    and load decide the same way."""
+    possible = getattr(optimizer, "_megatron_zero_full_format_possible", None)
+    if possible is None:
+        held = any(len(g["params"]) for g in optimizer.param_groups)
+        partly = bool(model_chunks) and bool(partly_frozen_keys(model_chunks))
+        possible = all_reduce_values([1.0 if held and not partly else 0.0], "min")[0] > 0
+        optimizer._megatron_zero_full_format_possible = possible
+    return "fully_reshardable" if fully_reshardable and possible else "dp_reshardable"
 
 
 def decide_optimizer_format(optimizer, model_chunks: list) -> None:
     """Decide a distributed optimizer's checkpoint format from the model, once, before any load or save
     (collective)."""
     if _is_distributed(optimizer):
-        optimizer_sharding_type(optimizer, model_chunks)
+        optimizer_sharding_type(optimizer, model_chunks=model_chunks)
 
 
 def partly_frozen_keys(model_chunks: list) -> list[str]:
@@ -336,6 +339,7 @@ def save_checkpoint(
     async_save: bool = False,
     trainable_only: bool = False,
     frozen_base: Optional[dict[str, str]] = None,
+    fully_reshardable: bool = False,
 ) -> str:
     """Save a complete, resumable checkpoint of ``iteration`` under ``root``; returns its directory.
 
@@ -343,7 +347,9 @@ def save_checkpoint(
     shards are written in the background and the checkpoint is published later by :func:`finalize_async_save`
     (a save still in flight is waited for first: one at a time). With ``trainable_only`` frozen parameters are
     left out and referenced instead (``frozen_base``: the flags and paths they were loaded from; recorded with
-    their fingerprints and the architecture hash, verified on load).
+    their fingerprints and the architecture hash, verified on load). ``fully_reshardable``: the distributed
+    optimizer's state in the format that resumes at any TP/PP/DP (``--dist-ckpt-optim-fully-reshardable``; default:
+    ``dp_reshardable``, any DP at the same TP/PP, much cheaper to save).
     """
     from megatron_zero.checkpointing.mcore_checkpoint import dist_save
 
@@ -352,8 +358,8 @@ def save_checkpoint(
     state = _model_sharded_state_dict(model_chunks)
     if optimizer is not None and _is_distributed(optimizer):
         state["optimizer"] = optimizer.sharded_state_dict(
-            state, metadata={"distrib_optim_sharding_type": optimizer_sharding_type(optimizer, model_chunks)})
-    manifest = {"layout": current_layout(optimizer), **(meta or {})}
+            state, metadata={"distrib_optim_sharding_type": optimizer_sharding_type(optimizer, fully_reshardable)})
+    manifest = {"layout": current_layout(optimizer, fully_reshardable), **(meta or {})}
     if trainable_only:
         manifest["frozen_base"] = {"path": {k: os.path.abspath(v) for k, v in (frozen_base or {}).items()},
                                    "architecture_hash": architecture_hash(manifest.get("model_config")),
@@ -441,7 +447,7 @@ def _restore_step_counters(optimizer) -> None:
                     st["step"] = torch.tensor(float(value), dtype=torch.float32)
 
 
-def current_layout(optimizer=None) -> dict[str, Any]:
+def current_layout(optimizer=None, fully_reshardable: bool = False) -> dict[str, Any]:
     """This run's parallel layout and optimizer format, as recorded in (and compared with) the manifest."""
     from megatron.core import parallel_state as ps
 
@@ -451,7 +457,7 @@ def current_layout(optimizer=None) -> dict[str, Any]:
                       vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
                       dp=ps.get_data_parallel_world_size())
     if optimizer is not None:
-        layout["optimizer"] = ("distributed:" + optimizer_sharding_type(optimizer)
+        layout["optimizer"] = ("distributed:" + optimizer_sharding_type(optimizer, fully_reshardable)
                                if _is_distributed(optimizer) else "per_rank")
     return layout
 
@@ -466,30 +472,41 @@ def _describe_layout(layout: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _optimizer_kind(layout: dict[str, Any]) -> Optional[str]:
+    opt = layout.get("optimizer")
+    return None if opt is None else opt.split(":", 1)[0]
+
+
 def check_layout(path: str, saved: Optional[dict[str, Any]], current: dict[str, Any]) -> bool:
-    """Whether the layout changed; raises (before anything is loaded) when the optimizer state cannot follow."""
+    """Whether the layout changed; raises (before anything is loaded) when the optimizer state cannot follow.
+
+    The format a distributed optimizer's state is read in is the saved one (the current run's own save format does
+    not matter): ``fully_reshardable`` follows any TP/PP/DP change, ``dp_reshardable`` a DP change only."""
     if not saved:
         return False
-    keys = ("tp", "pp", "vpp", "dp", "optimizer")
-    changed = any(saved.get(k) != current.get(k) for k in keys if k in current)
+    changed = any(saved.get(k) != current.get(k) for k in ("tp", "pp", "vpp", "dp") if k in current)
+    s_kind, c_kind = _optimizer_kind(saved), _optimizer_kind(current)
+    if c_kind is not None and s_kind != c_kind:
+        changed = True
     if not changed:
         return False
-    s_opt, c_opt = saved.get("optimizer"), current.get("optimizer")
-    if c_opt is None or s_opt == c_opt == "distributed:fully_reshardable":
+    if c_kind is None or (s_kind == c_kind == "distributed" and saved.get("optimizer") ==
+                          "distributed:fully_reshardable"):
         return True
-    if s_opt == c_opt and c_opt.startswith("distributed:"):
+    if s_kind == c_kind == "distributed":
         if all(saved.get(k) == current.get(k) for k in ("tp", "pp", "vpp")):
             return True  # dp_reshardable: along DP only
         raise CheckpointError(f"--load {path}: saved at {_describe_layout(saved)} in a format that reshards only "
-                              f"along DP; this run is {_describe_layout(current)}: resume with the same TP/PP")
-    if s_opt == "per_rank":
+                              f"along DP; this run is {_describe_layout(current)}: resume with the same TP/PP, or "
+                              f"save with {FULLY_RESHARDABLE_FLAG} (resumes at any TP/PP/DP)")
+    if s_kind == "per_rank":
         why = "a plain optimizer's state is saved per rank and resumes only at the layout it was saved with"
     else:
         why = "a distributed optimizer's state cannot be loaded into a plain optimizer"
     raise CheckpointError(f"--load {path}: saved at {_describe_layout(saved)}, this run is "
                           f"{_describe_layout(current)}: {why}; resume with {_describe_layout(saved)} "
-                          f"(--use-distributed-optimizer checkpoints reshard to any TP/PP/DP)")
-    return True
+                          f"(--use-distributed-optimizer checkpoints saved with {FULLY_RESHARDABLE_FLAG} reshard to "
+                          f"any TP/PP/DP)")
 
 
 def load_checkpoint(
@@ -506,8 +523,9 @@ def load_checkpoint(
 
     Before anything is loaded: the files are checked against the manifest (``verify``: ``hash`` or ``size``),
     ``model_config`` (this run's architecture) against the saved one, and the parallel layout: a distributed-
-    optimizer checkpoint resumes at any TP/PP/DP, a plain-optimizer one only at its own layout (refused in
-    one line otherwise).
+    optimizer checkpoint resumes at any DP (``dp_reshardable``, the default) or any TP/PP/DP (saved with
+    ``--dist-ckpt-optim-fully-reshardable``), a plain-optimizer one only at its own layout (refused in one line
+    otherwise).
     """
     from megatron.core import dist_checkpointing
 
@@ -541,7 +559,7 @@ def load_checkpoint(
         saved_opt = (manifest.get("layout") or {}).get("optimizer") or ""
         # checkpoints written before the manifest recorded the layout used the DP-only reshardable format
         sharding = saved_opt.split(":", 1)[1] if saved_opt.startswith("distributed:") else (
-            OPTIMIZER_METADATA["distrib_optim_sharding_type"] if manifest.get("layout") else "dp_reshardable")
+            "fully_reshardable" if manifest.get("layout") else "dp_reshardable")
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata={"distrib_optim_sharding_type": sharding})
     frozen_names: set = set()

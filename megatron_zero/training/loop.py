@@ -50,6 +50,7 @@ class LoopConfig:
     exit_duration_in_mins: Optional[float] = None  # save and exit 75 once the process has run this long
     save_interval_minutes: Optional[float] = None  # also save when this long has passed since the last save
     save_frozen: bool = False  # full saves even with frozen parameters (else: trainable-only, base referenced)
+    fully_reshardable: bool = False  # distributed optimizer state in the any-TP/PP/DP format (else: DP only)
     frozen_base: Optional[dict] = None  # {flag: path} the frozen parameters were loaded from
     tokenizer: Optional[str] = None  # recorded in every checkpoint, for readers of an iter_* (generation, export)
 
@@ -75,6 +76,7 @@ class LoopConfig:
             exit_after_iters=t.exit_after_iters, metrics_file=cfg.logging.metrics_file, model_config=model_config,
             async_save=c.async_save, exit_duration_in_mins=c.exit_duration_in_mins,
             save_interval_minutes=c.save_interval_minutes, save_frozen=c.save_frozen,
+            fully_reshardable=c.dist_ckpt_optim_fully_reshardable,
             frozen_base={flag: path for flag, path in (("--pretrained", c.pretrained_checkpoint),
                                                        ("--decoder-load", cfg.stage.decoder_load),
                                                        ("--encoder-load", cfg.stage.encoder_load)) if path},
@@ -406,7 +408,7 @@ def train(
                                      extra_state(iteration), keep_last=cfg.keep_last,
                                      meta=_checkpoint_meta(cfg),
                                      async_save=cfg.async_save and not stopping, trainable_only=trainable_only,
-                                     frozen_base=cfg.frozen_base)
+                                     frozen_base=cfg.frozen_base, fully_reshardable=cfg.fully_reshardable)
                 print_rank0(f"{'started saving' if cfg.async_save and not stopping else 'saved'} checkpoint "
                             f"iteration {iteration} to {cfg.save}")
                 last_save = time.time()

@@ -3,6 +3,8 @@
 Repeated ``dist_save`` calls of one structure (each rank holds half of ``a``, ``b`` is replicated) reuse one
 save strategy (megatron-core's cached save plan, no re-validation); a changed structure gets a new one. Every
 checkpoint, synchronous or asynchronous, written with a cached plan or not, loads back with its own values.
+``c`` is a view of a 4 MB storage (as every weight is a view of megatron's buffers): an asynchronous save, which
+leaves views uncopied in the saving process, still writes only the view (its writer clones it).
 """
 import os
 import sys
@@ -18,8 +20,10 @@ def state(rows: int, fill: float) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     me, world = dist.get_rank(), dist.get_world_size()
+    big = torch.arange(1_000_000.0) + fill
     return {"a": ShardedTensor.from_rank_offsets("a", torch.full((rows, 3), fill + me), (0, me, world)),
-            "b": ShardedTensor.from_rank_offsets("b", torch.arange(4.0) + fill, replica_id=me)}
+            "b": ShardedTensor.from_rank_offsets("b", torch.arange(4.0) + fill, replica_id=me),
+            "c": ShardedTensor.from_rank_offsets("c", big[10 + me * 5:15 + me * 5], (0, me, world))}
 
 
 def main(work: str) -> int:
@@ -37,11 +41,16 @@ def main(work: str) -> int:
         if asynchronous:
             request.execute_sync()
         dist.barrier()
-        strategies.append(mcore_checkpoint._save_strategy[1])
+        strategies.append(mcore_checkpoint._save_strategies[mcore_checkpoint._structure(state(rows, fill))])
         loaded = dist_checkpointing.load(state(rows, 0), path)
         want = state(rows, fill)
-        if not (torch.equal(loaded["a"], want["a"].data) and torch.equal(loaded["b"], want["b"].data)):
-            failures.append(f"rank {dist.get_rank()}: save {i} loaded {loaded['a'].tolist()} {loaded['b'].tolist()}")
+        if not all(torch.equal(loaded[k], want[k].data) for k in "abc"):
+            failures.append(f"rank {dist.get_rank()}: save {i} loaded {loaded['a'].tolist()} {loaded['b'].tolist()} "
+                            f"{loaded['c'].tolist()}")
+        written = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+        if written > 200_000:
+            failures.append(f"save {i} ({'asynchronous' if asynchronous else 'synchronous'}) wrote {written} bytes: "
+                            f"a view's whole storage?")
     same = [strategies[i] is strategies[i - 1] for i in range(1, len(strategies))]
     if same != [True, True, False, True]:
         failures.append(f"rank {dist.get_rank()}: strategy reused {same}, expected [True, True, False, True]")
