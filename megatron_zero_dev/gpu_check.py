@@ -51,6 +51,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import faulthandler
+import functools
 import gc
 import json
 import math
@@ -461,7 +462,7 @@ def _throughput(ctx: Context, fp8: Optional[str] = None, num_layers: Optional[in
     steps = ctx.sizes.warmup + ctx.sizes.iters
     trainer = _lm_trainer(ctx, build_llama_chunks(cfg, ctx.opts(use_te=use_te, fp8=fp8)), steps + 1, seq)
     times, losses = _lm_steps(ctx, trainer, steps)
-    profile_top = _profile_top(ctx, lambda: trainer.step(steps))  # one more step, off the clock
+    profile_top = _profile_top(ctx, functools.partial(trainer.step, steps))  # one more step, off the clock
     step = statistics.median(times[ctx.sizes.warmup:])
     flops = decoder_flops_per_step(cfg, 1, seq, padded_vocab_size(cfg.vocab_size, 1))
     tflops, util = mfu(flops, step, 1, ctx.peak_tflops or float("inf"))

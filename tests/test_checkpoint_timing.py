@@ -55,3 +55,44 @@ def test_timing_flags_refuse_non_positive_values():
 
 def test_repeated_saves_reuse_the_save_plan_and_load_back(tmp_path):
     assert "save plans: reused and loadable" in run_worker("save_plan_cache.py", str(tmp_path), nproc=2)
+
+
+MANAGER_SCRIPT = r"""
+import sys, time
+from megatron_zero.checkpointing.mcore_checkpoint import results_manager
+print(results_manager()._process.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()  # a zombie has exited (its reaper may be slow in a container)
+    except FileNotFoundError:
+        return False
+
+
+def test_the_async_writers_results_manager_dies_with_its_rank(tmp_path):
+    """megatron-core's async writers report through a multiprocessing Manager forked from the rank; a rank killed
+    by kill -9 must not leave that server process behind (the kill -9 trials found one outliving its run)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, subprocess_env
+
+    rank = subprocess.Popen([sys.executable, "-c", MANAGER_SCRIPT], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        manager_pid = int(rank.stdout.readline())
+        assert _alive(manager_pid)
+        rank.send_signal(signal.SIGKILL)
+        rank.wait(timeout=30)
+        deadline = time.time() + 20
+        while _alive(manager_pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(manager_pid), "the Manager outlived its rank"
+    finally:
+        rank.kill()

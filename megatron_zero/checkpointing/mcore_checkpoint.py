@@ -163,6 +163,27 @@ def _writer_cloning_in_the_fork():
     return Writer
 
 
+_results_manager = None
+
+
+def results_manager():
+    """The ``multiprocessing`` Manager (forked from this process) that carries the async writers' results (see
+    :func:`dist_save`). It dies with this process: a rank killed by ``kill -9`` would otherwise leave the Manager's
+    server process behind (found by the kill -9 trials: an orphan that outlived its run)."""
+    import multiprocessing
+    import signal
+    from multiprocessing.managers import SyncManager
+
+    from megatron_zero import platform
+
+    global _results_manager
+    if _results_manager is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+        manager.start(initializer=platform.die_with_parent, initargs=(signal.SIGKILL, os.getpid()))
+        _results_manager = manager
+    return _results_manager
+
+
 def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = False):
     """``dist_checkpointing.save`` (torch_dist) without the per-process ``spawn`` helper megatron-core starts;
     with ``async_sharded_save`` its ``AsyncRequest`` (the write, to be scheduled) is returned. The views of
@@ -177,13 +198,12 @@ def dist_save(sharded_state_dict: dict, path: str, async_sharded_save: bool = Fa
     A structure saved before is saved with its cached plan and without re-validating its sharding
     (:func:`_strategy_for`; Megatron-LM's ``--ckpt-assume-constant-structure``, decided here per structure).
     """
-    import multiprocessing
 
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", "absent") is None:  # not created yet in this process
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        filesystem_async._results_queue = results_manager().Queue()
     strategy, new = _strategy_for(sharded_state_dict)
     if not async_sharded_save:
         return dist_checkpointing.save(sharded_state_dict, path, sharded_strategy=strategy,

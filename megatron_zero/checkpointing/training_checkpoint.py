@@ -25,12 +25,14 @@ import hashlib
 import json
 import os
 import random
+import signal
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_zero import platform
 from megatron_zero.checkpointing import run_dir
 from megatron_zero.parallel.collectives import all_reduce_values, any_rank
 from megatron_zero.checkpointing.run_dir import (
@@ -294,21 +296,13 @@ def check_frozen_base(path: str, recorded: dict[str, Any], frozen: dict[str, Any
 _async_queue = None  # megatron-core's AsyncCallsQueue, created by the first asynchronous save
 
 
-def _write_then_hash(write_fn, tmp: str, me: int, world: int, *args, **kwargs) -> None:
+def _write_then_hash(write_fn, tmp: str, me: int, world: int, rank_pid: int, *args, **kwargs) -> None:
     """The background writer of an asynchronous save: megatron-core's write, then hash + fsync of this rank's
-    shards (so the main process only hashes the small files when it publishes). It dies with its rank."""
-    _die_with_parent()
+    shards (so the main process only hashes the small files when it publishes). It dies with its rank (also when
+    the rank died between the fork and this request)."""
+    platform.die_with_parent(signal.SIGKILL, rank_pid)
     write_fn(*args, **kwargs)
     run_dir.hash_own_shards(tmp, me, world)
-
-
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass
 
 
 def _publish(root: str, iteration: int, tmp: str, manifest: dict[str, Any], keep_last: Optional[int]) -> None:
@@ -381,7 +375,8 @@ def save_checkpoint(
     request = dist_save(state, tmp, async_sharded_save=True)
     _save_rank_state(tmp, optimizer)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    request = request._replace(async_fn=functools.partial(_write_then_hash, request.async_fn, tmp, _rank(), world))
+    request = request._replace(async_fn=functools.partial(_write_then_hash, request.async_fn, tmp, _rank(), world,
+                                                                 os.getpid()))
     request.add_finalize_fn(functools.partial(_publish, root, iteration, tmp, manifest, keep_last))
     if _async_queue is None:
         _async_queue = AsyncCallsQueue()

@@ -22,6 +22,8 @@ import os
 import sys
 import warnings
 
+from typing import Optional
+
 import torch
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "HAVE_DALI",
     "distributed_backend",
     "device",
+    "die_with_parent",
     "import_megatron_core",
     "megatron_core_version",
     "require_version",
@@ -57,6 +60,25 @@ HAVE_DALI: bool = _importable("nvidia.dali")
 def distributed_backend() -> str:
     """``nccl`` with CUDA, ``gloo`` without (overridable with ``MEGATRON_ZERO_BACKEND``)."""
     return os.environ.get("MEGATRON_ZERO_BACKEND", "nccl" if HAVE_CUDA else "gloo")
+
+
+def die_with_parent(sig: int, parent: Optional[int] = None) -> bool:
+    """Ask the kernel (Linux ``PR_SET_PDEATHSIG``) to send ``sig`` to this process when its parent dies, and send it
+    now if the parent already died before the request (re-parented: ``getppid()`` is no longer ``parent``, or is
+    1). For helper processes of a rank (checkpoint writers, their results Manager) and ranks under a launcher.
+    False where the request is not possible (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+    ppid = os.getppid()
+    if ppid == 1 or (parent is not None and ppid != parent):
+        os.kill(os.getpid(), sig)
+    return True
 
 
 def device() -> torch.device:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import signal
-import sys
 import time
 from typing import Callable, Iterator, Optional
 
@@ -193,18 +192,10 @@ _EXIT_SIGNAL: Optional[_ExitSignal] = None
 def _die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Under torchrun: ask the kernel for ``sig`` when the launcher dies (a plain torchrun killed by SIGUSR1,
     which it does not handle, would otherwise leave this rank training as an orphan)."""
-    if not os.environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        from megatron_zero import platform
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the launcher died before we asked
-        os.kill(os.getpid(), sig)
+        platform.die_with_parent(sig)
 
 
 def install_exit_signals() -> _ExitSignal:
